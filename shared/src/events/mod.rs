@@ -1,0 +1,1 @@
+//! vLLM KV-event decoding (placeholder until the decoder lands).
