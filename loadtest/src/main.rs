@@ -1,1 +1,37 @@
-fn main() {}
+//! `kvroute-loadtest`: benchmarks of kvroute's parts against same-run
+//! baselines (and, later, the vLLM fleet simulator and the demo).
+use clap::{Parser, Subcommand};
+
+mod bench_index;
+mod bench_keys;
+
+#[derive(Parser)]
+#[command(name = "kvroute-loadtest", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Benchmarks; each prints its numbers next to a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(Bench),
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Block-key throughput vs raw SHA-256 of the same bytes.
+    Keys(bench_keys::Args),
+    /// Index writes, lookups and memory on a local Redis (started by the benchmark) and in memory.
+    Index(bench_index::Args),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Bench(Bench::Keys(args)) => bench_keys::run(args),
+        Command::Bench(Bench::Index(args)) => bench_index::run(args).await,
+    }
+}

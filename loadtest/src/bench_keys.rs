@@ -1,0 +1,7 @@
+//! Key benchmark (placeholder).
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("not built yet")
+}
