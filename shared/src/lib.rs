@@ -10,11 +10,12 @@
 //! each candidate's consecutive prefix -> [`scoring`] turns depths into
 //! tier-weighted scores.
 //!
-//! Support: [`ids`] holds the newtypes every module speaks in;
+//! Support: [`config`] holds the flag groups both binaries flatten; [`ids`] holds the newtypes every module speaks in;
 //! [`redis_server`] starts throwaway `redis-server` processes (single node or
 //! a local cluster) for tests and benchmarks.
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod ids;
 pub mod events;
 pub mod keys;
