@@ -16,9 +16,11 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod health;
 pub mod ids;
 pub mod events;
 pub mod keys;
 pub mod index;
 pub mod scoring;
 pub mod redis_server;
+pub mod telemetry;

@@ -114,7 +114,8 @@ mod tests {
     /// extra), canonical=True)` (cbor2 5.x), i.e. what vLLM hashes.
     #[test]
     fn matches_python_cbor2_canonical() {
-        let cases: &[(Parent<'_>, &[u32], Option<&[&str]>, &str)] = &[
+        type Case<'a> = (Parent<'a>, &'a [u32], Option<&'a [&'a str]>, &'a str);
+        let cases: &[Case<'_>] = &[
             (Parent::U64(0), &[23, 24, 255, 256], None, "83008417181818ff190100f6"),
             (
                 Parent::U64(1 << 32),

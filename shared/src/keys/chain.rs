@@ -91,6 +91,7 @@ pub fn lower64(d: &[u8; 32]) -> u64 {
 #[derive(Debug, Clone)]
 pub struct KeyScheme {
     scheme: HashScheme,
+    seed: std::sync::Arc<str>,
     block_size: usize,
     root: ChainState,
 }
@@ -111,6 +112,7 @@ impl KeyScheme {
         };
         Ok(KeyScheme {
             scheme,
+            seed: seed.into(),
             block_size,
             root,
         })
@@ -118,6 +120,10 @@ impl KeyScheme {
 
     pub fn scheme(&self) -> HashScheme {
         self.scheme
+    }
+
+    pub fn seed(&self) -> &str {
+        &self.seed
     }
 
     pub fn block_size(&self) -> usize {

@@ -1,0 +1,190 @@
+//! The ingester's configuration: every flag also reads a `KVROUTE_*`
+//! environment variable (the Redis address also llm-d's
+//! `KVCACHE_INDEXER_REDIS_ADDR`).
+
+use shared::config::{KeyArgs, RedisArgs};
+use shared::telemetry::LogArgs;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Parses `500ms`, `10s`, `5m`, `1h` (or a bare number of seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.trim().parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("invalid duration unit in {s:?} (ms, s, m, h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("invalid duration {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// `kvroute-ingester`: vLLM KV events from ZeroMQ into the block index.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+
+    /// Bind a SUB socket here; vLLM pods connect to it (their
+    /// `--kv-events-config` endpoint). Repeatable. `tcp://*:P` is accepted.
+    #[arg(long = "zmq-bind", env = "KVROUTE_ZMQ_BIND", value_delimiter = ',')]
+    pub zmq_bind: Vec<String>,
+    /// Dial a publisher: `tcp://HOST:PORT`, where HOST may be a DNS name that
+    /// is re-resolved (e.g. a headless Service listing every pod). Repeatable.
+    #[arg(long = "zmq-connect", env = "KVROUTE_ZMQ_CONNECT", value_delimiter = ',')]
+    pub zmq_connect: Vec<String>,
+    /// Topic prefix to subscribe to (vLLM's default topic is empty; llm-d
+    /// deployments publish `kv@<pod>@<model>`).
+    #[arg(long, env = "KVROUTE_TOPIC_FILTER", default_value = "kv@")]
+    pub topic_filter: String,
+    /// Re-resolve DNS names of `--zmq-connect` this often.
+    #[arg(long, env = "KVROUTE_DNS_REFRESH", default_value = "10s", value_parser = parse_duration)]
+    pub dns_refresh: Duration,
+    /// Number of ingester replicas sharing the `--zmq-connect` publishers.
+    #[arg(long, env = "KVROUTE_REPLICAS", default_value_t = 1)]
+    pub replicas: u32,
+    /// This replica's ordinal (0-based); defaults to the numeric suffix of
+    /// $HOSTNAME (a StatefulSet pod name), else 0.
+    #[arg(long, env = "KVROUTE_REPLICA_ORDINAL")]
+    pub replica_ordinal: Option<u32>,
+    /// Replay endpoint of each publisher for refilling sequence gaps, with
+    /// `{host}` standing for the pod's IP, e.g. `tcp://{host}:5558`
+    /// (vLLM's `replay_endpoint`). Without it gaps are counted and logged.
+    #[arg(long, env = "KVROUTE_REPLAY_ENDPOINT")]
+    pub replay_endpoint: Option<String>,
+    /// Give up on a replay after this long.
+    #[arg(long, env = "KVROUTE_REPLAY_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub replay_timeout: Duration,
+
+    /// Admin and observability HTTP address (/healthz, /readyz, /metrics, /admin/purge).
+    #[arg(long, env = "KVROUTE_HTTP_ADDR", default_value = "0.0.0.0:9100")]
+    pub http_addr: SocketAddr,
+
+    /// Ordering workers (each pod's events stay on one).
+    #[arg(long, env = "KVROUTE_WORKERS", default_value_t = 4)]
+    pub workers: usize,
+    /// Queue length per worker, in batches.
+    #[arg(long, env = "KVROUTE_QUEUE", default_value_t = 1024)]
+    pub queue: usize,
+    /// Operations a worker holds while the index is unreachable; past this
+    /// the oldest pod's operations are dropped and the pod is rebuilt later.
+    #[arg(long, env = "KVROUTE_MAX_PENDING_OPS", default_value_t = 100_000)]
+    pub max_pending_ops: usize,
+    /// Chain states remembered to continue chains from `parent_block_hash`.
+    #[arg(long, env = "KVROUTE_CHAIN_CACHE", default_value_t = 2_000_000)]
+    pub chain_cache: u64,
+    /// Grace period to drain queues on SIGTERM.
+    #[arg(long, env = "KVROUTE_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// Purge a pod once it has been out of the `--zmq-connect` set this long
+    /// (connect mode); unset: never.
+    #[arg(long, env = "KVROUTE_PURGE_AFTER", value_parser = parse_duration)]
+    pub purge_after: Option<Duration>,
+}
+
+impl RunArgs {
+    /// The replica ordinal: the flag, else `$HOSTNAME`'s numeric suffix.
+    pub fn ordinal(&self, env: impl Fn(&str) -> Option<String>) -> u32 {
+        self.replica_ordinal
+            .or_else(|| {
+                let host = env("HOSTNAME")?;
+                let suffix = host.rsplit('-').next()?;
+                suffix.parse().ok()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Checks what clap cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.zmq_bind.is_empty() && self.zmq_connect.is_empty() {
+            return Err("nothing to receive from: give --zmq-bind and/or --zmq-connect".into());
+        }
+        if self.workers == 0 || self.queue == 0 {
+            return Err("--workers and --queue must be at least 1".into());
+        }
+        if self.replicas == 0 {
+            return Err("--replicas must be at least 1".into());
+        }
+        if let Some(t) = &self.replay_endpoint
+            && !t.contains("{host}")
+        {
+            return Err(format!("--replay-endpoint {t:?} must contain {{host}}"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    #[test]
+    fn parses_the_documented_interface() {
+        let cli = Cli::try_parse_from([
+            "kvroute-ingester",
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+            "--zmq-bind",
+            "tcp://127.0.0.1:5557",
+            "--zmq-connect",
+            "tcp://127.0.0.11:5557",
+            "--zmq-connect",
+            "tcp://127.0.0.12:5557",
+            "--hash-scheme",
+            "sha256_cbor_64bit",
+            "--hash-seed",
+            "42",
+            "--block-size",
+            "32",
+            "--http-addr",
+            "127.0.0.1:9100",
+        ])
+        .expect("parse");
+        let r = cli.run;
+        assert_eq!(r.zmq_connect.len(), 2);
+        assert_eq!(r.keys.block_size, 32);
+        assert_eq!(r.redis.urls(|_| None), vec!["redis://127.0.0.1:6379".to_string()]);
+        assert!(r.validate().is_ok());
+    }
+
+    #[test]
+    fn validation_and_ordinal() {
+        let cli = Cli::try_parse_from(["x"]).expect("parse");
+        assert!(cli.run.validate().is_err());
+        let env = |k: &str| (k == "HOSTNAME").then(|| "kvroute-ingester-2".to_string());
+        assert_eq!(cli.run.ordinal(env), 2);
+        assert_eq!(cli.run.ordinal(|_| None), 0);
+        let cli = Cli::try_parse_from(["x", "--zmq-bind", "tcp://127.0.0.1:1", "--replay-endpoint", "tcp://x:1"])
+            .expect("parse");
+        assert!(cli.run.validate().is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("3 days").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}

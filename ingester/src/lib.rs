@@ -1,0 +1,14 @@
+//! `kvroute-ingester`: the write path. vLLM KV events arrive over ZeroMQ and
+//! leave as index operations, in per-pod publication order:
+//!
+//! socket (frames) -> `shared::events` (decode) -> [`order`] (sequence: gap,
+//! restart, duplicate) -> [`keys`] (router keys from token ids) -> index.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod keys;
+pub mod metrics;
+pub mod order;
+pub mod pipeline;
+pub mod worker;

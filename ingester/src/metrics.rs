@@ -1,0 +1,34 @@
+//! The ingester's metric names, in one place, all prefixed `kvroute_ingester_`.
+//! Counters are recorded through the `metrics` facade (free when no recorder
+//! is installed, as in unit tests); `/metrics` renders them for Prometheus.
+
+/// Events applied, by `type` (BlockStored...) and `outcome` (applied, unkeyed).
+pub const EVENTS: &str = "kvroute_ingester_events_total";
+/// Blocks, by `type` and `outcome` (stored, removed, unkeyed reason).
+pub const BLOCKS: &str = "kvroute_ingester_blocks_total";
+/// Batches received, by sequence `verdict` (first, next, gap, restart, duplicate).
+pub const BATCHES: &str = "kvroute_ingester_batches_total";
+/// Messages skipped before decoding or failing to decode, by `reason`.
+pub const MALFORMED: &str = "kvroute_ingester_malformed_total";
+/// Unknown event types and fields the decoder skipped, by `reason`.
+pub const SKIPPED: &str = "kvroute_ingester_decode_skipped_total";
+/// Batches missed in sequence gaps (without a successful replay).
+pub const GAP_BATCHES: &str = "kvroute_ingester_gap_batches_total";
+/// Replays, by `outcome` (ok, error).
+pub const REPLAYS: &str = "kvroute_ingester_replays_total";
+/// Engine restarts detected (sequence back to 0).
+pub const RESTARTS: &str = "kvroute_ingester_restarts_total";
+/// Blocks whose engine hash equals (`agree=true`) or differs from the computed key.
+pub const HASH_AGREEMENT: &str = "kvroute_ingester_hash_agreement_total";
+/// Index writes, by `outcome` (ok, error).
+pub const WRITES: &str = "kvroute_ingester_index_writes_total";
+/// Index write latency in seconds.
+pub const WRITE_SECONDS: &str = "kvroute_ingester_index_write_seconds";
+/// Operations dropped because the index was unreachable too long, by pods marked for rebuild.
+pub const DROPPED_OPS: &str = "kvroute_ingester_dropped_ops_total";
+/// Lag from the batch's publisher timestamp to its application, in seconds.
+pub const LAG_SECONDS: &str = "kvroute_ingester_lag_seconds";
+/// Operations waiting to be written, per worker.
+pub const PENDING_OPS: &str = "kvroute_ingester_pending_ops";
+/// Pods purged (admin call, CLI, or gone from the candidate set), by `reason`.
+pub const PURGES: &str = "kvroute_ingester_purges_total";

@@ -1,0 +1,171 @@
+//! Stage wiring after the sockets: a dispatcher shards messages by FNV-1a of
+//! their topic onto ordering workers (so one pod's batches stay in order
+//! without cross-worker locks), each worker drains what has queued up into one
+//! index write, and shutdown drains the queues within a grace period.
+//!
+//! Every queue is bounded: when Redis is slow the workers fall behind, their
+//! queues fill, the dispatcher waits, the socket stops reading and ZeroMQ's
+//! high-water mark applies; the sequence numbers then show any loss as a gap,
+//! which replay refills.
+
+use crate::worker::{Incoming, Replayer, Worker};
+use shared::ids::PodId;
+use shared::index::Index;
+use std::hash::Hasher;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+/// What a worker is asked to do, in order with the batches.
+#[derive(Debug)]
+pub enum Command {
+    Batch(Incoming),
+    /// Forget everything of a pod (admin purge, pod gone).
+    Purge(PodId),
+}
+
+/// Messages drained from a queue into one index write at most.
+const DRAIN_BATCHES: usize = 256;
+
+/// The worker index for a topic: FNV-1a, stable across restarts and replicas.
+pub fn shard(topic: &str, workers: usize) -> usize {
+    let mut h = fnv::FnvHasher::default();
+    h.write(topic.as_bytes());
+    (h.finish() % workers.max(1) as u64) as usize
+}
+
+/// Handles to the running workers.
+pub struct Workers {
+    senders: Vec<mpsc::Sender<Command>>,
+    tasks: JoinSet<()>,
+}
+
+impl Workers {
+    /// Starts one task per worker, each with a queue of `queue` commands.
+    pub fn start<I, R>(workers: Vec<Worker<I, R>>, queue: usize, drain_timeout: Duration) -> Self
+    where
+        I: Index + 'static,
+        R: Replayer + 'static,
+    {
+        let mut senders = Vec::with_capacity(workers.len());
+        let mut tasks = JoinSet::new();
+        for (i, w) in workers.into_iter().enumerate() {
+            let (tx, rx) = mpsc::channel(queue);
+            senders.push(tx);
+            tasks.spawn(run_worker(i, w, rx, drain_timeout));
+        }
+        Workers { senders, tasks }
+    }
+
+    /// Routes a message to its worker, waiting while that queue is full.
+    /// Returns false once the workers are gone.
+    pub async fn dispatch(&self, msg: Incoming) -> bool {
+        let i = shard(&msg.topic, self.senders.len());
+        self.senders[i].send(Command::Batch(msg)).await.is_ok()
+    }
+
+    /// Purges a pod on every worker (each drops what it holds for the pod, in
+    /// order with its batches, then clears it in the index).
+    pub async fn purge(&self, pod: &PodId) {
+        for tx in &self.senders {
+            let _ = tx.send(Command::Purge(pod.clone())).await;
+        }
+    }
+
+    /// A cheap handle for other tasks (admin API) to purge pods.
+    pub fn purger(&self) -> Purger {
+        Purger {
+            senders: self.senders.clone(),
+        }
+    }
+
+    /// Queued commands over all workers (a gauge).
+    pub fn queued(&self) -> usize {
+        self.senders.iter().map(|s| s.max_capacity() - s.capacity()).sum()
+    }
+
+    /// Closes the queues and waits for every worker to drain and flush.
+    pub async fn shutdown(mut self) {
+        self.senders.clear();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Sends purges to every worker; held by the admin API.
+#[derive(Clone)]
+pub struct Purger {
+    senders: Vec<mpsc::Sender<Command>>,
+}
+
+impl Purger {
+    pub async fn purge(&self, pod: &PodId) {
+        for tx in &self.senders {
+            let _ = tx.send(Command::Purge(pod.clone())).await;
+        }
+    }
+}
+
+async fn run_worker<I: Index, R: Replayer>(
+    id: usize,
+    mut w: Worker<I, R>,
+    mut rx: mpsc::Receiver<Command>,
+    drain_timeout: Duration,
+) {
+    loop {
+        let retry = w.retry_at().map(Instant::from_std);
+        tokio::select! {
+            cmd = rx.recv() => {
+                let Some(cmd) = cmd else { break };
+                apply(&mut w, cmd).await;
+                // Opportunistic batching: whatever queued meanwhile goes into
+                // the same index write.
+                for _ in 0..DRAIN_BATCHES {
+                    match rx.try_recv() {
+                        Ok(cmd) => apply(&mut w, cmd).await,
+                        Err(_) => break,
+                    }
+                }
+                w.flush().await;
+            }
+            _ = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() => {
+                w.flush().await;
+            }
+        }
+    }
+    // Queue closed (shutdown): write what is left, retrying until the grace period ends.
+    let deadline = Instant::now() + drain_timeout;
+    while w.pending_ops() > 0 && Instant::now() < deadline {
+        if !w.flush().await {
+            let next = w.retry_at().map(Instant::from_std).unwrap_or_else(Instant::now);
+            tokio::time::sleep_until(next.min(deadline)).await;
+        }
+    }
+    if w.pending_ops() > 0 {
+        tracing::warn!(worker = id, lost = w.pending_ops(), "shutdown grace period ended with unwritten operations");
+    } else {
+        tracing::debug!(worker = id, "worker drained");
+    }
+}
+
+async fn apply<I: Index, R: Replayer>(w: &mut Worker<I, R>, cmd: Command) {
+    match cmd {
+        Command::Batch(msg) => w.handle(msg).await,
+        Command::Purge(pod) => w.purge(&pod),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_is_stable_and_in_range() {
+        for n in 1..8 {
+            let s = shard("kv@127.0.0.11:8000@m", n);
+            assert!(s < n);
+            assert_eq!(s, shard("kv@127.0.0.11:8000@m", n));
+        }
+        assert_eq!(shard("x", 0), 0);
+    }
+}
