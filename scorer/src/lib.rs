@@ -1,0 +1,8 @@
+//! `kvroute-scorer`: the read path. Envoy asks, per request, which endpoint
+//! should serve it:
+//!
+//! request body -> [`decide::RouteRequest`] -> tokens -> block keys -> index
+//! lookup -> tier-weighted prefix scores -> blend with load -> endpoint.
+#![forbid(unsafe_code)]
+
+pub mod decide;
