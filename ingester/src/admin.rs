@@ -19,14 +19,19 @@ struct PurgeQuery {
 
 /// The full router: health endpoints and the admin API.
 pub fn router(readiness: Readiness, metrics: Option<PrometheusHandle>, purger: Purger) -> Router {
-    let admin = Router::new().route("/admin/purge", post(purge)).with_state(purger);
+    let admin = Router::new()
+        .route("/admin/purge", post(purge))
+        .with_state(purger);
     shared::health::router(readiness, metrics).merge(admin)
 }
 
 async fn purge(State(purger): State<Purger>, Query(q): Query<PurgeQuery>) -> (StatusCode, String) {
     let pod = q.pod.trim();
     if pod.is_empty() || pod.contains('@') {
-        return (StatusCode::BAD_REQUEST, "pod must be a pod id like 127.0.0.11:8000\n".into());
+        return (
+            StatusCode::BAD_REQUEST,
+            "pod must be a pod id like 127.0.0.11:8000\n".into(),
+        );
     }
     purger.purge(&PodId::new(pod)).await;
     metrics::counter!(m::PURGES, "reason" => "admin").increment(1);

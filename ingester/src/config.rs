@@ -14,7 +14,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         Some(i) => s.split_at(i),
         None => (s, "s"),
     };
-    let n: f64 = num.trim().parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" => n,
@@ -44,7 +47,11 @@ pub struct RunArgs {
     pub zmq_bind: Vec<String>,
     /// Dial a publisher: `tcp://HOST:PORT`, where HOST may be a DNS name that
     /// is re-resolved (e.g. a headless Service listing every pod). Repeatable.
-    #[arg(long = "zmq-connect", env = "KVROUTE_ZMQ_CONNECT", value_delimiter = ',')]
+    #[arg(
+        long = "zmq-connect",
+        env = "KVROUTE_ZMQ_CONNECT",
+        value_delimiter = ','
+    )]
     pub zmq_connect: Vec<String>,
     /// Topic prefix to subscribe to (vLLM's default topic is empty; llm-d
     /// deployments publish `kv@<pod>@<model>`).
@@ -163,7 +170,10 @@ mod tests {
         let r = cli.run;
         assert_eq!(r.zmq_connect.len(), 2);
         assert_eq!(r.keys.block_size, 32);
-        assert_eq!(r.redis.urls(|_| None), vec!["redis://127.0.0.1:6379".to_string()]);
+        assert_eq!(
+            r.redis.urls(|_| None),
+            vec!["redis://127.0.0.1:6379".to_string()]
+        );
         assert!(r.validate().is_ok());
     }
 
@@ -174,8 +184,14 @@ mod tests {
         let env = |k: &str| (k == "HOSTNAME").then(|| "kvroute-ingester-2".to_string());
         assert_eq!(cli.run.ordinal(env), 2);
         assert_eq!(cli.run.ordinal(|_| None), 0);
-        let cli = Cli::try_parse_from(["x", "--zmq-bind", "tcp://127.0.0.1:1", "--replay-endpoint", "tcp://x:1"])
-            .expect("parse");
+        let cli = Cli::try_parse_from([
+            "x",
+            "--zmq-bind",
+            "tcp://127.0.0.1:1",
+            "--replay-endpoint",
+            "tcp://x:1",
+        ])
+        .expect("parse");
         assert!(cli.run.validate().is_err());
     }
 

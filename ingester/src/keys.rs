@@ -97,7 +97,10 @@ impl Keyer {
             // A medium-specific clear is rare (one offloading tier reset);
             // clearing the whole pod is the safe superset: a missing entry
             // costs a miss, a stale one misroutes.
-            KvEvent::AllBlocksCleared(_) => (Some(IndexOp::ClearPod { pod: pod.clone() }), KeyOutcome::default()),
+            KvEvent::AllBlocksCleared(_) => (
+                Some(IndexOp::ClearPod { pod: pod.clone() }),
+                KeyOutcome::default(),
+            ),
         }
     }
 
@@ -110,7 +113,15 @@ impl Keyer {
     ) -> (Option<IndexOp>, KeyOutcome) {
         let n = ev.block_hashes.len() as u64;
         let bs = self.scheme.block_size();
-        let unkeyed = |why| (None, KeyOutcome { unkeyed: Some((why, n)), ..Default::default() });
+        let unkeyed = |why| {
+            (
+                None,
+                KeyOutcome {
+                    unkeyed: Some((why, n)),
+                    ..Default::default()
+                },
+            )
+        };
         if ev.block_size as usize != bs {
             return unkeyed(Unkeyed::BlockSizeMismatch);
         }
@@ -127,28 +138,33 @@ impl Keyer {
         let salt = cache_salt(ev);
         let extra = ExtraKeys {
             lora: ev.lora_name.as_deref(),
-            cache_salt: if first_index == 0 { salt.as_deref() } else { None },
+            cache_salt: if first_index == 0 {
+                salt.as_deref()
+            } else {
+                None
+            },
         };
         let tokens = &ev.token_ids[..ev.block_hashes.len() * bs];
         let mut blocks = Vec::with_capacity(ev.block_hashes.len());
         let mut outcome = KeyOutcome::default();
         let mut hashes = ev.engine_hashes();
-        self.scheme.chain(parent, first_index, tokens, extra, |state| {
-            let key = state.key();
-            // chain() yields exactly one state per hash: tokens were cut to
-            // block_hashes.len() full blocks above.
-            let engine = hashes.next().unwrap_or(EngineHash(key.0));
-            if engine.0 == key.0 {
-                outcome.agree += 1;
-            } else {
-                outcome.disagree += 1;
-            }
-            self.chains.insert((model.clone(), engine), *state);
-            blocks.push(StoredBlock {
-                key,
-                engine: Some(engine),
+        self.scheme
+            .chain(parent, first_index, tokens, extra, |state| {
+                let key = state.key();
+                // chain() yields exactly one state per hash: tokens were cut to
+                // block_hashes.len() full blocks above.
+                let engine = hashes.next().unwrap_or(EngineHash(key.0));
+                if engine.0 == key.0 {
+                    outcome.agree += 1;
+                } else {
+                    outcome.disagree += 1;
+                }
+                self.chains.insert((model.clone(), engine), *state);
+                blocks.push(StoredBlock {
+                    key,
+                    engine: Some(engine),
+                });
             });
-        });
         let op = IndexOp::Store {
             model: model.clone(),
             pod: pod.clone(),
@@ -158,7 +174,12 @@ impl Keyer {
         (Some(op), outcome)
     }
 
-    fn parent_state(&self, model: &ModelName, parent: &BlockHash, trust: bool) -> Option<ChainState> {
+    fn parent_state(
+        &self,
+        model: &ModelName,
+        parent: &BlockHash,
+        trust: bool,
+    ) -> Option<ChainState> {
         if let Some(state) = self.chains.get(&(model.clone(), parent.engine())) {
             return Some(state);
         }
@@ -262,7 +283,11 @@ mod tests {
             assert_eq!(out.agree, 2, "{file}");
             assert_eq!(stored_keys(&op), all[1..].to_vec());
             if let Some(IndexOp::Store { tier, .. }) = &op {
-                let expect = if file.contains("0.33") { Tier::cpu() } else { Tier::gpu() };
+                let expect = if file.contains("0.33") {
+                    Tier::cpu()
+                } else {
+                    Tier::gpu()
+                };
                 assert_eq!(*tier, expect);
             }
         }
@@ -293,10 +318,14 @@ mod tests {
         let lora = payload("vllm-0.33.0.json", "stored_lora_extra_keys");
         let (op, out) = k.key_event(&pod, &model, &lora[0], false);
         assert_eq!(out.disagree, 3);
-        let expect = k
-            .scheme()
-            .block_keys(&(100..148).collect::<Vec<u32>>(), ExtraKeys::lora("adapter-a"));
-        assert_eq!(stored_keys(&op), expect.iter().map(|b| b.0).collect::<Vec<_>>());
+        let expect = k.scheme().block_keys(
+            &(100..148).collect::<Vec<u32>>(),
+            ExtraKeys::lora("adapter-a"),
+        );
+        assert_eq!(
+            stored_keys(&op),
+            expect.iter().map(|b| b.0).collect::<Vec<_>>()
+        );
         let removed = payload("vllm-0.33.0.json", "removed");
         let (op, _) = k.key_event(&pod, &model, &removed[0], false);
         assert!(matches!(op, Some(IndexOp::Remove { ref blocks, .. }) if blocks.len() == 2));
@@ -311,14 +340,20 @@ mod tests {
         let KvEvent::BlockStored(ev) = &stored[0] else {
             panic!("stored")
         };
-        assert_eq!(keyer(HashScheme::Sha256Cbor).diagnose(ev), Some(HashScheme::Sha256Cbor64));
+        assert_eq!(
+            keyer(HashScheme::Sha256Cbor).diagnose(ev),
+            Some(HashScheme::Sha256Cbor64)
+        );
         assert_eq!(keyer(HashScheme::Sha256Cbor64).diagnose(ev), None);
     }
 
     #[test]
     fn block_size_mismatch_is_counted() {
         let (pod, model) = (PodId::new("127.0.0.11:8000"), ModelName::new("m"));
-        let k = Keyer::new(KeyScheme::new(HashScheme::Sha256Cbor, "42", 32).expect("scheme"), 10);
+        let k = Keyer::new(
+            KeyScheme::new(HashScheme::Sha256Cbor, "42", 32).expect("scheme"),
+            10,
+        );
         let stored = payload("vllm-0.33.0.json", "stored_int_hashes");
         let (op, out) = k.key_event(&pod, &model, &stored[0], false);
         assert!(op.is_none());

@@ -11,4 +11,8 @@ pub mod keys;
 pub mod metrics;
 pub mod order;
 pub mod pipeline;
+pub mod replay;
+pub mod service;
+pub mod socket;
+pub mod targets;
 pub mod worker;

@@ -1,1 +1,81 @@
-fn main() {}
+//! `kvroute-ingester`: thin entry point; everything lives in the library.
+
+use clap::{Parser, Subcommand};
+use ingester::config::RunArgs;
+use shared::config::RedisArgs;
+use shared::ids::PodId;
+use shared::index::{Index, IndexOp};
+use tokio_util::sync::CancellationToken;
+
+/// vLLM KV-cache events (ZeroMQ) into kvroute's block index (Redis, or the
+/// embedded memory index when no --redis-url is given — useful only inside
+/// one process, e.g. tests: scorers cannot read it).
+#[derive(Parser)]
+#[command(
+    name = "kvroute-ingester",
+    version,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Remove every index entry of the given pods (e.g. a pod that was
+    /// decommissioned while no ingester was running).
+    Purge {
+        #[command(flatten)]
+        redis: RedisArgs,
+        /// Pod ids as they appear in the index (`10.0.0.5:8000`).
+        #[arg(required = true)]
+        pods: Vec<String>,
+    },
+}
+
+/// Exit code for bad configuration (EX_USAGE), so orchestration sees it.
+const EX_USAGE: i32 = 64;
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Purge { redis, pods }) => purge(redis, pods).await,
+        None => {
+            if let Err(e) = cli.run.validate() {
+                eprintln!("kvroute-ingester: {e}");
+                std::process::exit(EX_USAGE);
+            }
+            shared::telemetry::init_tracing(&cli.run.log)?;
+            let metrics = shared::telemetry::install_metrics()?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(shared::telemetry::cancel_on_signal(shutdown.clone()));
+            ingester::service::run(cli.run, env, Some(metrics), shutdown).await
+        }
+    }
+}
+
+async fn purge(redis: RedisArgs, pods: Vec<String>) -> anyhow::Result<()> {
+    if redis.urls(env).is_empty() {
+        anyhow::bail!(
+            "purge needs --redis-url (or KVROUTE_REDIS_URL / KVCACHE_INDEXER_REDIS_ADDR)"
+        );
+    }
+    let index = redis.open(env).await?;
+    let ops: Vec<IndexOp> = pods
+        .iter()
+        .map(|p| IndexOp::ClearPod { pod: PodId::new(p) })
+        .collect();
+    index.apply(&ops).await?;
+    for p in &pods {
+        println!("purged {p}");
+    }
+    Ok(())
+}

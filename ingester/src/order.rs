@@ -2,7 +2,13 @@
 //! The tracker tells the pipeline whether a batch continues the stream, follows
 //! a gap (missed batches: replay them or count the loss), restarts the stream
 //! (the engine restarted: its cache is empty, so clear the pod first), or is a
-//! duplicate (e.g. a replayed batch already applied) to drop.
+//! duplicate to drop.
+//!
+//! A live stream never goes backwards unless the publisher restarted: ZeroMQ
+//! does not duplicate messages, and replayed batches never pass through here.
+//! The first batch seen after a restart is rarely seq 0 (whatever the engine
+//! published before the subscription was re-established is lost), so any
+//! sequence below the last one is a restart, and batches `0..seq` were missed.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -16,9 +22,10 @@ pub enum SeqVerdict {
     Next,
     /// Batches `missed` were never seen.
     Gap { missed: Range<u64> },
-    /// The sequence went back to 0 after having been higher: the engine restarted.
-    Restart,
-    /// Already applied (seq at or below the last one, and not a restart).
+    /// The sequence went backwards: the engine restarted; batches `missed`
+    /// (from 0) of the new stream were never seen.
+    Restart { missed: Range<u64> },
+    /// The same sequence again.
     Duplicate,
 }
 
@@ -33,7 +40,7 @@ impl SeqVerdict {
             SeqVerdict::First => "first",
             SeqVerdict::Next => "next",
             SeqVerdict::Gap { .. } => "gap",
-            SeqVerdict::Restart => "restart",
+            SeqVerdict::Restart { .. } => "restart",
             SeqVerdict::Duplicate => "duplicate",
         }
     }
@@ -55,7 +62,7 @@ impl SeqTracker {
             Some(&last) if seq > last => SeqVerdict::Gap {
                 missed: last + 1..seq,
             },
-            Some(&last) if seq == 0 && last > 0 => SeqVerdict::Restart,
+            Some(&last) if seq < last => SeqVerdict::Restart { missed: 0..seq },
             Some(_) => SeqVerdict::Duplicate,
         };
         if verdict.applies() {
@@ -85,10 +92,13 @@ mod tests {
         assert_eq!(t.observe("a", 5), SeqVerdict::First);
         assert_eq!(t.observe("a", 6), SeqVerdict::Next);
         assert_eq!(t.observe("a", 9), SeqVerdict::Gap { missed: 7..9 });
-        assert_eq!(t.observe("a", 8), SeqVerdict::Duplicate);
+        assert_eq!(t.observe("a", 9), SeqVerdict::Duplicate);
         assert_eq!(t.last("a"), Some(9));
-        assert_eq!(t.observe("a", 0), SeqVerdict::Restart);
+        assert_eq!(t.observe("a", 0), SeqVerdict::Restart { missed: 0..0 });
         assert_eq!(t.observe("a", 1), SeqVerdict::Next);
+        // Restarted, and the first batches of the new stream were missed.
+        t.observe("a", 40);
+        assert_eq!(t.observe("a", 17), SeqVerdict::Restart { missed: 0..17 });
         assert_eq!(t.observe("b", 0), SeqVerdict::First);
         assert_eq!(t.observe("b", 0), SeqVerdict::Duplicate);
         t.forget("a");

@@ -82,7 +82,10 @@ impl Workers {
 
     /// Queued commands over all workers (a gauge).
     pub fn queued(&self) -> usize {
-        self.senders.iter().map(|s| s.max_capacity() - s.capacity()).sum()
+        self.senders
+            .iter()
+            .map(|s| s.max_capacity() - s.capacity())
+            .sum()
     }
 
     /// Closes the queues and waits for every worker to drain and flush.
@@ -137,12 +140,19 @@ async fn run_worker<I: Index, R: Replayer>(
     let deadline = Instant::now() + drain_timeout;
     while w.pending_ops() > 0 && Instant::now() < deadline {
         if !w.flush().await {
-            let next = w.retry_at().map(Instant::from_std).unwrap_or_else(Instant::now);
+            let next = w
+                .retry_at()
+                .map(Instant::from_std)
+                .unwrap_or_else(Instant::now);
             tokio::time::sleep_until(next.min(deadline)).await;
         }
     }
     if w.pending_ops() > 0 {
-        tracing::warn!(worker = id, lost = w.pending_ops(), "shutdown grace period ended with unwritten operations");
+        tracing::warn!(
+            worker = id,
+            lost = w.pending_ops(),
+            "shutdown grace period ended with unwritten operations"
+        );
     } else {
         tracing::debug!(worker = id, "worker drained");
     }

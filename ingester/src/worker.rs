@@ -28,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub struct Incoming {
     pub topic: String,
     pub seq: u64,
-    pub payload: Vec<u8>,
+    pub payload: bytes::Bytes,
 }
 
 /// Fetches missed batches `from..to` of a topic; implemented over vLLM's
@@ -155,13 +155,18 @@ impl<I: Index, R: Replayer> Worker<I, R> {
         metrics::counter!(m::BATCHES, "verdict" => verdict.as_label()).increment(1);
         match &verdict {
             SeqVerdict::Duplicate => return,
-            SeqVerdict::Restart => {
+            SeqVerdict::Restart { missed } => {
                 metrics::counter!(m::RESTARTS).increment(1);
-                tracing::info!(%pod, "sequence restarted at 0: engine restarted, clearing its entries");
+                tracing::info!(%pod, seq = msg.seq, "sequence went backwards: engine restarted, clearing its entries");
                 self.push(&pod, IndexOp::ClearPod { pod: pod.clone() });
+                if !missed.is_empty() {
+                    self.fill_gap(&topic, &pod, batch.data_parallel_rank, missed.clone())
+                        .await;
+                }
             }
             SeqVerdict::Gap { missed } => {
-                self.fill_gap(&topic, &pod, batch.data_parallel_rank, missed.clone()).await;
+                self.fill_gap(&topic, &pod, batch.data_parallel_rank, missed.clone())
+                    .await;
             }
             SeqVerdict::First | SeqVerdict::Next => {}
         }
@@ -170,7 +175,13 @@ impl<I: Index, R: Replayer> Worker<I, R> {
 
     /// Replays missed batches `missed` before the current one is applied, so
     /// a replayed store can never resurrect a block a later event removed.
-    async fn fill_gap(&mut self, topic: &Topic, pod: &PodId, rank: Option<u32>, missed: std::ops::Range<u64>) {
+    async fn fill_gap(
+        &mut self,
+        topic: &Topic,
+        pod: &PodId,
+        rank: Option<u32>,
+        missed: std::ops::Range<u64>,
+    ) {
         let count = missed.end - missed.start;
         match self.replayer.fetch(topic, missed.start).await {
             Ok(batches) => {
@@ -186,7 +197,8 @@ impl<I: Index, R: Replayer> Worker<I, R> {
                         }
                         Ok(_) => {}
                         Err(_) => {
-                            metrics::counter!(m::MALFORMED, "reason" => "bad_replay_payload").increment(1);
+                            metrics::counter!(m::MALFORMED, "reason" => "bad_replay_payload")
+                                .increment(1);
                         }
                     }
                 }
@@ -226,11 +238,14 @@ impl<I: Index, R: Replayer> Worker<I, R> {
                 self.warn_disagreement(pod, event);
             }
             if let Some((why, n)) = outcome.unkeyed {
-                metrics::counter!(m::BLOCKS, "type" => event.kind(), "outcome" => why.as_label()).increment(n);
-                metrics::counter!(m::EVENTS, "type" => event.kind(), "outcome" => "unkeyed").increment(1);
+                metrics::counter!(m::BLOCKS, "type" => event.kind(), "outcome" => why.as_label())
+                    .increment(n);
+                metrics::counter!(m::EVENTS, "type" => event.kind(), "outcome" => "unkeyed")
+                    .increment(1);
             }
             if let Some(op) = op {
-                metrics::counter!(m::EVENTS, "type" => event.kind(), "outcome" => "applied").increment(1);
+                metrics::counter!(m::EVENTS, "type" => event.kind(), "outcome" => "applied")
+                    .increment(1);
                 self.push(pod, op);
             }
         }
@@ -264,7 +279,8 @@ impl<I: Index, R: Replayer> Worker<I, R> {
     fn push(&mut self, pod: &PodId, op: IndexOp) {
         if self.dirty.remove(pod) {
             // First write after a loss: clear before anything else applies.
-            self.pending.push((pod.clone(), IndexOp::ClearPod { pod: pod.clone() }));
+            self.pending
+                .push((pod.clone(), IndexOp::ClearPod { pod: pod.clone() }));
         }
         self.pending.push((pod.clone(), op));
         if self.pending.len() > self.config.max_pending_ops {
@@ -326,14 +342,17 @@ impl<I: Index, R: Replayer> Worker<I, R> {
         self.pending.retain(|(p, _)| p != pod);
         self.dirty.remove(pod);
         self.pods.remove(pod);
-        self.pending.push((pod.clone(), IndexOp::ClearPod { pod: pod.clone() }));
+        self.pending
+            .push((pod.clone(), IndexOp::ClearPod { pod: pod.clone() }));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shared::events::{AllBlocksCleared, BlockHash, BlockRemoved, BlockStored, Encoding, EventBatch, encode_batch};
+    use shared::events::{
+        AllBlocksCleared, BlockHash, BlockRemoved, BlockStored, Encoding, EventBatch, encode_batch,
+    };
     use shared::ids::{BlockKey, ModelName};
     use shared::index::memory::MemoryIndex;
     use shared::keys::{ExtraKeys, HashScheme, KeyScheme};
@@ -346,7 +365,12 @@ mod tests {
 
     fn worker() -> Worker<MemoryIndex> {
         let index = Arc::new(MemoryIndex::new(10_000));
-        Worker::new(index, Keyer::new(scheme(), 10_000), NoReplay, WorkerConfig::default())
+        Worker::new(
+            index,
+            Keyer::new(scheme(), 10_000),
+            NoReplay,
+            WorkerConfig::default(),
+        )
     }
 
     /// A store of `tokens` (full blocks) from the root, hashed as vLLM would.
@@ -369,13 +393,15 @@ mod tests {
         Incoming {
             topic: TOPIC.into(),
             seq,
-            payload: encode_batch(&batch, encoding),
+            payload: encode_batch(&batch, encoding).into(),
         }
     }
 
     fn depth(w: &Worker<MemoryIndex>, tokens: &[u32]) -> u32 {
         let keys: Vec<BlockKey> = scheme().block_keys(tokens, ExtraKeys::NONE);
-        w.index.lookup_sync(&ModelName::new("m"), &keys, None).max_depth()
+        w.index
+            .lookup_sync(&ModelName::new("m"), &keys, None)
+            .max_depth()
     }
 
     #[tokio::test]
@@ -393,8 +419,12 @@ mod tests {
         w.handle(msg(1, vec![removed], Encoding::Array)).await;
         assert!(w.flush().await);
         assert_eq!(depth(&w, &tokens), 2);
-        w.handle(msg(2, vec![KvEvent::AllBlocksCleared(AllBlocksCleared::default())], Encoding::Map))
-            .await;
+        w.handle(msg(
+            2,
+            vec![KvEvent::AllBlocksCleared(AllBlocksCleared::default())],
+            Encoding::Map,
+        ))
+        .await;
         assert!(w.flush().await);
         assert_eq!(depth(&w, &tokens), 0);
     }
@@ -406,9 +436,9 @@ mod tests {
         let b: Vec<u32> = (100..108).collect();
         w.handle(msg(5, vec![stored(&a)], Encoding::Map)).await;
         w.handle(msg(6, vec![], Encoding::Map)).await;
-        // A duplicate of seq 5 carrying a removal must not apply.
+        // A duplicate of seq 6 carrying a clear must not apply.
         let dup = KvEvent::AllBlocksCleared(AllBlocksCleared::default());
-        w.handle(msg(5, vec![dup], Encoding::Map)).await;
+        w.handle(msg(6, vec![dup], Encoding::Map)).await;
         assert!(w.flush().await);
         assert_eq!(depth(&w, &a), 2);
         // Back to 0: the engine restarted, its old blocks are gone.
@@ -424,13 +454,13 @@ mod tests {
         w.handle(Incoming {
             topic: TOPIC.into(),
             seq: 0,
-            payload: vec![0x93, 0xc1],
+            payload: vec![0x93, 0xc1].into(),
         })
         .await;
         w.handle(Incoming {
             topic: "other@x".into(),
             seq: 0,
-            payload: vec![],
+            payload: Default::default(),
         })
         .await;
         assert_eq!(w.pending_ops(), 0);
@@ -456,7 +486,8 @@ mod tests {
         // Five pending ops (no flush: as if the index were down) exceed the bound.
         for i in 1..=5u32 {
             let t: Vec<u32> = (i * 10..i * 10 + 4).collect();
-            w.handle(msg(u64::from(i), vec![stored(&t)], Encoding::Map)).await;
+            w.handle(msg(u64::from(i), vec![stored(&t)], Encoding::Map))
+                .await;
         }
         // Either still marked, or its next operations already start with the clear.
         let clears_first = matches!(w.pending.first(), Some((_, IndexOp::ClearPod { .. })));

@@ -2,8 +2,8 @@
 //! measured in the same run: the ratio shows what the CBOR encoding and
 //! chaining cost on top of the hash itself.
 
-use shared::keys::{ChainState, ExtraKeys, HashScheme, KeyScheme, cbor};
 use sha2::{Digest, Sha256};
+use shared::keys::{ChainState, ExtraKeys, HashScheme, KeyScheme, cbor};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -45,7 +45,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let tokens: Vec<u32> = (0..args.tokens as u64)
         .map(|i| ((i.wrapping_mul(2_654_435_761) >> 7) % 128_256) as u32)
         .collect();
-    println!("# block keys vs raw SHA-256 of the same bytes ({} tokens)", args.tokens);
+    println!(
+        "# block keys vs raw SHA-256 of the same bytes ({} tokens)",
+        args.tokens
+    );
     println!(
         "{:<20} {:>6} {:>14} {:>14} {:>10} {:>14}",
         "scheme", "block", "keys/s", "sha256/s", "ratio", "ns/key"

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod bench_index;
 mod bench_keys;
+mod demo;
 
 #[derive(Parser)]
 #[command(name = "kvroute-loadtest", version, about)]
@@ -17,6 +18,9 @@ enum Command {
     /// Benchmarks; each prints its numbers next to a baseline measured in the same run.
     #[command(subcommand)]
     Bench(Bench),
+    /// The index at work: simulated vLLM pods' KV events decoded, keyed and
+    /// written to Redis, inspected with redis-cli, looked up, a pod cleared.
+    Demo(demo::Args),
 }
 
 #[derive(Subcommand)]
@@ -33,5 +37,6 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Bench(Bench::Keys(args)) => bench_keys::run(args),
         Command::Bench(Bench::Index(args)) => bench_index::run(args).await,
+        Command::Demo(args) => demo::run(args).await,
     }
 }

@@ -5,4 +5,10 @@
 //! lookup -> tier-weighted prefix scores -> blend with load -> endpoint.
 #![forbid(unsafe_code)]
 
+pub mod candidates;
 pub mod decide;
+pub mod ext_proc;
+pub mod grpc;
+pub mod load;
+pub mod request;
+pub mod route;

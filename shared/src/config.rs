@@ -7,6 +7,9 @@
 //! build configs with `try_parse_from` and pass environment lookups as
 //! closures, never touching the process environment.
 
+use crate::index::memory::MemoryIndex;
+use crate::index::redis::RedisIndex;
+use crate::index::{AnyIndex, IndexError};
 use crate::keys::{HashScheme, KeyError, KeyScheme};
 
 /// Environment variable llm-d's indexer reads its Redis address from.
@@ -73,6 +76,42 @@ impl RedisArgs {
     pub fn is_cluster(&self, urls: &[String]) -> bool {
         self.redis_cluster || urls.len() > 1
     }
+
+    /// Opens the configured index: Redis (single node or cluster) when an
+    /// address is configured, else the embedded memory index.
+    pub async fn open(&self, env: impl Fn(&str) -> Option<String>) -> Result<AnyIndex, IndexError> {
+        let urls = self.urls(env);
+        if urls.is_empty() {
+            return Ok(AnyIndex::Memory(MemoryIndex::new(self.memory_blocks)));
+        }
+        let index = if self.is_cluster(&urls) {
+            RedisIndex::connect_cluster(&urls).await?
+        } else {
+            RedisIndex::connect(&urls[0]).await?
+        };
+        Ok(AnyIndex::Redis(index))
+    }
+
+    /// The configured address with any password hidden, for startup logs.
+    pub fn describe(&self, env: impl Fn(&str) -> Option<String>) -> String {
+        let urls = self.urls(env);
+        if urls.is_empty() {
+            return format!("memory (capacity {} blocks)", self.memory_blocks);
+        }
+        urls.iter().map(|u| redact(u)).collect::<Vec<_>>().join(",")
+    }
+}
+
+/// `redis://user:secret@host` -> `redis://user:***@host`.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..s + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
 }
 
 /// `host:port` (llm-d's form) -> `redis://host:port`; URLs pass unchanged.
@@ -114,9 +153,26 @@ mod tests {
     fn llmd_address_is_an_alias() {
         let cli = Cli::try_parse_from(["x"]).expect("parse");
         let env = |k: &str| (k == LLMD_REDIS_ENV).then(|| "127.0.0.1:6379".to_string());
-        assert_eq!(cli.redis.urls(env), vec!["redis://127.0.0.1:6379".to_string()]);
-        let cli = Cli::try_parse_from(["x", "--redis-url", "redis://127.0.0.2:7000"]).expect("parse");
-        assert_eq!(cli.redis.urls(env), vec!["redis://127.0.0.2:7000".to_string()]);
+        assert_eq!(
+            cli.redis.urls(env),
+            vec!["redis://127.0.0.1:6379".to_string()]
+        );
+        let cli =
+            Cli::try_parse_from(["x", "--redis-url", "redis://127.0.0.2:7000"]).expect("parse");
+        assert_eq!(
+            cli.redis.urls(env),
+            vec!["redis://127.0.0.2:7000".to_string()]
+        );
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("redis://:s3cret@127.0.0.1:6379/0"),
+            "redis://:***@127.0.0.1:6379/0"
+        );
+        assert_eq!(redact("redis://u:p@h:1"), "redis://u:***@h:1");
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
     }
 
     #[test]

@@ -85,7 +85,10 @@ async fn readyz(State(s): State<HealthState>) -> (StatusCode, String) {
 async fn render_metrics(State(s): State<HealthState>) -> (StatusCode, String) {
     match &s.metrics {
         Some(h) => (StatusCode::OK, h.render()),
-        None => (StatusCode::NOT_FOUND, "no metrics recorder installed\n".into()),
+        None => (
+            StatusCode::NOT_FOUND,
+            "no metrics recorder installed\n".into(),
+        ),
     }
 }
 

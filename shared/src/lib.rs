@@ -10,17 +10,22 @@
 //! each candidate's consecutive prefix -> [`scoring`] turns depths into
 //! tier-weighted scores.
 //!
+//! Tokens: [`tokens`] turns completion prompts and chat messages into the
+//! token ids vLLM computes (tokenizers, chat templates, a tokenized-prefix
+//! cache), for the scorer and the simulator alike.
+//!
 //! Support: [`config`] holds the flag groups both binaries flatten; [`ids`] holds the newtypes every module speaks in;
 //! [`redis_server`] starts throwaway `redis-server` processes (single node or
 //! a local cluster) for tests and benchmarks.
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod events;
 pub mod health;
 pub mod ids;
-pub mod events;
-pub mod keys;
 pub mod index;
-pub mod scoring;
+pub mod keys;
 pub mod redis_server;
+pub mod scoring;
 pub mod telemetry;
+pub mod tokens;

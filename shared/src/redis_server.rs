@@ -1,1 +1,352 @@
-//! Throwaway redis-server processes for tests and benchmarks (placeholder).
+//! Throwaway `redis-server` processes for tests and benchmarks: a single
+//! node ([`RedisServer`]) or a local cluster of masters ([`RedisCluster`]).
+//!
+//! Each server listens on a free loopback port, persists nothing, keeps its
+//! files in its own temporary directory (removed on drop) and dies with the
+//! process that started it, even when that process is killed (a nextest
+//! timeout): it is launched through `sh`, whose background watchdog holds
+//! the read end of a pipe this process writes; when the write end closes
+//! (this process exits, or the fixture is dropped) the watchdog kills the
+//! server. No `unsafe` (no `prctl`), no polling.
+//!
+//! Compiled in every build (not only `cfg(test)`) because
+//! `kvroute-loadtest bench` starts its Redis with it too.
+
+use std::fs;
+use std::io;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::sleep;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How long a server may take to answer PING after spawn.
+const START_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a fresh cluster may take to report `cluster_state:ok` everywhere.
+const CLUSTER_TIMEOUT: Duration = Duration::from_secs(15);
+/// Spawn attempts when a picked port was taken in between (parallel tests).
+const PORT_ATTEMPTS: usize = 5;
+
+/// `$0` of the launcher; the rest of its arguments are the server command.
+/// fd 3 keeps the pipe for the watchdog; the server gets /dev/null as stdin so
+/// only the watchdog holds the pipe. `$$` is the shell's pid, which `exec`
+/// hands to redis-server, so the watchdog kills the server itself.
+const LAUNCHER: &str = r#"exec 3<&0
+(read _lifeline <&3; kill -9 $$) >/dev/null 2>&1 &
+exec "$@" </dev/null 3<&-"#;
+
+static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
+
+/// One `redis-server` child process.
+#[derive(Debug)]
+pub struct RedisServer {
+    port: u16,
+    dir: PathBuf,
+    /// Arguments after `--port`, reused by [`RedisServer::restart`].
+    extra_args: Vec<String>,
+    child: Option<Child>,
+    /// Write end of the watchdog's pipe; dropping it kills the server.
+    lifeline: Option<ChildStdin>,
+}
+
+impl RedisServer {
+    /// Starts a standalone server on a free loopback port.
+    pub fn start() -> io::Result<RedisServer> {
+        Self::start_with(|_| Vec::new())
+    }
+
+    /// Starts a server; `extra(dir)` adds arguments (the cluster's).
+    fn start_with(extra: impl Fn(&Path) -> Vec<String>) -> io::Result<RedisServer> {
+        let binary = find_in_path("redis-server")?;
+        let mut last_error = None;
+        for _ in 0..PORT_ATTEMPTS {
+            let dir = temp_dir()?;
+            let mut server = RedisServer {
+                port: free_port()?,
+                extra_args: extra(&dir),
+                dir,
+                child: None,
+                lifeline: None,
+            };
+            match server.spawn(&binary) {
+                Ok(()) => return Ok(server),
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => last_error = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| io::Error::other("redis-server did not start")))
+    }
+
+    fn spawn(&mut self, binary: &Path) -> io::Result<()> {
+        let log_path = self.dir.join("redis.log");
+        let log = fs::File::create(&log_path)?;
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(LAUNCHER)
+            .arg("kvroute-redis-launcher")
+            .arg(binary)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--logfile",
+                "",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.extra_args)
+            .stdin(Stdio::piped())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.lifeline = child.stdin.take();
+        self.child = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if ping(self.port).is_ok() {
+                return Ok(());
+            }
+            let exited = match self.child.as_mut() {
+                Some(child) => child.try_wait()?,
+                None => None,
+            };
+            if exited.is_some() || Instant::now() > deadline {
+                self.kill();
+                let log = fs::read_to_string(&log_path).unwrap_or_default();
+                let kind = if log.contains("Address already in use") {
+                    io::ErrorKind::AddrInUse
+                } else {
+                    io::ErrorKind::Other
+                };
+                let what = match exited {
+                    Some(status) => format!("exited with {status}"),
+                    None => format!("did not answer PING within {START_TIMEOUT:?}"),
+                };
+                return Err(io::Error::new(
+                    kind,
+                    format!(
+                        "redis-server on port {} {what}; its log:\n{}",
+                        self.port,
+                        tail(&log, 20)
+                    ),
+                ));
+            }
+            sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `redis://127.0.0.1:<port>/`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's working directory (log, cluster config); removed on drop.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `127.0.0.1:<port>`, as `redis-cli --cluster` wants it.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server abruptly (SIGKILL, nothing saved) and waits for it.
+    /// The port and directory are kept for [`RedisServer::restart`].
+    pub fn kill(&mut self) {
+        // Closing the pipe makes the watchdog kill the server; waiting for
+        // that (rather than killing first) lets the watchdog exit before the
+        // server's pid is reaped and could be reused.
+        self.lifeline = None;
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            match child.try_wait() {
+                Ok(Some(_)) | Err(_) => return,
+                Ok(None) => sleep(Duration::from_millis(5)),
+            }
+        }
+        // The watchdog failed (it should not): kill directly.
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Starts the server again on the same port (after [`RedisServer::kill`];
+    /// kills it first when running). Data is gone: nothing is persisted.
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.kill();
+        let binary = find_in_path("redis-server")?;
+        self.spawn(&binary)
+    }
+
+    /// Whether the server process is alive.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A local Redis Cluster of masters without replicas.
+#[derive(Debug)]
+pub struct RedisCluster {
+    servers: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts `masters` (at least 3, as `redis-cli --cluster create`
+    /// requires) cluster-enabled servers, assigns the slots with
+    /// `redis-cli --cluster create` and waits for `cluster_state:ok` on every node.
+    pub fn start(masters: usize) -> io::Result<RedisCluster> {
+        if masters < 3 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a Redis Cluster needs at least 3 masters",
+            ));
+        }
+        let cli = find_in_path("redis-cli")?;
+        let mut servers = Vec::with_capacity(masters);
+        for _ in 0..masters {
+            // The cluster bus port is set explicitly: the default (port + 10000)
+            // can be taken or exceed 65535 for a high ephemeral port.
+            let bus = free_port()?;
+            servers.push(RedisServer::start_with(|dir| {
+                vec![
+                    "--cluster-enabled".into(),
+                    "yes".into(),
+                    "--cluster-config-file".into(),
+                    dir.join("nodes.conf").display().to_string(),
+                    "--cluster-node-timeout".into(),
+                    "2000".into(),
+                    "--cluster-port".into(),
+                    bus.to_string(),
+                ]
+            })?);
+        }
+        let output = Command::new(&cli)
+            .arg("--cluster")
+            .arg("create")
+            .args(servers.iter().map(RedisServer::addr))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()?;
+        if !output.status.success() {
+            return Err(io::Error::other(format!(
+                "redis-cli --cluster create failed ({}):\n{}{}",
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            )));
+        }
+        let cluster = RedisCluster { servers };
+        cluster.wait_ok()?;
+        Ok(cluster)
+    }
+
+    fn wait_ok(&self) -> io::Result<()> {
+        let deadline = Instant::now() + CLUSTER_TIMEOUT;
+        for server in &self.servers {
+            loop {
+                let info = command(server.port, &["CLUSTER", "INFO"]).unwrap_or_default();
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(io::Error::other(format!(
+                        "cluster node {} not ok after {CLUSTER_TIMEOUT:?}:\n{info}",
+                        server.addr()
+                    )));
+                }
+                sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// `redis://127.0.0.1:<port>/` of every master: seeds for `connect_cluster`.
+    pub fn urls(&self) -> Vec<String> {
+        self.servers.iter().map(RedisServer::url).collect()
+    }
+
+    /// The masters, e.g. to kill one in a fault test.
+    pub fn servers(&mut self) -> &mut [RedisServer] {
+        &mut self.servers
+    }
+}
+
+/// Runs one command against a local server, synchronously; the reply as text.
+fn command(port: u16, args: &[&str]) -> io::Result<String> {
+    let client =
+        redis::Client::open(format!("redis://127.0.0.1:{port}/")).map_err(io::Error::other)?;
+    let mut conn = client
+        .get_connection_with_timeout(Duration::from_millis(500))
+        .map_err(io::Error::other)?;
+    let mut cmd = redis::cmd(args.first().copied().unwrap_or("PING"));
+    for a in args.iter().skip(1) {
+        cmd.arg(*a);
+    }
+    cmd.query::<String>(&mut conn).map_err(io::Error::other)
+}
+
+fn ping(port: u16) -> io::Result<()> {
+    match command(port, &["PING"])?.as_str() {
+        "PONG" => Ok(()),
+        other => Err(io::Error::other(format!("PING answered {other}"))),
+    }
+}
+
+/// A port nothing listens on right now (the OS picks it; released at once,
+/// so a parallel test may take it: callers retry on AddrInUse).
+fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A fresh directory under the system temp dir, unique per process and call.
+fn temp_dir() -> io::Result<PathBuf> {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let n = NEXT_DIR.fetch_add(1, Ordering::Relaxed);
+    let dir =
+        std::env::temp_dir().join(format!("kvroute-redis-{}-{n}-{nanos}", std::process::id()));
+    fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn find_in_path(name: &str) -> io::Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "{name} not found in PATH; install Redis >= 7 (Debian/Ubuntu: `apt-get install redis-server`, \
+                     which also provides redis-cli)"
+                ),
+            )
+        })
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

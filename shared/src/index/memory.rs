@@ -186,7 +186,11 @@ impl MemoryIndex {
     pub fn new(capacity_blocks: usize) -> Self {
         MemoryIndex {
             shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
-            engines: EngineMaps((0..SHARDS).map(|_| RwLock::new(EngineMap::default())).collect()),
+            engines: EngineMaps(
+                (0..SHARDS)
+                    .map(|_| RwLock::new(EngineMap::default()))
+                    .collect(),
+            ),
             per_shard_capacity: capacity_blocks.div_ceil(SHARDS).max(1),
             clock: AtomicU64::new(0),
         }
@@ -210,10 +214,7 @@ impl MemoryIndex {
     fn resolve(&self, model: &ModelName, r: BlockRef) -> BlockKey {
         match r {
             BlockRef::Key(k) => k,
-            BlockRef::Engine(e) => self
-                .engines
-                .get(&(model.clone(), e))
-                .unwrap_or(e.as_key()),
+            BlockRef::Engine(e) => self.engines.get(&(model.clone(), e)).unwrap_or(e.as_key()),
         }
     }
 
@@ -230,7 +231,14 @@ impl MemoryIndex {
                     for b in blocks {
                         let now = self.clock.fetch_add(1, Ordering::Relaxed);
                         let mut shard = self.shard_of(model, b.key).write();
-                        shard.store(&self.engines, (model.clone(), b.key), pod, tier, b.engine, now);
+                        shard.store(
+                            &self.engines,
+                            (model.clone(), b.key),
+                            pod,
+                            tier,
+                            b.engine,
+                            now,
+                        );
                         if shard.blocks.len() > self.per_shard_capacity {
                             shard.evict(&self.engines);
                         }
@@ -270,7 +278,11 @@ impl MemoryIndex {
         for &key in keys {
             let shard = self.shard_of(model, key).read();
             let id = (model.clone(), key);
-            let holders = shard.blocks.get(&id).map(|b| b.holders.as_slice()).unwrap_or(&[]);
+            let holders = shard
+                .blocks
+                .get(&id)
+                .map(|b| b.holders.as_slice())
+                .unwrap_or(&[]);
             if !walk.push(holders.iter().map(|(p, t)| (p, t))) {
                 break;
             }
@@ -329,7 +341,10 @@ mod tests {
             store(&m, &b, Tier::gpu(), &[(1, None), (2, None)]),
         ]);
         let l = idx.lookup_sync(&m, &keys(&[1, 2, 3, 4]), None);
-        assert_eq!(l.pods.iter().map(|p| p.depth).collect::<Vec<_>>(), vec![3, 2]);
+        assert_eq!(
+            l.pods.iter().map(|p| p.depth).collect::<Vec<_>>(),
+            vec![3, 2]
+        );
         // Remove block 2 of a by its engine hash: a's run now ends at 1.
         idx.apply_sync(&[IndexOp::Remove {
             model: m.clone(),
@@ -338,15 +353,24 @@ mod tests {
             blocks: vec![BlockRef::Engine(EngineHash(20))],
         }]);
         let l = idx.lookup_sync(&m, &keys(&[1, 2, 3]), None);
-        assert_eq!(l.pods.iter().map(|p| p.depth).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(
+            l.pods.iter().map(|p| p.depth).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
         // The mapping survives while b still holds key 2.
-        assert_eq!(idx.resolve(&m, BlockRef::Engine(EngineHash(20))), BlockKey(2));
+        assert_eq!(
+            idx.resolve(&m, BlockRef::Engine(EngineHash(20))),
+            BlockKey(2)
+        );
         idx.apply_sync(&[IndexOp::ClearPod { pod: b.clone() }]);
         let l = idx.lookup_sync(&m, &keys(&[1, 2, 3]), None);
         assert_eq!(l.pods.len(), 1);
         assert_eq!(l.pods[0].pod, a);
         // Key 2 lost its last holder: its engine mapping went with it.
-        assert_eq!(idx.resolve(&m, BlockRef::Engine(EngineHash(20))), BlockKey(20));
+        assert_eq!(
+            idx.resolve(&m, BlockRef::Engine(EngineHash(20))),
+            BlockKey(20)
+        );
         idx.apply_sync(&[IndexOp::ClearPod { pod: a.clone() }]);
         assert!(idx.is_empty());
     }

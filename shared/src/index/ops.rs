@@ -210,7 +210,12 @@ mod tests {
     fn walk_stops_at_first_block_no_live_candidate_holds() {
         let (a, b) = (p("127.0.0.11:8000"), p("127.0.0.12:8000"));
         let g = Tier::gpu();
-        let blocks = vec![vec![(&a, &g)], vec![(&b, &g)], vec![(&a, &g)], vec![(&a, &g)]];
+        let blocks = vec![
+            vec![(&a, &g)],
+            vec![(&b, &g)],
+            vec![(&a, &g)],
+            vec![(&a, &g)],
+        ];
         let l = lookup_in_order(blocks.clone(), None);
         assert_eq!(l.blocks_examined, 2);
         assert_eq!(l.pods.len(), 1);

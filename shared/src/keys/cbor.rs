@@ -116,7 +116,12 @@ mod tests {
     fn matches_python_cbor2_canonical() {
         type Case<'a> = (Parent<'a>, &'a [u32], Option<&'a [&'a str]>, &'a str);
         let cases: &[Case<'_>] = &[
-            (Parent::U64(0), &[23, 24, 255, 256], None, "83008417181818ff190100f6"),
+            (
+                Parent::U64(0),
+                &[23, 24, 255, 256],
+                None,
+                "83008417181818ff190100f6",
+            ),
             (
                 Parent::U64(1 << 32),
                 &[65535, 65536, 4_294_967_295],
@@ -138,7 +143,11 @@ mod tests {
             (Parent::U64(24), &[], Some(&["x"]), "83181880816178"),
         ];
         for (p, t, e, hex_expected) in cases {
-            assert_eq!(hex::encode(ours(*p, t, *e)), *hex_expected, "{p:?} {t:?} {e:?}");
+            assert_eq!(
+                hex::encode(ours(*p, t, *e)),
+                *hex_expected,
+                "{p:?} {t:?} {e:?}"
+            );
         }
         let digest: [u8; 32] = std::array::from_fn(|i| i as u8);
         assert_eq!(

@@ -81,38 +81,59 @@ pub struct Breakdown {
 impl Candidate {
     fn saturated(&self, limits: &LoadLimits) -> bool {
         limits.max_in_flight.is_some_and(|m| self.in_flight >= m)
-            || limits.max_waiting.zip(self.waiting).is_some_and(|(m, w)| w >= m)
-            || limits.max_kv_usage.zip(self.kv_usage).is_some_and(|(m, u)| u >= m)
+            || limits
+                .max_waiting
+                .zip(self.waiting)
+                .is_some_and(|(m, w)| w >= m)
+            || limits
+                .max_kv_usage
+                .zip(self.kv_usage)
+                .is_some_and(|(m, u)| u >= m)
     }
 }
 
-/// `(max - x) / (max - min)`, 1 when all are equal: llm-d's queue scorer.
-fn min_max_inverse(x: f64, min: f64, max: f64) -> f64 {
-    if max > min { (max - x) / (max - min) } else { 1.0 }
+/// The load at which a term bottoms out when no limit is configured.
+const DEFAULT_WAITING_SCALE: f64 = 16.0;
+const DEFAULT_IN_FLIGHT_SCALE: f64 = 64.0;
+
+/// `1 - min(x, scale) / scale`: 1 when idle, 0 at the scale.
+fn headroom(x: f64, scale: f64) -> f64 {
+    1.0 - (x / scale).clamp(0.0, 1.0)
 }
 
 /// Scores every candidate; returns the breakdowns in input order.
-pub fn blend(candidates: &[Candidate], weights: &PickWeights, limits: &LoadLimits) -> Vec<Breakdown> {
-    // Queue: waiting plus in flight, so the term reacts before the next scrape.
-    let queue = |c: &Candidate| f64::from(c.waiting.unwrap_or(0)) + f64::from(c.in_flight);
-    let qmin = candidates.iter().map(queue).fold(f64::INFINITY, f64::min);
-    let qmax = candidates.iter().map(queue).fold(f64::NEG_INFINITY, f64::max);
-    let fmax = candidates.iter().map(|c| c.in_flight).max().unwrap_or(0);
+///
+/// Load terms are absolute (headroom below the configured limit), not
+/// min-max normalised across candidates as llm-d's queue scorer is: with
+/// min-max, one request in flight on the pod holding a whole prompt makes it
+/// look "fully loaded" next to an idle pod holding nothing, and a hot prefix
+/// ping-pongs between pods, losing the locality it was routed for.
+pub fn blend(
+    candidates: &[Candidate],
+    weights: &PickWeights,
+    limits: &LoadLimits,
+) -> Vec<Breakdown> {
+    let waiting_scale = limits
+        .max_waiting
+        .map_or(DEFAULT_WAITING_SCALE, |m| f64::from(m.max(1)));
+    let in_flight_scale = limits
+        .max_in_flight
+        .map_or(DEFAULT_IN_FLIGHT_SCALE, |m| f64::from(m.max(1)));
     candidates
         .iter()
         .map(|c| {
             let prefix = c.prefix.clamp(0.0, 1.0);
-            let queue = min_max_inverse(queue(c), qmin, qmax);
-            // An unscraped pod counts as half full rather than empty, so it
+            // An unscraped pod counts as half loaded rather than idle, so it
             // cannot attract everything before its first scrape.
+            let queue = c
+                .waiting
+                .map_or(0.5, |w| headroom(f64::from(w), waiting_scale));
             let kv_usage = 1.0 - c.kv_usage.unwrap_or(0.5).clamp(0.0, 1.0);
-            let in_flight = if fmax == 0 {
-                1.0
-            } else {
-                f64::from(fmax - c.in_flight) / f64::from(fmax)
-            };
-            let total =
-                weights.prefix * prefix + weights.queue * queue + weights.kv_usage * kv_usage + weights.in_flight * in_flight;
+            let in_flight = headroom(f64::from(c.in_flight), in_flight_scale);
+            let total = weights.prefix * prefix
+                + weights.queue * queue
+                + weights.kv_usage * kv_usage
+                + weights.in_flight * in_flight;
             Breakdown {
                 prefix,
                 queue,
@@ -142,7 +163,7 @@ pub fn choose(breakdowns: &[Breakdown], mut random: impl FnMut() -> u64) -> Opti
     for (i, b) in breakdowns.iter().enumerate() {
         if eligible(b) && b.total == best {
             seen += 1;
-            if random() % seen == 0 {
+            if random().is_multiple_of(seen) {
                 chosen = Some(i);
             }
         }

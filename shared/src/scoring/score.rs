@@ -4,8 +4,8 @@
 //! scorer) so that the load test, the scorer and llm-d-compatible APIs all
 //! score identically.
 
-use crate::index::PodPrefix;
 use crate::ids::Tier;
+use crate::index::PodPrefix;
 use std::collections::HashMap;
 use std::str::FromStr;
 
@@ -38,8 +38,13 @@ impl FromStr for TierWeights {
     fn from_str(s: &str) -> Result<Self, TierWeightsError> {
         let mut w = TierWeights::default();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (tier, value) = part.split_once('=').ok_or_else(|| TierWeightsError(s.into()))?;
-            let value: f64 = value.trim().parse().map_err(|_| TierWeightsError(s.into()))?;
+            let (tier, value) = part
+                .split_once('=')
+                .ok_or_else(|| TierWeightsError(s.into()))?;
+            let value: f64 = value
+                .trim()
+                .parse()
+                .map_err(|_| TierWeightsError(s.into()))?;
             if !(0.0..=1.0).contains(&value) {
                 return Err(TierWeightsError(s.into()));
             }
@@ -70,7 +75,11 @@ impl TierWeights {
     /// exact whenever each tier's blocks of a chain form a prefix, which is how
     /// vLLM fills and offloads them.
     pub fn prefix_score(&self, prefix: &PodPrefix) -> f64 {
-        let mut tiers: Vec<(f64, u32)> = prefix.tiers.iter().map(|(t, d)| (self.weight(t), *d)).collect();
+        let mut tiers: Vec<(f64, u32)> = prefix
+            .tiers
+            .iter()
+            .map(|(t, d)| (self.weight(t), *d))
+            .collect();
         tiers.sort_by(|a, b| b.0.total_cmp(&a.0));
         let mut covered = 0u32;
         let mut score = 0.0;
@@ -100,7 +109,11 @@ pub struct PrefixScore {
 }
 
 /// Scores every pod of a lookup against a prompt of `prompt_blocks` blocks.
-pub fn score_prefixes(pods: &[PodPrefix], prompt_blocks: usize, weights: &TierWeights) -> Vec<PrefixScore> {
+pub fn score_prefixes(
+    pods: &[PodPrefix],
+    prompt_blocks: usize,
+    weights: &TierWeights,
+) -> Vec<PrefixScore> {
     pods.iter()
         .map(|p| {
             let weighted = weights.prefix_score(p);
@@ -147,7 +160,9 @@ mod tests {
 
     #[test]
     fn parse_weights() {
-        let w: TierWeights = "gpu=1, cpu=0.5, disk=0.25, other=0.1".parse().expect("weights");
+        let w: TierWeights = "gpu=1, cpu=0.5, disk=0.25, other=0.1"
+            .parse()
+            .expect("weights");
         assert_eq!(w.weight(&Tier::cpu()), 0.5);
         assert_eq!(w.weight(&Tier::new("DISK")), 0.25);
         assert_eq!(w.weight(&Tier::new("nvme")), 0.1);

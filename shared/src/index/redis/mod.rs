@@ -1,15 +1,258 @@
-//! Redis backend (placeholder until it lands).
+//! The shared index in Redis (single node or Redis Cluster), in the layout
+//! llm-d reads.
+//!
+//! | file | what it owns |
+//! |---|---|
+//! | `layout.rs` | key and field names (layout version 1) and their parsers |
+//! | `slots.rs` | CRC16 key slots and the per-slot `{tag}` of bookkeeping keys |
+//! | `scripts.rs` | `lua/*.lua`, compiled in; EVALSHA and SCRIPT LOAD |
+//! | `topology.rs` | connections per master, `CLUSTER SLOTS` discovery |
+//! | `cluster.rs` | one wave = one pipeline per master; NOSCRIPT/MOVED recovery |
+//! | `registry.rs` | in-process cache of registered (pod, slot) pairs |
+//! | `apply.rs` | write path: ops -> per-slot script calls |
+//! | `resolve.rs` | removes by engine hash -> block keys |
+//! | `clear.rs` | ClearPod without SCAN |
+//! | `lookup.rs` | read path: pipelined HKEYS -> prefix walk |
+//!
+//! Every script call touches the keys of one slot, all declared in KEYS, so
+//! the same code runs unchanged on a single node and on a cluster.
+
+mod apply;
+mod clear;
+mod cluster;
+mod layout;
+mod lookup;
+mod registry;
+mod resolve;
+mod scripts;
+mod slots;
+mod topology;
+
+pub use apply::ApplyStats;
+pub use layout::{LAYOUT_KEY, LAYOUT_VERSION};
+pub use slots::{key_slot, tag_for_slot};
+
 use super::{Index, IndexError, IndexOp, Lookup};
 use crate::ids::{BlockKey, ModelName, PodId};
+use cluster::{Call, Conns};
+use redis::Value;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 
-/// The shared index in Redis.
-pub struct RedisIndex;
+/// Counters since connect, shared with the connection layer.
+#[derive(Debug, Default)]
+struct Counters {
+    batches: AtomicU64,
+    script_calls: AtomicU64,
+    round_trips: AtomicU64,
+    lookups: AtomicU64,
+    noscript_reloads: AtomicU64,
+    topology_refreshes: AtomicU64,
+    malformed_fields: AtomicU64,
+    malformed_entries: AtomicU64,
+}
+
+/// A snapshot of [`RedisIndex`]'s counters since connect.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RedisIndexStats {
+    /// `apply` calls that succeeded.
+    pub batches: u64,
+    /// EVALSHA calls sent by those batches.
+    pub script_calls: u64,
+    /// Waves (round trips) sent by those batches.
+    pub round_trips: u64,
+    pub lookups: u64,
+    /// Times a node answered NOSCRIPT and the scripts were loaded again.
+    pub noscript_reloads: u64,
+    /// Times the cluster slot map was read again after a redirect or error.
+    pub topology_refreshes: u64,
+    /// Holder fields a lookup skipped because they were not `<pod>@<tier>`.
+    pub malformed_fields: u64,
+    /// Per-slot pod entries a clear skipped because they were not `<tier>|<block>`.
+    pub malformed_entries: u64,
+}
+
+/// The shared index in Redis. Cheap to share behind an `Arc`; every method
+/// takes `&self` and concurrent calls are multiplexed over one connection
+/// per node.
+pub struct RedisIndex {
+    conns: Conns,
+    registry: registry::Registry,
+    counters: Arc<Counters>,
+}
+
+impl fmt::Debug for RedisIndex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisIndex")
+            .field("masters", &self.masters())
+            .field("cluster", &self.is_cluster())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisIndex {
+    /// Connects to a single Redis: `redis://[user:password@]host:port[/db]`
+    /// (or `rediss://`). Loads the scripts and checks the layout version.
+    pub async fn connect(url: &str) -> Result<RedisIndex, IndexError> {
+        slots::warm_up();
+        let info = topology::parse_url(url)?;
+        let node = topology::connect_node(info).await?;
+        let counters = Arc::new(Counters::default());
+        let conns = Conns::new(
+            topology::Topology::single(node),
+            Vec::new(),
+            counters.clone(),
+        );
+        Self::finish_connect(conns, counters).await
+    }
+
+    /// Connects to a Redis Cluster through any of `seed_urls` (credentials
+    /// and TLS of the first seed are used for every master); masters are
+    /// discovered with `CLUSTER SLOTS` and rediscovered after MOVED/ASK or a
+    /// connection error.
+    pub async fn connect_cluster(seed_urls: &[String]) -> Result<RedisIndex, IndexError> {
+        slots::warm_up();
+        if seed_urls.is_empty() {
+            return Err(IndexError::Config(
+                "a cluster needs at least one seed URL".into(),
+            ));
+        }
+        let seeds = seed_urls
+            .iter()
+            .map(|u| topology::parse_url(u))
+            .collect::<Result<Vec<_>, _>>()?;
+        if seeds.iter().any(|s| s.redis_settings().db() != 0) {
+            return Err(IndexError::Config(
+                "Redis Cluster has only database 0".into(),
+            ));
+        }
+        let topo = topology::discover(&seeds, None).await?;
+        let counters = Arc::new(Counters::default());
+        let conns = Conns::new(topo, seeds, counters.clone());
+        Self::finish_connect(conns, counters).await
+    }
+
+    async fn finish_connect(
+        conns: Conns,
+        counters: Arc<Counters>,
+    ) -> Result<RedisIndex, IndexError> {
+        let index = RedisIndex {
+            conns,
+            registry: registry::Registry::default(),
+            counters,
+        };
+        index.check_layout().await?;
+        tracing::info!(masters = ?index.masters(), cluster = index.is_cluster(), "redis index connected");
+        Ok(index)
+    }
+
+    /// Writes the layout marker when absent and refuses a Redis that holds
+    /// another layout version.
+    async fn check_layout(&self) -> Result<(), IndexError> {
+        let slot = slots::key_slot(LAYOUT_KEY.as_bytes());
+        let calls = vec![
+            Call {
+                slot,
+                cmd: redis::cmd("SET")
+                    .arg(LAYOUT_KEY)
+                    .arg(LAYOUT_VERSION)
+                    .arg("NX")
+                    .clone(),
+            },
+            Call {
+                slot,
+                cmd: redis::cmd("GET").arg(LAYOUT_KEY).clone(),
+            },
+        ];
+        let wave = self.conns.run(calls).await?;
+        match wave.replies.get(1) {
+            Some(Value::BulkString(v)) if v.as_slice() == LAYOUT_VERSION.as_bytes() => Ok(()),
+            other => Err(IndexError::Config(format!(
+                "{LAYOUT_KEY} is {other:?}; this build reads and writes layout version {LAYOUT_VERSION}"
+            ))),
+        }
+    }
+
+    /// One PING to every master, concurrently; the slowest round trip. For
+    /// readiness checks and as the benchmarks' baseline.
+    pub async fn ping(&self) -> Result<Duration, IndexError> {
+        let start = Instant::now();
+        for (addr, reply) in self.conns.on_every_node(&redis::cmd("PING")).await? {
+            if !matches!(&reply, Value::SimpleString(s) if s == "PONG") {
+                return Err(IndexError::Reply(format!(
+                    "{addr} answered PING with {reply:?}"
+                )));
+            }
+        }
+        Ok(start.elapsed())
+    }
+
+    /// [`Index::apply`], returning what the batch cost.
+    pub async fn apply_with_stats(&self, ops: &[IndexOp]) -> Result<ApplyStats, IndexError> {
+        let stats = apply::apply(self, ops).await?;
+        self.counters.batches.fetch_add(1, Relaxed);
+        self.counters
+            .script_calls
+            .fetch_add(u64::from(stats.script_calls), Relaxed);
+        self.counters
+            .round_trips
+            .fetch_add(u64::from(stats.round_trips), Relaxed);
+        Ok(stats)
+    }
+
+    /// Counters since connect.
+    pub fn stats(&self) -> RedisIndexStats {
+        let c = &self.counters;
+        RedisIndexStats {
+            batches: c.batches.load(Relaxed),
+            script_calls: c.script_calls.load(Relaxed),
+            round_trips: c.round_trips.load(Relaxed),
+            lookups: c.lookups.load(Relaxed),
+            noscript_reloads: c.noscript_reloads.load(Relaxed),
+            topology_refreshes: c.topology_refreshes.load(Relaxed),
+            malformed_fields: c.malformed_fields.load(Relaxed),
+            malformed_entries: c.malformed_entries.load(Relaxed),
+        }
+    }
+
+    /// Whether this index talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.conns.topology().is_cluster()
+    }
+
+    /// `host:port` of every master currently in use.
+    pub fn masters(&self) -> Vec<String> {
+        self.conns
+            .topology()
+            .nodes
+            .iter()
+            .map(|n| n.addr.clone())
+            .collect()
+    }
+
+    /// DESTRUCTIVE, for tests and benchmarks only: FLUSHALL on every master
+    /// (every key of every database user, not only kvroute's), then writes the
+    /// layout marker again and forgets the in-process registration cache.
+    pub async fn flush_all(&self) -> Result<(), IndexError> {
+        self.conns.on_every_node(&redis::cmd("FLUSHALL")).await?;
+        self.registry.clear();
+        self.check_layout().await
+    }
+}
 
 impl Index for RedisIndex {
-    async fn apply(&self, _ops: &[IndexOp]) -> Result<(), IndexError> {
-        Err(IndexError::Config("redis backend not built yet".into()))
+    async fn apply(&self, ops: &[IndexOp]) -> Result<(), IndexError> {
+        self.apply_with_stats(ops).await.map(|_| ())
     }
-    async fn lookup(&self, _m: &ModelName, _k: &[BlockKey], _c: Option<&[PodId]>) -> Result<Lookup, IndexError> {
-        Err(IndexError::Config("redis backend not built yet".into()))
+
+    async fn lookup(
+        &self,
+        model: &ModelName,
+        keys: &[BlockKey],
+        candidates: Option<&[PodId]>,
+    ) -> Result<Lookup, IndexError> {
+        lookup::lookup(self, model, keys, candidates).await
     }
 }

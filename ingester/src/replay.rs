@@ -1,0 +1,272 @@
+//! Refilling sequence gaps from vLLM's replay socket.
+//!
+//! vLLM's publisher can bind a ROUTER (`replay_endpoint`) that keeps its last
+//! `buffer_steps` batches. The protocol, from `vllm/distributed/kv_events.py`:
+//! the client sends `["", start_seq as 8-byte big-endian]` and receives one
+//! message per buffered batch with `seq >= start_seq`, then an end marker
+//! with seq `-1` and an empty payload. vLLM 0.10 replies `["", seq, payload]`
+//! (end: `["", -1, ""]`); newer vLLM (0.33 here) adds the topic,
+//! `["", topic, seq, payload]` (end: `["", "", -1, ""]`). Both are accepted.
+//!
+//! Why a DEALER: a REQ socket expects exactly one reply per request and
+//! stops after the first of the stream (with both ZeroMQ libraries); a
+//! DEALER takes them all, with the empty delimiter frame added by hand.
+//!
+//! A replay is bounded in time (one deadline for dial, request and every
+//! reply) and in count ([`ReplayOptions::max_batches`]), and it opens a fresh
+//! socket each time: gaps are rare, and a socket left connected to a pod
+//! that restarted would be one more thing to supervise.
+
+use crate::worker::Replayer;
+use bytes::Bytes;
+use shared::events::{FrameError, PodAddr, Topic, parse_replay_frames};
+use std::time::Duration;
+use tokio::time::{Instant, timeout_at};
+use zeromq::{DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, ZmqMessage};
+
+/// vLLM's default replay buffer (`buffer_steps`): a full replay fits.
+pub const DEFAULT_MAX_BATCHES: usize = 10_000;
+
+/// One batch from the replay socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replayed {
+    /// The topic, when the publisher sends it (newer vLLM); `None` for 0.10's
+    /// two-frame replies.
+    pub topic: Option<String>,
+    pub seq: u64,
+    pub payload: Bytes,
+}
+
+/// Bounds of one replay.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplayOptions {
+    /// For the whole exchange: dial, request, every reply, end marker.
+    pub timeout: Duration,
+    /// More batches than this is an error (a bound on memory).
+    pub max_batches: usize,
+}
+
+impl ReplayOptions {
+    pub fn new(timeout: Duration) -> Self {
+        ReplayOptions {
+            timeout,
+            max_batches: DEFAULT_MAX_BATCHES,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("replay {endpoint}: cannot connect: {source}")]
+    Connect {
+        endpoint: String,
+        #[source]
+        source: zeromq::ZmqError,
+    },
+    #[error("replay {endpoint}: cannot send the request: {source}")]
+    Send {
+        endpoint: String,
+        #[source]
+        source: zeromq::ZmqError,
+    },
+    #[error("replay {endpoint}: receive failed after {received} batches: {source}")]
+    Recv {
+        endpoint: String,
+        received: usize,
+        #[source]
+        source: zeromq::ZmqError,
+    },
+    #[error("replay {endpoint}: no end marker within {timeout:?} ({received} batches received)")]
+    Timeout {
+        endpoint: String,
+        timeout: Duration,
+        received: usize,
+    },
+    #[error("replay {endpoint}: more than {max} batches")]
+    TooMany { endpoint: String, max: usize },
+    #[error("replay {endpoint}: reply {index} does not start with the empty delimiter frame")]
+    NoDelimiter { endpoint: String, index: usize },
+    #[error("replay {endpoint}: reply {index} is malformed: {source}")]
+    Malformed {
+        endpoint: String,
+        index: usize,
+        #[source]
+        source: FrameError,
+    },
+}
+
+/// Fetches every buffered batch with `seq >= from_seq` from the replay
+/// ROUTER at `endpoint`, in the publisher's order, within `timeout`, at most
+/// [`DEFAULT_MAX_BATCHES`].
+pub async fn replay(
+    endpoint: &str,
+    from_seq: u64,
+    timeout: Duration,
+) -> Result<Vec<Replayed>, ReplayError> {
+    replay_with(endpoint, from_seq, ReplayOptions::new(timeout)).await
+}
+
+/// [`replay`] with explicit bounds.
+pub async fn replay_with(
+    endpoint: &str,
+    from_seq: u64,
+    options: ReplayOptions,
+) -> Result<Vec<Replayed>, ReplayError> {
+    let deadline = Instant::now() + options.timeout;
+    let mut got: Vec<Replayed> = Vec::new();
+    let timed_out = |received| ReplayError::Timeout {
+        endpoint: endpoint.to_owned(),
+        timeout: options.timeout,
+        received,
+    };
+
+    let mut opts = SocketOptions::default();
+    opts.connect_timeout(options.timeout);
+    let mut socket = DealerSocket::with_options(opts);
+    timeout_at(deadline, socket.connect(endpoint))
+        .await
+        .map_err(|_| timed_out(0))?
+        .map_err(|source| ReplayError::Connect {
+            endpoint: endpoint.to_owned(),
+            source,
+        })?;
+
+    let mut request = ZmqMessage::from(Bytes::new());
+    request.push_back(Bytes::copy_from_slice(&from_seq.to_be_bytes()));
+    timeout_at(deadline, socket.send(request))
+        .await
+        .map_err(|_| timed_out(0))?
+        .map_err(|source| ReplayError::Send {
+            endpoint: endpoint.to_owned(),
+            source,
+        })?;
+
+    loop {
+        let index = got.len();
+        let reply = timeout_at(deadline, socket.recv())
+            .await
+            .map_err(|_| timed_out(index))?
+            .map_err(|source| ReplayError::Recv {
+                endpoint: endpoint.to_owned(),
+                received: index,
+                source,
+            })?;
+        let mut frames = reply.into_vec();
+        if frames.first().is_none_or(|f| !f.is_empty()) {
+            return Err(ReplayError::NoDelimiter {
+                endpoint: endpoint.to_owned(),
+                index,
+            });
+        }
+        frames.remove(0);
+        let with_topic = frames.len() == 3;
+        let (topic, seq) = match parse_replay_frames(&frames) {
+            Ok(m) if m.is_replay_end() => break,
+            Ok(m) => (with_topic.then(|| m.topic.to_owned()), m.seq),
+            Err(source) => {
+                return Err(ReplayError::Malformed {
+                    endpoint: endpoint.to_owned(),
+                    index,
+                    source,
+                });
+            }
+        };
+        if got.len() >= options.max_batches {
+            return Err(ReplayError::TooMany {
+                endpoint: endpoint.to_owned(),
+                max: options.max_batches,
+            });
+        }
+        // parse_replay_frames accepted 2 or 3 frames: the payload is the last.
+        let payload = frames.pop().unwrap_or_default();
+        got.push(Replayed {
+            topic,
+            seq,
+            payload,
+        });
+    }
+    tracing::debug!(%endpoint, from_seq, batches = got.len(), "replay complete");
+    Ok(got)
+}
+
+/// The worker's [`Replayer`] over vLLM's replay socket: the endpoint of a
+/// topic's publisher is a template with `{host}` standing for the pod's IP
+/// (`tcp://{host}:5558`), since vLLM binds its replay ROUTER beside its PUB.
+#[derive(Debug, Clone)]
+pub struct RouterReplayer {
+    template: String,
+    options: ReplayOptions,
+}
+
+impl RouterReplayer {
+    pub fn new(template: impl Into<String>, options: ReplayOptions) -> Self {
+        RouterReplayer {
+            template: template.into(),
+            options,
+        }
+    }
+
+    /// The replay endpoint of a topic's pod.
+    pub fn endpoint_for(&self, topic: &Topic) -> String {
+        let host = match topic.addr {
+            PodAddr::Endpoint(a) if a.is_ipv6() => format!("[{}]", a.ip()),
+            PodAddr::BareIp(ip) if ip.is_ipv6() => format!("[{ip}]"),
+            other => other.ip().to_string(),
+        };
+        self.template.replace("{host}", &host)
+    }
+}
+
+impl Replayer for RouterReplayer {
+    async fn fetch(&self, topic: &Topic, from: u64) -> Result<Vec<(u64, Vec<u8>)>, String> {
+        let endpoint = self.endpoint_for(topic);
+        let batches = replay_with(&endpoint, from, self.options)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(batches
+            .into_iter()
+            .map(|b| (b.seq, b.payload.to_vec()))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::events::parse_topic;
+
+    #[test]
+    fn endpoint_template() {
+        let r = RouterReplayer::new(
+            "tcp://{host}:5558",
+            ReplayOptions::new(Duration::from_secs(1)),
+        );
+        let t = parse_topic("kv@10.0.0.5:8000@m").expect("topic");
+        assert_eq!(r.endpoint_for(&t), "tcp://10.0.0.5:5558");
+        let t = parse_topic("kv@[fd00::5]:8000@m").expect("topic");
+        assert_eq!(r.endpoint_for(&t), "tcp://[fd00::5]:5558");
+        let t = parse_topic("kv@10.0.0.6@m").expect("topic");
+        assert_eq!(r.endpoint_for(&t), "tcp://10.0.0.6:5558");
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_a_clear_error() {
+        // A port just freed: nothing listens there.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let endpoint = format!("tcp://127.0.0.1:{port}");
+        let err = replay(&endpoint, 0, Duration::from_millis(300))
+            .await
+            .expect_err("nothing listens");
+        assert!(
+            matches!(
+                err,
+                ReplayError::Timeout { received: 0, .. } | ReplayError::Connect { .. }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&endpoint), "{err}");
+    }
+}

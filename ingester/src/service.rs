@@ -1,0 +1,303 @@
+//! The ingester as a running service: builds every stage from [`RunArgs`],
+//! runs them until `shutdown`, then drains.
+//!
+//! sockets --RawBatch--> dispatcher --(FNV-1a of topic)--> workers --> index
+//!
+//! Startup order: metrics and the admin server first (so `/healthz` answers
+//! and `/readyz` explains what is missing), then the index (retried until
+//! Redis answers), then the workers, then the sockets.
+
+use crate::admin;
+use crate::config::RunArgs;
+use crate::keys::Keyer;
+use crate::metrics as m;
+use crate::pipeline::Workers;
+use crate::replay::{ReplayOptions, RouterReplayer};
+use crate::socket::{self, Malformed, RawBatch, SocketConfig, SocketStats, SubOptions};
+use crate::targets::{Discovery, Shard};
+use crate::worker::{Incoming, NoReplay, Replayer, Worker, WorkerConfig};
+use anyhow::Context;
+use shared::events::{Topic, parse_topic_with_prefix};
+use shared::health::{Check, Readiness};
+use shared::ids::PodId;
+use shared::index::AnyIndex;
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// Either replay client, so one worker type serves both configurations.
+pub enum AnyReplayer {
+    None(NoReplay),
+    Router(RouterReplayer),
+}
+
+impl Replayer for AnyReplayer {
+    async fn fetch(&self, topic: &Topic, from: u64) -> Result<Vec<(u64, Vec<u8>)>, String> {
+        match self {
+            AnyReplayer::None(r) => r.fetch(topic, from).await,
+            AnyReplayer::Router(r) => r.fetch(topic, from).await,
+        }
+    }
+}
+
+/// Runs the ingester until `shutdown` is cancelled. `env` reads environment
+/// variables (the process environment in `main`, a map in tests).
+pub async fn run(
+    args: RunArgs,
+    env: impl Fn(&str) -> Option<String>,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    args.validate().map_err(anyhow::Error::msg)?;
+    let keys = args.keys.scheme().context("key scheme")?;
+    let readiness = Readiness::default();
+    let redis_ok = readiness.check("index");
+    let sockets_ok = readiness.check("sockets");
+
+    let listener = tokio::net::TcpListener::bind(args.http_addr)
+        .await
+        .with_context(|| format!("binding the admin address {}", args.http_addr))?;
+    tracing::info!(addr = %args.http_addr, "admin HTTP listening (/healthz /readyz /metrics /admin/purge)");
+
+    tracing::info!(
+        index = %args.redis.describe(&env),
+        scheme = %keys.scheme(),
+        seed = keys.seed(),
+        block_size = keys.block_size(),
+        bind = ?args.zmq_bind,
+        connect = ?args.zmq_connect,
+        workers = args.workers,
+        "starting kvroute-ingester"
+    );
+    let Some(index) = open_index(&args, &env, &shutdown).await? else {
+        return Ok(()); // shut down before the index came up
+    };
+    let index = Arc::new(index);
+    redis_ok.set(true);
+
+    let keyer = Keyer::new(keys, args.chain_cache);
+    let worker_config = WorkerConfig {
+        topic_prefix: args
+            .topic_filter
+            .split('@')
+            .next()
+            .unwrap_or("kv")
+            .to_string(),
+        max_pending_ops: args.max_pending_ops,
+        ..WorkerConfig::default()
+    };
+    let workers: Vec<_> = (0..args.workers)
+        .map(|_| {
+            let replayer = match &args.replay_endpoint {
+                Some(t) => AnyReplayer::Router(RouterReplayer::new(
+                    t.clone(),
+                    ReplayOptions::new(args.replay_timeout),
+                )),
+                None => AnyReplayer::None(NoReplay),
+            };
+            Worker::new(
+                index.clone(),
+                keyer.clone(),
+                replayer,
+                worker_config.clone(),
+            )
+        })
+        .collect();
+    let workers = Workers::start(workers, args.queue, args.drain_timeout);
+
+    let http_shutdown = shutdown.clone();
+    let app = admin::router(readiness.clone(), metrics, workers.purger());
+    let http = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "admin HTTP server failed");
+        }
+    });
+
+    // Connect-mode targets, resolved and sharded across replicas.
+    let connect = if args.zmq_connect.is_empty() {
+        None
+    } else {
+        let targets = Discovery::parse(&args.zmq_connect).context("--zmq-connect")?;
+        let ordinal = args.ordinal(&env);
+        let shard = Shard::new(args.replicas, ordinal).context("--replicas/--replica-ordinal")?;
+        tracing::info!(
+            replicas = args.replicas,
+            ordinal,
+            "connect mode: taking the publishers of this shard"
+        );
+        Some(
+            Discovery::new(targets, shard, args.dns_refresh)
+                .start(shutdown.clone())
+                .await,
+        )
+    };
+    let purge_targets = connect.clone();
+
+    let stats = Arc::new(SocketStats::default());
+    let (tx, mut rx) = mpsc::channel::<RawBatch>(args.queue);
+    let socket_config = SocketConfig {
+        options: SubOptions {
+            topic_filter: args.topic_filter.clone(),
+            ..SubOptions::default()
+        },
+        bind: args.zmq_bind.clone(),
+        connect,
+    };
+    let socket_shutdown = shutdown.clone();
+    let socket_stats = stats.clone();
+    let sockets = tokio::spawn(async move {
+        let r = socket::run(socket_config, tx, socket_stats, socket_shutdown.clone()).await;
+        if let Err(e) = &r {
+            tracing::error!(error = %e, "sockets stopped");
+            socket_shutdown.cancel();
+        }
+        r
+    });
+    sockets_ok.set(true);
+
+    spawn_health(index.clone(), redis_ok, stats.clone(), shutdown.clone());
+    let seen: Arc<parking_lot::Mutex<HashMap<String, Instant>>> = Default::default();
+    if let (Some(after), Some(targets)) = (args.purge_after, purge_targets) {
+        spawn_purger(
+            after,
+            targets,
+            seen.clone(),
+            workers.purger(),
+            shutdown.clone(),
+        );
+    }
+
+    // Dispatcher: runs until the sockets stop and the channel drains.
+    let prefix = worker_config.topic_prefix.clone();
+    while let Some(batch) = rx.recv().await {
+        if let Ok(t) = parse_topic_with_prefix(&batch.topic, &prefix) {
+            seen.lock().insert(t.pod, Instant::now());
+        }
+        let msg = Incoming {
+            topic: batch.topic,
+            seq: batch.seq,
+            payload: batch.payload,
+        };
+        if !workers.dispatch(msg).await {
+            break;
+        }
+    }
+    sockets_ok.set(false);
+    tracing::info!(grace = ?args.drain_timeout, "draining worker queues");
+    workers.shutdown().await;
+    let _ = sockets.await;
+    let _ = http.await;
+    tracing::info!("kvroute-ingester stopped");
+    Ok(())
+}
+
+/// Opens the index, retrying with backoff while Redis is unreachable (the
+/// process stays up and unready rather than crash-looping). `None` when
+/// shutdown came first.
+async fn open_index(
+    args: &RunArgs,
+    env: &impl Fn(&str) -> Option<String>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<AnyIndex>> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match args.redis.open(env).await {
+            Ok(i) => return Ok(Some(i)),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "index not reachable yet");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Keeps `/readyz` and the socket metrics current.
+fn spawn_health(
+    index: Arc<AnyIndex>,
+    redis_ok: Check,
+    stats: Arc<SocketStats>,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(async move {
+        loop {
+            if let AnyIndex::Redis(r) = index.as_ref() {
+                redis_ok.set(r.ping().await.is_ok());
+            }
+            let s = stats.snapshot();
+            metrics::counter!("kvroute_ingester_messages_received_total").absolute(s.received);
+            metrics::counter!("kvroute_ingester_messages_filtered_total").absolute(s.filtered);
+            for reason in Malformed::ALL {
+                metrics::counter!(m::MALFORMED, "reason" => reason.as_label())
+                    .absolute(s.malformed(reason));
+            }
+            metrics::counter!("kvroute_ingester_reconnects_total").absolute(s.reconnects);
+            metrics::gauge!("kvroute_ingester_connected_publishers", "mode" => "bind")
+                .set(s.bind_peers as f64);
+            metrics::gauge!("kvroute_ingester_connected_publishers", "mode" => "connect")
+                .set(s.connect_peers as f64);
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    });
+}
+
+/// Purges pods whose IP has been out of the connect targets for `after`.
+fn spawn_purger(
+    after: Duration,
+    targets: watch::Receiver<BTreeSet<String>>,
+    seen: Arc<parking_lot::Mutex<HashMap<String, Instant>>>,
+    purger: crate::pipeline::Purger,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut gone_since: HashMap<String, Instant> = HashMap::new();
+        loop {
+            let live: BTreeSet<IpAddr> = targets
+                .borrow()
+                .iter()
+                .filter_map(|e| {
+                    e.trim_start_matches("tcp://")
+                        .parse::<std::net::SocketAddr>()
+                        .ok()
+                })
+                .map(|a| a.ip())
+                .collect();
+            let pods: Vec<String> = seen.lock().keys().cloned().collect();
+            for pod in pods {
+                let ip = pod
+                    .parse::<std::net::SocketAddr>()
+                    .map(|a| a.ip())
+                    .or_else(|_| pod.parse::<IpAddr>());
+                let Ok(ip) = ip else { continue };
+                if live.contains(&ip) {
+                    gone_since.remove(&pod);
+                    continue;
+                }
+                let since = *gone_since.entry(pod.clone()).or_insert_with(Instant::now);
+                if since.elapsed() >= after {
+                    tracing::info!(%pod, gone_for = ?since.elapsed(), "pod left the publisher set: purging");
+                    metrics::counter!(m::PURGES, "reason" => "gone").increment(1);
+                    purger.purge(&PodId::new(&pod)).await;
+                    gone_since.remove(&pod);
+                    seen.lock().remove(&pod);
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_secs(5).min(after)) => {}
+            }
+        }
+    });
+}

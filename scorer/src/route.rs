@@ -1,0 +1,480 @@
+//! The routing logic behind [`Decide`]: tokens -> block keys -> index lookup
+//! -> tier-weighted prefix scores -> blend with load -> endpoint.
+//!
+//! Any failure before the blend (unknown model, no tokenizer, a template
+//! error, Redis down or slower than the lookup deadline) degrades to picking
+//! by load with every prefix score at 0, and is counted by reason: Envoy
+//! cannot fail open in FULL_DUPLEX_STREAMED mode, so the scorer must always
+//! answer with an endpoint.
+
+use crate::candidates::{Candidates, endpoint_for};
+use crate::decide::{Decide, DecideError, Decision, Prompt, RouteRequest};
+use crate::load::Load;
+use parking_lot::Mutex;
+use shared::ids::{BlockKey, ModelName};
+use shared::index::Index;
+use shared::keys::{ExtraKeys, KeyScheme};
+use shared::scoring::pick::{self, Breakdown, Candidate, LoadLimits, PickWeights};
+use shared::scoring::{TierWeights, score_prefixes};
+use shared::tokens::{ChatOptions, TokenizerRegistry};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Metric names of the routing stage.
+pub mod metrics_names {
+    pub const DECISIONS: &str = "kvroute_scorer_decisions_total";
+    pub const FALLBACKS: &str = "kvroute_scorer_fallbacks_total";
+    pub const LOOKUP_SECONDS: &str = "kvroute_scorer_lookup_seconds";
+    pub const TOKENIZE_SECONDS: &str = "kvroute_scorer_tokenize_seconds";
+    pub const PROMPT_BLOCKS: &str = "kvroute_scorer_prompt_blocks";
+    pub const MATCHED_BLOCKS: &str = "kvroute_scorer_matched_blocks";
+}
+use metrics_names as m;
+
+/// Tunables of the routing stage.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub weights: PickWeights,
+    pub limits: LoadLimits,
+    pub tiers: TierWeights,
+    /// A lookup slower than this is abandoned (route by load).
+    pub lookup_timeout: Duration,
+    /// Scraped engine metrics older than this are ignored.
+    pub metrics_max_age: Duration,
+    /// LoRA adapter name -> base model (the index is keyed by the base
+    /// model's topic name; adapter blocks carry the adapter as extra key).
+    pub adapters: HashMap<String, String>,
+}
+
+impl Default for RouteConfig {
+    fn default() -> Self {
+        RouteConfig {
+            weights: PickWeights::default(),
+            limits: LoadLimits::default(),
+            tiers: TierWeights::default(),
+            lookup_timeout: Duration::from_millis(50),
+            metrics_max_age: Duration::from_secs(2),
+            adapters: HashMap::new(),
+        }
+    }
+}
+
+/// One endpoint's view in a scoring report.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct EndpointScore {
+    pub endpoint: String,
+    /// Consecutive cached blocks from block 0.
+    pub blocks: u32,
+    /// The best tier holding the prefix's first block (None: no blocks).
+    pub tier: Option<String>,
+    /// The blended total the pick compared.
+    pub score: f64,
+    pub prefix: f64,
+    pub in_flight: u32,
+    pub waiting: Option<u32>,
+    pub kv_usage: Option<f64>,
+    pub saturated: bool,
+}
+
+/// Everything a decision considered (the HTTP API returns it).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Report {
+    pub model: String,
+    /// Full blocks of the prompt.
+    pub blocks: usize,
+    pub scores: Vec<EndpointScore>,
+    pub picked: Option<String>,
+    /// Why the pick was made (`prefix`, `load`, or a fallback reason).
+    pub reason: &'static str,
+}
+
+/// The scorer's router.
+pub struct Router<I> {
+    index: Arc<I>,
+    keys: KeyScheme,
+    tokenizers: Arc<TokenizerRegistry>,
+    candidates: Arc<Candidates>,
+    load: Load,
+    config: RouteConfig,
+    /// SplitMix64 state for tie-breaks (seedable for tests and benches).
+    rng: Mutex<u64>,
+}
+
+impl<I: Index + 'static> Router<I> {
+    pub fn new(
+        index: Arc<I>,
+        keys: KeyScheme,
+        tokenizers: Arc<TokenizerRegistry>,
+        candidates: Arc<Candidates>,
+        load: Load,
+        config: RouteConfig,
+        seed: u64,
+    ) -> Self {
+        Router {
+            index,
+            keys,
+            tokenizers,
+            candidates,
+            load,
+            config,
+            rng: Mutex::new(seed),
+        }
+    }
+
+    pub fn load(&self) -> &Load {
+        &self.load
+    }
+
+    fn random(&self) -> u64 {
+        let mut s = self.rng.lock();
+        *s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = *s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// The base model and LoRA adapter a request's `model` names.
+    fn resolve_model<'a>(&'a self, model: &'a str) -> (&'a str, Option<&'a str>) {
+        match self.config.adapters.get(model) {
+            Some(base) => (base.as_str(), Some(model)),
+            None => (model, None),
+        }
+    }
+
+    /// Token ids of the request, or the reason they cannot be had.
+    fn tokens(
+        &self,
+        base: &str,
+        prompt: &Prompt,
+        req: &RouteRequest,
+    ) -> Result<Vec<u32>, &'static str> {
+        let tokenizer = |model: &str| self.tokenizers.get(model).map_err(|_| "no_tokenizer");
+        match prompt {
+            Prompt::TokenIds(ids) => Ok(ids.clone()),
+            Prompt::Text(text) if text.is_empty() => Err("empty_prompt"),
+            Prompt::Text(text) => tokenizer(base)?
+                .encode_completion(text)
+                .map_err(|_| "tokenize_error"),
+            Prompt::Chat(messages) => {
+                let template_kwargs = match &req.chat_template_kwargs {
+                    Some(serde_json::Value::Object(map)) => map.clone(),
+                    _ => serde_json::Map::new(),
+                };
+                let options = ChatOptions {
+                    template_kwargs,
+                    ..ChatOptions::default()
+                };
+                tokenizer(base)?
+                    .encode_chat(messages, &options)
+                    .map_err(|_| "template_error")
+            }
+        }
+    }
+
+    /// Scores every candidate for `req` and picks one, without recording the
+    /// pick as in flight (the HTTP API's dry run; [`Decide::decide`] records).
+    pub async fn score(&self, req: &RouteRequest, subset: Option<&[String]>) -> Report {
+        let endpoints = self.candidates.for_request(subset);
+        let (base, lora) = self.resolve_model(&req.model);
+        let started = Instant::now();
+        let tokens = self.tokens(base, &req.prompt, req);
+        metrics::histogram!(m::TOKENIZE_SECONDS).record(started.elapsed().as_secs_f64());
+        let mut reason = "prefix";
+        let mut blocks = 0;
+        // Per endpoint: (normalised prefix score, depth, best tier of the prefix).
+        let mut prefix: HashMap<&String, (f64, u32, Option<String>)> = HashMap::new();
+        match tokens {
+            Err(why) => reason = why,
+            Ok(tokens) => {
+                let extra = ExtraKeys {
+                    lora,
+                    cache_salt: req.cache_salt.as_deref(),
+                };
+                let keys: Vec<BlockKey> = self.keys.block_keys(&tokens, extra);
+                blocks = keys.len();
+                metrics::histogram!(m::PROMPT_BLOCKS).record(blocks as f64);
+                let model = ModelName::new(base);
+                let started = Instant::now();
+                let lookup = tokio::time::timeout(
+                    self.config.lookup_timeout,
+                    self.index.lookup(&model, &keys, None),
+                )
+                .await;
+                metrics::histogram!(m::LOOKUP_SECONDS).record(started.elapsed().as_secs_f64());
+                match lookup {
+                    Err(_) => reason = "index_timeout",
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "index lookup failed: routing by load");
+                        reason = "index_unavailable";
+                    }
+                    Ok(Ok(found)) => {
+                        for s in score_prefixes(&found.pods, blocks, &self.config.tiers) {
+                            let Some(ep) = endpoint_for(s.pod.endpoint(), &endpoints) else {
+                                continue;
+                            };
+                            let tier = found.pods.iter().find(|p| p.pod == s.pod).and_then(|p| {
+                                p.tiers
+                                    .iter()
+                                    .max_by(|a, b| {
+                                        self.config
+                                            .tiers
+                                            .weight(&a.0)
+                                            .total_cmp(&self.config.tiers.weight(&b.0))
+                                    })
+                                    .map(|t| t.0.to_string())
+                            });
+                            // Several ranks of one endpoint: the best one counts.
+                            let entry = prefix.entry(ep).or_insert((0.0, 0, None));
+                            if s.normalized > entry.0 {
+                                *entry = (s.normalized, s.blocks, tier);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let cands: Vec<Candidate> = endpoints
+            .iter()
+            .map(|ep| {
+                let engine = self.load.engines.fresh(ep, self.config.metrics_max_age);
+                Candidate {
+                    prefix: prefix.get(ep).map_or(0.0, |p| p.0),
+                    in_flight: self.load.in_flight.get(ep),
+                    waiting: engine.map(|e| e.waiting.round() as u32),
+                    kv_usage: engine.and_then(|e| e.kv_usage),
+                }
+            })
+            .collect();
+        let breakdowns = pick::blend(&cands, &self.config.weights, &self.config.limits);
+        let chosen = pick::choose(&breakdowns, || self.random());
+        if reason == "prefix" && chosen.is_some_and(|i| cands[i].prefix == 0.0) {
+            reason = "load";
+        }
+        if let Some(i) = chosen {
+            let max = prefix.values().map(|p| p.1).max().unwrap_or(0);
+            metrics::histogram!(m::MATCHED_BLOCKS).record(f64::from(max));
+            log_breakdown(&endpoints, &breakdowns, i);
+        }
+        Report {
+            model: req.model.clone(),
+            blocks,
+            scores: endpoints
+                .iter()
+                .zip(cands.iter().zip(&breakdowns))
+                .map(|(ep, (c, b))| {
+                    let p = prefix.get(ep);
+                    EndpointScore {
+                        endpoint: ep.clone(),
+                        blocks: p.map_or(0, |p| p.1),
+                        tier: p.and_then(|p| p.2.clone()),
+                        score: b.total,
+                        prefix: b.prefix,
+                        in_flight: c.in_flight,
+                        waiting: c.waiting,
+                        kv_usage: c.kv_usage,
+                        saturated: b.saturated,
+                    }
+                })
+                .collect(),
+            picked: chosen.map(|i| endpoints[i].clone()),
+            reason,
+        }
+    }
+}
+
+fn log_breakdown(endpoints: &[String], breakdowns: &[Breakdown], chosen: usize) {
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        for (ep, b) in endpoints.iter().zip(breakdowns) {
+            tracing::debug!(
+                endpoint = %ep,
+                prefix = b.prefix,
+                queue = b.queue,
+                kv_usage = b.kv_usage,
+                in_flight = b.in_flight,
+                saturated = b.saturated,
+                total = b.total,
+                "candidate"
+            );
+        }
+        tracing::debug!(picked = %endpoints[chosen], "picked");
+    }
+}
+
+impl<I: Index + 'static> Decide for Router<I> {
+    async fn decide(
+        &self,
+        request: RouteRequest,
+        subset: Option<Vec<String>>,
+    ) -> Result<Decision, DecideError> {
+        let report = self.score(&request, subset.as_deref()).await;
+        metrics::counter!(m::DECISIONS, "reason" => report.reason).increment(1);
+        if !matches!(report.reason, "prefix" | "load") {
+            metrics::counter!(m::FALLBACKS, "reason" => report.reason).increment(1);
+        }
+        let endpoint = report.picked.ok_or(DecideError::NoCandidates)?;
+        self.load.in_flight.start(&endpoint);
+        Ok(Decision {
+            endpoint,
+            reason: report.reason,
+        })
+    }
+
+    fn finished(&self, endpoint: &str) {
+        self.load.in_flight.finish(endpoint);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::ids::{PodId, Tier};
+    use shared::index::memory::MemoryIndex;
+    use shared::index::{IndexOp, StoredBlock};
+    use shared::keys::HashScheme;
+    use shared::tokens::TokenizerOptions;
+    use std::path::PathBuf;
+
+    const A: &str = "127.0.0.11:8000";
+    const B: &str = "127.0.0.12:8000";
+
+    fn scheme() -> KeyScheme {
+        KeyScheme::new(HashScheme::Sha256Cbor, "vllm-none-hash", 4).expect("scheme")
+    }
+
+    fn tiny() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/tests/fixtures/tokens/tiny")
+    }
+
+    fn router(limits: LoadLimits) -> (Router<MemoryIndex>, Arc<MemoryIndex>) {
+        let index = Arc::new(MemoryIndex::new(10_000));
+        let tokenizers = Arc::new(TokenizerRegistry::new(
+            [("tiny".to_string(), tiny())],
+            vec![],
+            TokenizerOptions::default(),
+        ));
+        let candidates =
+            Arc::new(Candidates::new(&[A.to_string(), B.to_string()]).expect("endpoints"));
+        let config = RouteConfig {
+            limits,
+            adapters: HashMap::from([("tiny-lora".to_string(), "tiny".to_string())]),
+            ..RouteConfig::default()
+        };
+        let r = Router::new(
+            index.clone(),
+            scheme(),
+            tokenizers,
+            candidates,
+            Load::default(),
+            config,
+            7,
+        );
+        (r, index)
+    }
+
+    fn store(index: &MemoryIndex, pod: &str, model: &str, keys: &[BlockKey]) {
+        index.apply_sync(&[IndexOp::Store {
+            model: ModelName::new(model),
+            pod: PodId::new(pod),
+            tier: Tier::gpu(),
+            blocks: keys
+                .iter()
+                .map(|&key| StoredBlock { key, engine: None })
+                .collect(),
+        }]);
+    }
+
+    fn ids_request(model: &str, ids: Vec<u32>) -> RouteRequest {
+        RouteRequest {
+            model: model.into(),
+            prompt: Prompt::TokenIds(ids),
+            cache_salt: None,
+            chat_template_kwargs: None,
+            request_id: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn longest_prefix_wins_then_load_spreads() {
+        let limits = LoadLimits {
+            max_in_flight: Some(2),
+            ..LoadLimits::default()
+        };
+        let (r, index) = router(limits);
+        let ids: Vec<u32> = (0..32).collect();
+        let keys = scheme().block_keys(&ids, ExtraKeys::NONE);
+        store(&index, B, "tiny", &keys);
+        store(&index, A, "tiny", &keys[..2]);
+        let report = r.score(&ids_request("tiny", ids.clone()), None).await;
+        assert_eq!(report.blocks, 8);
+        assert_eq!(report.picked.as_deref(), Some(B));
+        assert_eq!(report.reason, "prefix");
+        let b = report
+            .scores
+            .iter()
+            .find(|s| s.endpoint == B)
+            .expect("B scored");
+        assert_eq!((b.blocks, b.tier.as_deref()), (8, Some("gpu")));
+        // Two in flight saturate B: the third request goes to A.
+        let mut picks = Vec::new();
+        for _ in 0..3 {
+            let d = r
+                .decide(ids_request("tiny", ids.clone()), None)
+                .await
+                .expect("decision");
+            picks.push(d.endpoint);
+        }
+        assert_eq!(picks, vec![B.to_string(), B.to_string(), A.to_string()]);
+        r.finished(B);
+        let d = r
+            .decide(ids_request("tiny", ids.clone()), None)
+            .await
+            .expect("decision");
+        assert_eq!(d.endpoint, B);
+    }
+
+    #[tokio::test]
+    async fn text_prompts_and_lora_adapters_key_like_the_ingester() {
+        let (r, index) = router(LoadLimits::default());
+        let tok = TokenizerRegistry::new(
+            [("tiny".to_string(), tiny())],
+            vec![],
+            TokenizerOptions::default(),
+        )
+        .get("tiny")
+        .expect("tiny tokenizer");
+        let text = "the quick brown fox jumps over the lazy dog and keeps running far away";
+        let ids = tok.encode_completion(text).expect("ids");
+        let lora_keys = scheme().block_keys(&ids, ExtraKeys::lora("tiny-lora"));
+        assert!(!lora_keys.is_empty());
+        store(&index, A, "tiny", &lora_keys);
+        let mut req = ids_request("tiny-lora", vec![]);
+        req.prompt = Prompt::Text(text.into());
+        let report = r.score(&req, None).await;
+        assert_eq!(report.picked.as_deref(), Some(A));
+        assert_eq!(report.reason, "prefix");
+        // The base model's blocks are different keys: no match.
+        req.model = "tiny".into();
+        let report = r.score(&req, None).await;
+        assert_eq!(report.reason, "load");
+    }
+
+    #[tokio::test]
+    async fn failures_route_by_load_and_subset_narrows() {
+        let (r, _) = router(LoadLimits::default());
+        let mut req = ids_request("unknown", vec![]);
+        req.prompt = Prompt::Text("hello".into());
+        let report = r.score(&req, None).await;
+        assert_eq!(report.reason, "no_tokenizer");
+        assert!(report.picked.is_some());
+        let subset = vec![B.to_string()];
+        let d = r.decide(req.clone(), Some(subset)).await.expect("decision");
+        assert_eq!(d.endpoint, B);
+        let none = vec!["not-an-endpoint".to_string()];
+        assert_eq!(
+            r.decide(req, Some(none)).await,
+            Err(DecideError::NoCandidates)
+        );
+    }
+}
