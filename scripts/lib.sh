@@ -28,6 +28,11 @@ ensure_redis() {
   fi
 }
 
+# The scorer's TLS test makes a throwaway certificate with the openssl CLI.
+ensure_openssl() {
+  command -v openssl >/dev/null || apt_install openssl
+}
+
 ensure_rust() {
   if ! command -v cargo >/dev/null; then
     echo "cargo not found: install a stable Rust toolchain (rustup) first" >&2

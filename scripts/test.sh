@@ -7,6 +7,7 @@ source scripts/lib.sh
 
 ensure_rust
 ensure_redis
+ensure_openssl
 ensure_nextest
 ensure_python_venv
 
