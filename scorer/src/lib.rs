@@ -5,10 +5,15 @@
 //! lookup -> tier-weighted prefix scores -> blend with load -> endpoint.
 #![forbid(unsafe_code)]
 
+pub mod background;
 pub mod candidates;
+pub mod config;
 pub mod decide;
 pub mod ext_proc;
 pub mod grpc;
+pub mod http_api;
 pub mod load;
 pub mod request;
 pub mod route;
+pub mod service;
+pub mod why;

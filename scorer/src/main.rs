@@ -1,1 +1,57 @@
-fn main() {}
+//! `kvroute-scorer`: thin entry point; everything lives in the library.
+
+use clap::{Parser, Subcommand};
+use scorer::config::ServeArgs;
+use tokio_util::sync::CancellationToken;
+
+/// Envoy ext_proc endpoint picker: routes each LLM request to the vLLM pod
+/// holding the longest cached prefix of its prompt, balanced against load.
+#[derive(Parser)]
+#[command(
+    name = "kvroute-scorer",
+    version,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// For one prompt, which pods hold how many of its blocks (the
+    /// operator's "why did this request go there").
+    Why(scorer::why::WhyArgs),
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// Exit code for bad configuration (EX_USAGE).
+const EX_USAGE: i32 = 64;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Why(args)) => scorer::why::run(args, env).await,
+        None => {
+            if let Err(e) = cli
+                .serve
+                .route_config()
+                .and(cli.serve.keys.scheme().map_err(|e| e.to_string()))
+            {
+                eprintln!("kvroute-scorer: {e}");
+                std::process::exit(EX_USAGE);
+            }
+            shared::telemetry::init_tracing(&cli.serve.log)?;
+            let metrics = shared::telemetry::install_metrics()?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(shared::telemetry::cancel_on_signal(shutdown.clone()));
+            scorer::service::run(cli.serve, env, Some(metrics), shutdown).await
+        }
+    }
+}

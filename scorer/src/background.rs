@@ -1,0 +1,227 @@
+//! The scorer's background tasks, each ending on the shutdown token:
+//! connecting the index (the scorer starts and routes by load while Redis is
+//! unreachable), scraping vLLM's `/metrics`, sharing in-flight counts with the
+//! other replicas through Redis, and re-resolving candidate DNS names.
+
+use crate::candidates::Candidates;
+use crate::load::{Load, parse_vllm_metrics};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use parking_lot::RwLock;
+use redis::AsyncCommands;
+use shared::config::RedisArgs;
+use shared::ids::{BlockKey, ModelName, PodId};
+use shared::index::{AnyIndex, Index, IndexError, IndexOp, Lookup};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// An index that may not be connected yet: lookups fail (and the router
+/// routes by load) until the background connect succeeds.
+#[derive(Default)]
+pub struct LateIndex {
+    inner: RwLock<Option<Arc<AnyIndex>>>,
+}
+
+impl LateIndex {
+    pub fn ready(index: AnyIndex) -> Self {
+        LateIndex {
+            inner: RwLock::new(Some(Arc::new(index))),
+        }
+    }
+
+    pub fn set(&self, index: AnyIndex) {
+        *self.inner.write() = Some(Arc::new(index));
+    }
+
+    pub fn get(&self) -> Option<Arc<AnyIndex>> {
+        self.inner.read().clone()
+    }
+}
+
+impl Index for LateIndex {
+    async fn apply(&self, ops: &[IndexOp]) -> Result<(), IndexError> {
+        match self.get() {
+            Some(i) => i.apply(ops).await,
+            None => Err(IndexError::Config("index not connected yet".into())),
+        }
+    }
+
+    async fn lookup(
+        &self,
+        model: &ModelName,
+        keys: &[BlockKey],
+        candidates: Option<&[PodId]>,
+    ) -> Result<Lookup, IndexError> {
+        match self.get() {
+            Some(i) => i.lookup(model, keys, candidates).await,
+            None => Err(IndexError::Config("index not connected yet".into())),
+        }
+    }
+}
+
+/// Connects the configured index, retrying with backoff until it answers.
+pub async fn connect_index(
+    late: Arc<LateIndex>,
+    redis: RedisArgs,
+    env: impl Fn(&str) -> Option<String>,
+    shutdown: CancellationToken,
+) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match redis.open(&env).await {
+            Ok(index) => {
+                tracing::info!(index = %redis.describe(&env), "index connected");
+                late.set(index);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "index not reachable: routing by load meanwhile")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Scrapes every candidate's `/metrics` each `interval` (concurrently, each
+/// bounded by `timeout`) into `load.engines`.
+pub async fn scrape_metrics(
+    candidates: Arc<Candidates>,
+    load: Load,
+    interval: Duration,
+    timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    loop {
+        let endpoints = candidates.current();
+        let scrapes = endpoints.iter().map(|ep| {
+            let client = client.clone();
+            let load = load.clone();
+            async move {
+                let Ok(uri) = format!("http://{ep}/metrics").parse::<hyper::Uri>() else {
+                    return;
+                };
+                let fetch = async {
+                    let resp = client.get(uri).await.ok()?;
+                    if !resp.status().is_success() {
+                        return None;
+                    }
+                    let body = resp.into_body().collect().await.ok()?.to_bytes();
+                    Some(parse_vllm_metrics(&String::from_utf8_lossy(&body)))
+                };
+                match tokio::time::timeout(timeout, fetch).await {
+                    Ok(Some(l)) => load.engines.record(ep, l),
+                    _ => metrics::counter!("kvroute_scorer_scrape_failures_total").increment(1),
+                }
+            }
+        });
+        futures::future::join_all(scrapes).await;
+        load.engines.forget_except(&endpoints);
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+    tracing::debug!("metrics scraper stopped: shutdown");
+}
+
+/// Registry of scorer replicas publishing in-flight counts.
+const SCORERS_KEY: &str = "kvroute:scorers";
+
+fn inflight_key(replica: &str) -> String {
+    format!("kvroute:inflight:{replica}")
+}
+
+/// Publishes this replica's in-flight counts every `interval` and reads the
+/// other replicas' (their hashes expire after a few intervals, so a replica
+/// that died stops counting). Single Redis node; on a cluster each key is
+/// routed by the cluster client.
+pub async fn share_in_flight(
+    urls: Vec<String>,
+    cluster: bool,
+    replica: String,
+    load: Load,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let ttl_ms = (interval.as_millis() as u64 * 5).max(1000);
+    loop {
+        let result = if cluster {
+            match redis::cluster::ClusterClient::new(urls.clone()) {
+                Ok(c) => match c.get_async_connection().await {
+                    Ok(conn) => sync_loop(conn, &replica, &load, interval, ttl_ms, &shutdown).await,
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            }
+        } else {
+            match redis::Client::open(urls[0].as_str()) {
+                Ok(c) => match c.get_connection_manager().await {
+                    Ok(conn) => sync_loop(conn, &replica, &load, interval, ttl_ms, &shutdown).await,
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "in-flight sharing: Redis unavailable, retrying");
+            load.in_flight.set_remote(HashMap::new());
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(interval * 10) => {}
+        }
+    }
+}
+
+async fn sync_loop<C: redis::aio::ConnectionLike + Send + Sync + Clone>(
+    mut conn: C,
+    replica: &str,
+    load: &Load,
+    interval: Duration,
+    ttl_ms: u64,
+    shutdown: &CancellationToken,
+) -> Result<(), redis::RedisError> {
+    let mine = inflight_key(replica);
+    loop {
+        let local = load.in_flight.local_snapshot();
+        let mut pipe = redis::pipe();
+        pipe.del(&mine).ignore();
+        if !local.is_empty() {
+            let fields: Vec<(String, u32)> = local.into_iter().collect();
+            pipe.hset_multiple(&mine, &fields).ignore();
+            pipe.pexpire(&mine, ttl_ms as i64).ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await?;
+        let _: () = conn.sadd(SCORERS_KEY, replica).await?;
+        let replicas: Vec<String> = conn.smembers(SCORERS_KEY).await?;
+        let mut remote: HashMap<String, u32> = HashMap::new();
+        for r in replicas.iter().filter(|r| r.as_str() != replica) {
+            let counts: HashMap<String, u32> = conn.hgetall(inflight_key(r)).await?;
+            if counts.is_empty() {
+                // Expired (replica gone or idle): keep the registry small.
+                let _: () = conn.srem(SCORERS_KEY, r).await?;
+                continue;
+            }
+            for (ep, n) in counts {
+                *remote.entry(ep).or_insert(0) += n;
+            }
+        }
+        load.in_flight.set_remote(remote);
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _: Result<(), _> = conn.del(&mine).await;
+                return Ok(());
+            }
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}

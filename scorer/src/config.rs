@@ -1,0 +1,208 @@
+//! The scorer's configuration: every flag also reads a `KVROUTE_*`
+//! environment variable (the Redis address also llm-d's
+//! `KVCACHE_INDEXER_REDIS_ADDR`).
+
+use crate::ext_proc::ExtProcConfig;
+use crate::grpc::TlsArgs;
+use crate::route::RouteConfig;
+use shared::config::{KeyArgs, RedisArgs};
+use shared::scoring::TierWeights;
+use shared::scoring::pick::{LoadLimits, PickWeights};
+use shared::telemetry::LogArgs;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (e.g. 50ms, 2s)"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("invalid duration {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(v * mult))
+}
+
+/// Where requests go and how they are scored.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(flatten)]
+    pub ext_proc: ExtProcConfig,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
+    /// gRPC address: Envoy ext_proc plus grpc.health.v1 (llm-d uses 9002).
+    #[arg(long, env = "KVROUTE_GRPC_ADDR", default_value = "0.0.0.0:9002")]
+    pub grpc_addr: SocketAddr,
+    /// Optional separate gRPC health address (llm-d uses 9003).
+    #[arg(long, env = "KVROUTE_GRPC_HEALTH_ADDR")]
+    pub grpc_health_addr: Option<SocketAddr>,
+    /// HTTP address: /v1/score, /healthz, /readyz, /metrics.
+    #[arg(long, env = "KVROUTE_HTTP_ADDR", default_value = "0.0.0.0:9090")]
+    pub http_addr: SocketAddr,
+
+    /// `MODEL=PATH` where PATH is a tokenizer.json or a directory holding it
+    /// (and tokenizer_config.json for the chat template). Repeatable.
+    #[arg(long = "tokenizer", env = "KVROUTE_TOKENIZER", value_delimiter = ',')]
+    pub tokenizer: Vec<String>,
+    /// Directories holding models (`<dir>/<org>/<name>/` or a Hugging Face
+    /// cache `models--<org>--<name>/snapshots/...`). Repeatable.
+    #[arg(long = "models-dir", env = "KVROUTE_MODELS_DIR", value_delimiter = ',')]
+    pub models_dir: Vec<PathBuf>,
+    /// `ADAPTER=BASE_MODEL`: a LoRA adapter served on top of a base model. Repeatable.
+    #[arg(long = "lora", env = "KVROUTE_LORA", value_delimiter = ',')]
+    pub lora: Vec<String>,
+
+    /// Candidate endpoints: `IP:PORT` or `NAME:PORT` (re-resolved), comma separated.
+    #[arg(long, env = "KVROUTE_ENDPOINTS", value_delimiter = ',')]
+    pub endpoints: Vec<String>,
+    /// Re-resolve DNS names among --endpoints this often.
+    #[arg(long, env = "KVROUTE_DNS_REFRESH", default_value = "5s", value_parser = parse_duration)]
+    pub dns_refresh: Duration,
+
+    /// Weight of the prefix-cache score in the blend.
+    #[arg(long, env = "KVROUTE_WEIGHT_PREFIX", default_value_t = 2.0)]
+    pub weight_prefix: f64,
+    /// Weight of the waiting-queue headroom (vLLM num_requests_waiting).
+    #[arg(long, env = "KVROUTE_WEIGHT_QUEUE", default_value_t = 1.0)]
+    pub weight_queue: f64,
+    /// Weight of KV-cache headroom (1 - vLLM kv_cache_usage_perc).
+    #[arg(long, env = "KVROUTE_WEIGHT_KV_USAGE", default_value_t = 1.0)]
+    pub weight_kv_usage: f64,
+    /// Weight of in-flight headroom (requests routed and not finished).
+    #[arg(long, env = "KVROUTE_WEIGHT_IN_FLIGHT", default_value_t = 1.0)]
+    pub weight_in_flight: f64,
+    /// A pod with this many requests in flight is saturated: chosen only when all are.
+    #[arg(long, env = "KVROUTE_MAX_IN_FLIGHT", default_value_t = 64)]
+    pub max_in_flight: u32,
+    /// A pod with this many waiting requests is saturated.
+    #[arg(long, env = "KVROUTE_MAX_WAITING", default_value_t = 16)]
+    pub max_waiting: u32,
+    /// Tier weights, `gpu=1,cpu=0.8,other=0.5`.
+    #[arg(
+        long,
+        env = "KVROUTE_TIER_WEIGHTS",
+        default_value = "gpu=1,cpu=0.8,other=0.5"
+    )]
+    pub tier_weights: TierWeights,
+
+    /// Give up on an index lookup after this long (route by load).
+    #[arg(long, env = "KVROUTE_LOOKUP_TIMEOUT", default_value = "50ms", value_parser = parse_duration)]
+    pub lookup_timeout: Duration,
+    /// Scrape each endpoint's vLLM /metrics this often.
+    #[arg(long, env = "KVROUTE_SCRAPE_INTERVAL", default_value = "200ms", value_parser = parse_duration)]
+    pub scrape_interval: Duration,
+    /// Ignore scraped metrics older than this.
+    #[arg(long, env = "KVROUTE_METRICS_MAX_AGE", default_value = "2s", value_parser = parse_duration)]
+    pub metrics_max_age: Duration,
+    /// Share in-flight counts with the other replicas through Redis this often.
+    #[arg(long, env = "KVROUTE_IN_FLIGHT_SYNC", default_value = "100ms", value_parser = parse_duration)]
+    pub in_flight_sync: Duration,
+    /// This replica's name in Redis (default: $HOSTNAME, else a random id).
+    #[arg(long, env = "KVROUTE_REPLICA_ID")]
+    pub replica_id: Option<String>,
+    /// Seed of the random tie-break (default: from the clock).
+    #[arg(long, env = "KVROUTE_SEED")]
+    pub seed: Option<u64>,
+}
+
+impl ServeArgs {
+    pub fn route_config(&self) -> Result<RouteConfig, String> {
+        let mut adapters = HashMap::new();
+        for l in &self.lora {
+            let (adapter, base) = l
+                .split_once('=')
+                .ok_or_else(|| format!("--lora {l:?}: expected ADAPTER=BASE_MODEL"))?;
+            adapters.insert(adapter.trim().to_string(), base.trim().to_string());
+        }
+        Ok(RouteConfig {
+            weights: PickWeights {
+                prefix: self.weight_prefix,
+                queue: self.weight_queue,
+                kv_usage: self.weight_kv_usage,
+                in_flight: self.weight_in_flight,
+            },
+            limits: LoadLimits {
+                max_in_flight: Some(self.max_in_flight),
+                max_waiting: Some(self.max_waiting),
+                max_kv_usage: None,
+            },
+            tiers: self.tier_weights.clone(),
+            lookup_timeout: self.lookup_timeout,
+            metrics_max_age: self.metrics_max_age,
+            adapters,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn parses_the_documented_interface() {
+        let cli = Cli::try_parse_from([
+            "kvroute-scorer",
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+            "--grpc-addr",
+            "127.0.0.1:9002",
+            "--http-addr",
+            "127.0.0.1:9090",
+            "--hash-scheme",
+            "sha256_cbor",
+            "--hash-seed",
+            "42",
+            "--block-size",
+            "16",
+            "--tokenizer",
+            "meta-llama/Llama-3.1-8B=/models/llama/tokenizer.json",
+            "--endpoints",
+            "127.0.0.11:8000,127.0.0.12:8000",
+            "--lora",
+            "sql-lora=meta-llama/Llama-3.1-8B",
+        ])
+        .expect("parse");
+        let s = cli.serve;
+        assert_eq!(s.endpoints.len(), 2);
+        assert_eq!(s.tokenizer.len(), 1);
+        let rc = s.route_config().expect("route config");
+        assert_eq!(
+            rc.adapters.get("sql-lora").map(String::as_str),
+            Some("meta-llama/Llama-3.1-8B")
+        );
+        assert_eq!(rc.lookup_timeout, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn durations_and_bad_lora() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("x").is_err());
+        let cli = Cli::try_parse_from(["x", "--lora", "nobase"]).expect("parse");
+        assert!(cli.serve.route_config().is_err());
+    }
+}

@@ -1,0 +1,190 @@
+//! The scorer as a running service: builds the router from [`ServeArgs`],
+//! serves gRPC (ext_proc + health) and HTTP (score API, health, metrics), runs
+//! the background tasks, and stops on `shutdown`.
+//!
+//! Readiness never depends on Redis: without the index the scorer still
+//! routes by load, and Envoy cannot fail open in FULL_DUPLEX_STREAMED mode,
+//! so an unready scorer would take traffic down with it.
+
+use crate::background::{self, LateIndex};
+use crate::candidates::Candidates;
+use crate::config::ServeArgs;
+use crate::grpc::{self, GrpcHealth};
+use crate::load::Load;
+use crate::route::Router;
+use anyhow::Context;
+use metrics_exporter_prometheus::PrometheusHandle;
+use shared::health::Readiness;
+use shared::tokens::{TokenizerOptions, TokenizerRegistry, parse_tokenizer_arg};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio_util::sync::CancellationToken;
+
+/// Builds the router the service (and the `why` subcommand) uses.
+pub fn tokenizers(args: &ServeArgs) -> anyhow::Result<Arc<TokenizerRegistry>> {
+    let explicit = args
+        .tokenizer
+        .iter()
+        .map(|t| parse_tokenizer_arg(t))
+        .collect::<Result<Vec<_>, _>>()
+        .context("--tokenizer")?;
+    Ok(Arc::new(TokenizerRegistry::new(
+        explicit,
+        args.models_dir.clone(),
+        TokenizerOptions::default(),
+    )))
+}
+
+/// Runs the scorer until `shutdown` is cancelled.
+pub async fn run(
+    args: ServeArgs,
+    env: impl Fn(&str) -> Option<String> + Send + Sync + 'static,
+    metrics: Option<PrometheusHandle>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let keys = args.keys.scheme().context("key scheme")?;
+    let route_config = args.route_config().map_err(anyhow::Error::msg)?;
+    let candidates = Arc::new(Candidates::new(&args.endpoints).context("--endpoints")?);
+    let tokenizers = tokenizers(&args)?;
+    let grpc_listener = tokio::net::TcpListener::bind(args.grpc_addr)
+        .await
+        .with_context(|| format!("binding --grpc-addr {}", args.grpc_addr))?;
+    let http_listener = tokio::net::TcpListener::bind(args.http_addr)
+        .await
+        .with_context(|| format!("binding --http-addr {}", args.http_addr))?;
+    let health_listener = match args.grpc_health_addr {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding --grpc-health-addr {a}"))?,
+        ),
+        None => None,
+    };
+    tracing::info!(
+        grpc = %args.grpc_addr,
+        http = %args.http_addr,
+        index = %args.redis.describe(&env),
+        scheme = %keys.scheme(),
+        seed = keys.seed(),
+        block_size = keys.block_size(),
+        endpoints = ?args.endpoints,
+        tokenizers = ?args.tokenizer,
+        "starting kvroute-scorer"
+    );
+
+    // Tokenizers named explicitly load now (a bad path should show at start,
+    // not on the first request); models found in directories load lazily.
+    let to_preload = tokenizers.clone();
+    let preload = tokio::task::spawn_blocking(move || to_preload.preload());
+    for (model, result) in preload.await.context("tokenizer preload")? {
+        match result {
+            Ok(_) => tracing::info!(%model, "tokenizer loaded"),
+            Err(e) => {
+                tracing::warn!(%model, error = %e, "tokenizer failed to load: this model routes by load")
+            }
+        }
+    }
+
+    let index = Arc::new(LateIndex::default());
+    let env = Arc::new(env);
+    let urls = args.redis.urls(&*env);
+    {
+        let (index, redis, env, shutdown) = (
+            index.clone(),
+            args.redis.clone(),
+            env.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            background::connect_index(index, redis, move |k| env(k), shutdown).await
+        });
+    }
+    let load = Load::default();
+    let seed = args.seed.unwrap_or_else(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0x5eed)
+    });
+    let router = Arc::new(Router::new(
+        index,
+        keys,
+        tokenizers,
+        candidates.clone(),
+        load.clone(),
+        route_config,
+        seed,
+    ));
+
+    tokio::spawn(
+        candidates
+            .clone()
+            .run_refresh(args.dns_refresh, shutdown.clone()),
+    );
+    tokio::spawn(background::scrape_metrics(
+        candidates.clone(),
+        load.clone(),
+        args.scrape_interval,
+        args.scrape_interval.max(Duration::from_millis(100)),
+        shutdown.clone(),
+    ));
+    if !urls.is_empty() {
+        let replica = args
+            .replica_id
+            .clone()
+            .or_else(|| env("HOSTNAME"))
+            .unwrap_or_else(|| format!("scorer-{seed:x}"));
+        tokio::spawn(background::share_in_flight(
+            urls.clone(),
+            args.redis.is_cluster(&urls),
+            replica,
+            load.clone(),
+            args.in_flight_sync,
+            shutdown.clone(),
+        ));
+    }
+
+    // Ready once both servers are listening (they are bound above).
+    let readiness = Readiness::default();
+    let serving = readiness.check("serving");
+    let health = GrpcHealth::new().await;
+    {
+        let (health, readiness, shutdown) = (health.clone(), readiness.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            health
+                .follow(readiness, Duration::from_millis(500), shutdown)
+                .await
+        });
+    }
+    let app =
+        shared::health::router(readiness, metrics).merge(crate::http_api::router(router.clone()));
+    let http_shutdown = shutdown.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(http_listener, app)
+            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+            .await
+    });
+    if let Some(l) = health_listener {
+        let (tls, health, shutdown) = (args.tls.clone(), health.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = grpc::serve_health(l, &tls, &health, shutdown).await {
+                tracing::error!(error = %e, "gRPC health server failed");
+            }
+        });
+    }
+    serving.set(true);
+    let served = grpc::serve(
+        grpc_listener,
+        router,
+        args.ext_proc.clone(),
+        &args.tls,
+        &health,
+        shutdown.clone(),
+    )
+    .await;
+    shutdown.cancel();
+    let _ = http.await;
+    served.context("gRPC server")?;
+    tracing::info!("kvroute-scorer stopped");
+    Ok(())
+}
