@@ -338,12 +338,26 @@ impl<I: Index, R: Replayer> Worker<I, R> {
 
     /// Purges a pod: drops its pending operations and clears it in the index
     /// (admin call, CLI, or the pod left the candidate set).
+    ///
+    /// A pod id without a rank also purges every data-parallel rank of that
+    /// endpoint this worker has seen (`ip:port#dpN`): an operator purges the
+    /// pod, not one of its caches.
     pub fn purge(&mut self, pod: &PodId) {
-        self.pending.retain(|(p, _)| p != pod);
-        self.dirty.remove(pod);
-        self.pods.remove(pod);
-        self.pending
-            .push((pod.clone(), IndexOp::ClearPod { pod: pod.clone() }));
+        let mut targets: Vec<PodId> = vec![pod.clone()];
+        if pod.dp_rank().is_none() {
+            targets.extend(
+                self.pods
+                    .keys()
+                    .filter(|p| p.dp_rank().is_some() && p.endpoint() == pod.as_str())
+                    .cloned(),
+            );
+        }
+        for t in targets {
+            self.pending.retain(|(p, _)| *p != t);
+            self.dirty.remove(&t);
+            self.pods.remove(&t);
+            self.pending.push((t.clone(), IndexOp::ClearPod { pod: t }));
+        }
     }
 }
 
@@ -446,6 +460,32 @@ mod tests {
         assert!(w.flush().await);
         assert_eq!(depth(&w, &a), 0);
         assert_eq!(depth(&w, &b), 2);
+    }
+
+    #[tokio::test]
+    async fn purge_clears_every_data_parallel_rank_of_the_endpoint() {
+        let mut w = worker();
+        let tokens: Vec<u32> = (0..8).collect();
+        for rank in [0u32, 1] {
+            let batch = EventBatch {
+                ts: 1.0,
+                events: vec![stored(&tokens)],
+                data_parallel_rank: Some(rank),
+            };
+            w.handle(Incoming {
+                topic: TOPIC.into(),
+                seq: 0,
+                payload: encode_batch(&batch, Encoding::Map).into(),
+            })
+            .await;
+        }
+        assert!(w.flush().await);
+        let keys = scheme().block_keys(&tokens, ExtraKeys::NONE);
+        let found = w.index.lookup_sync(&ModelName::new("m"), &keys, None);
+        assert_eq!(found.pods.len(), 2, "{found:?}");
+        w.purge(&PodId::new("127.0.0.11:8000"));
+        assert!(w.flush().await);
+        assert!(w.index.lookup_sync(&ModelName::new("m"), &keys, None).pods.is_empty());
     }
 
     #[tokio::test]
