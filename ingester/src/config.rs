@@ -69,7 +69,8 @@ pub struct RunArgs {
     pub replica_ordinal: Option<u32>,
     /// Replay endpoint of each publisher for refilling sequence gaps, with
     /// `{host}` standing for the pod's IP, e.g. `tcp://{host}:5558`
-    /// (vLLM's `replay_endpoint`). Without it gaps are counted and logged.
+    /// (vLLM's `replay_endpoint`); data-parallel rank r is asked at the
+    /// port + r, where vLLM binds it. Without it gaps are counted and logged.
     #[arg(long, env = "KVROUTE_REPLAY_ENDPOINT")]
     pub replay_endpoint: Option<String>,
     /// Give up on a replay after this long.

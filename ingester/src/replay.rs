@@ -215,11 +215,42 @@ impl RouterReplayer {
         };
         self.template.replace("{host}", &host)
     }
+
+    /// The replay endpoint of a data-parallel rank of a topic's pod: vLLM
+    /// gives each rank its own publisher and binds its replay socket at the
+    /// configured port + rank (`ZmqEventPublisher.offset_endpoint_port`).
+    /// Rank 0, no rank, or a template whose port is not a number: the
+    /// endpoint as configured.
+    pub fn endpoint_for_rank(&self, topic: &Topic, rank: Option<u32>) -> String {
+        let base = self.endpoint_for(topic);
+        match rank {
+            None | Some(0) => base,
+            Some(r) => offset_port(&base, r).unwrap_or(base),
+        }
+    }
+}
+
+/// `tcp://host:P` -> `tcp://host:P+offset`; `None` when there is no numeric
+/// port or the sum is not a port.
+fn offset_port(endpoint: &str, offset: u32) -> Option<String> {
+    let (addr, port) = endpoint.rsplit_once(':')?;
+    let port = u32::from(port.parse::<u16>().ok()?).checked_add(offset)?;
+    let port = u16::try_from(port).ok()?;
+    Some(format!("{addr}:{port}"))
 }
 
 impl Replayer for RouterReplayer {
     async fn fetch(&self, topic: &Topic, from: u64) -> Result<Vec<(u64, Vec<u8>)>, String> {
-        let endpoint = self.endpoint_for(topic);
+        self.fetch_rank(topic, None, from).await
+    }
+
+    async fn fetch_rank(
+        &self,
+        topic: &Topic,
+        rank: Option<u32>,
+        from: u64,
+    ) -> Result<Vec<(u64, Vec<u8>)>, String> {
+        let endpoint = self.endpoint_for_rank(topic, rank);
         let batches = replay_with(&endpoint, from, self.options)
             .await
             .map_err(|e| e.to_string())?;
@@ -247,6 +278,14 @@ mod tests {
         assert_eq!(r.endpoint_for(&t), "tcp://[fd00::5]:5558");
         let t = parse_topic("kv@10.0.0.6@m").expect("topic");
         assert_eq!(r.endpoint_for(&t), "tcp://10.0.0.6:5558");
+        // Data-parallel ranks: vLLM's base port + rank.
+        assert_eq!(r.endpoint_for_rank(&t, None), "tcp://10.0.0.6:5558");
+        assert_eq!(r.endpoint_for_rank(&t, Some(0)), "tcp://10.0.0.6:5558");
+        assert_eq!(r.endpoint_for_rank(&t, Some(3)), "tcp://10.0.0.6:5561");
+        let t = parse_topic("kv@[fd00::5]:8000@m").expect("topic");
+        assert_eq!(r.endpoint_for_rank(&t, Some(1)), "tcp://[fd00::5]:5559");
+        assert_eq!(offset_port("tcp://h:65535", 1), None);
+        assert_eq!(offset_port("tcp://h:port", 1), None);
     }
 
     #[tokio::test]

@@ -41,6 +41,18 @@ impl Replayer for AnyReplayer {
             AnyReplayer::Router(r) => r.fetch(topic, from).await,
         }
     }
+
+    async fn fetch_rank(
+        &self,
+        topic: &Topic,
+        rank: Option<u32>,
+        from: u64,
+    ) -> Result<Vec<(u64, Vec<u8>)>, String> {
+        match self {
+            AnyReplayer::None(r) => r.fetch_rank(topic, rank, from).await,
+            AnyReplayer::Router(r) => r.fetch_rank(topic, rank, from).await,
+        }
+    }
 }
 
 /// Runs the ingester until `shutdown` is cancelled. `env` reads environment
@@ -191,8 +203,15 @@ pub async fn run(
     sockets_ok.set(false);
     tracing::info!(grace = ?args.drain_timeout, "draining worker queues");
     workers.shutdown().await;
-    let _ = sockets.await;
+    let sockets = sockets.await;
     let _ = http.await;
+    // A socket that could not bind (or failed later) stopped the service:
+    // that is a failure the exit code must show, not a clean shutdown.
+    match sockets {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e).context("ZeroMQ sockets"),
+        Err(e) => return Err(e).context("ZeroMQ socket task"),
+    }
     tracing::info!("kvroute-ingester stopped");
     Ok(())
 }

@@ -8,9 +8,11 @@
 //! Redis outages: a failed write keeps its operations and is retried on an
 //! exponential backoff while batches keep arriving. Pending operations are
 //! bounded; past the bound the oldest pod's operations are dropped and the pod
-//! is marked for a clear-and-rebuild (its first write after the outage is a
-//! ClearPod, then a replay from its publisher's buffer when one is
-//! configured): a missing entry only costs a cache miss, a stale one misroutes.
+//! is marked for a clear-and-rebuild: the next successful write clears it
+//! (before its next operations, or on its own if the pod has gone quiet), and
+//! its blocks come back as the engine stores them again (dropped batches are
+//! not replayed): a missing entry only costs a cache miss, a stale one
+//! misroutes.
 
 use crate::keys::Keyer;
 use crate::metrics as m;
@@ -18,7 +20,7 @@ use crate::order::{SeqTracker, SeqVerdict};
 use shared::events::{DecodedBatch, KvEvent, Topic, decode_batch, parse_topic_with_prefix};
 use shared::ids::PodId;
 use shared::index::{Index, IndexOp};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -39,6 +41,20 @@ pub trait Replayer: Send + Sync {
         topic: &Topic,
         from: u64,
     ) -> impl Future<Output = Result<Vec<(u64, Vec<u8>)>, String>> + Send;
+
+    /// [`Replayer::fetch`] for one data-parallel rank's stream. vLLM runs a
+    /// publisher per rank, each with its own replay socket (at the configured
+    /// port + rank), so a replayer that knows where ranks live overrides this;
+    /// the default asks [`Replayer::fetch`].
+    fn fetch_rank(
+        &self,
+        topic: &Topic,
+        rank: Option<u32>,
+        from: u64,
+    ) -> impl Future<Output = Result<Vec<(u64, Vec<u8>)>, String>> + Send {
+        let _ = rank;
+        self.fetch(topic, from)
+    }
 }
 
 /// The no-replay configuration: gaps are counted and logged.
@@ -89,6 +105,11 @@ pub struct Worker<I, R = NoReplay> {
     pods: HashMap<PodId, PodHealth>,
     /// Operations not yet written, in order, with the pod each belongs to.
     pending: Vec<(PodId, IndexOp)>,
+    /// Publisher timestamps of the batches in `pending`: their lag to
+    /// "applied" is recorded when the write succeeds. Capped at
+    /// `max_pending_ops` (oldest dropped) like the ops themselves, so a long
+    /// outage cannot grow it; a dropped sample only thins the lag histogram.
+    pending_ts: VecDeque<f64>,
     /// Pods whose operations were dropped: cleared before their next write.
     dirty: HashSet<PodId>,
     retry_at: Option<Instant>,
@@ -106,15 +127,16 @@ impl<I: Index, R: Replayer> Worker<I, R> {
             seqs: SeqTracker::default(),
             pods: HashMap::new(),
             pending: Vec::new(),
+            pending_ts: VecDeque::new(),
             dirty: HashSet::new(),
             retry_at: None,
             retry_delay,
         }
     }
 
-    /// Operations waiting for the index.
+    /// Operations waiting for the index, the clears of shed pods included.
     pub fn pending_ops(&self) -> usize {
-        self.pending.len()
+        self.pending.len() + self.dirty.len()
     }
 
     /// Pods marked for clear-and-rebuild.
@@ -183,7 +205,7 @@ impl<I: Index, R: Replayer> Worker<I, R> {
         missed: std::ops::Range<u64>,
     ) {
         let count = missed.end - missed.start;
-        match self.replayer.fetch(topic, missed.start).await {
+        match self.replayer.fetch_rank(topic, rank, missed.start).await {
             Ok(batches) => {
                 let mut got = 0u64;
                 for (seq, payload) in batches {
@@ -220,10 +242,11 @@ impl<I: Index, R: Replayer> Worker<I, R> {
         for skip in &batch.skipped {
             metrics::counter!(m::SKIPPED, "reason" => skip.as_label()).increment(1);
         }
-        if let Ok(elapsed) = SystemTime::now().duration_since(UNIX_EPOCH)
-            && batch.ts > 0.0
-        {
-            metrics::histogram!(m::LAG_SECONDS).record((elapsed.as_secs_f64() - batch.ts).max(0.0));
+        if batch.ts > 0.0 {
+            if self.pending_ts.len() >= self.config.max_pending_ops.max(1) {
+                self.pending_ts.pop_front();
+            }
+            self.pending_ts.push_back(batch.ts);
         }
         for event in &batch.events {
             let health = self.pods.entry(pod.clone()).or_default();
@@ -305,7 +328,8 @@ impl<I: Index, R: Replayer> Worker<I, R> {
     /// Writes pending operations in one call. On failure they stay pending
     /// and the next attempt waits for the backoff (see [`Worker::retry_at`]).
     pub async fn flush(&mut self) -> bool {
-        if self.pending.is_empty() {
+        if self.pending.is_empty() && self.dirty.is_empty() {
+            self.pending_ts.clear();
             return true;
         }
         if let Some(at) = self.retry_at
@@ -313,7 +337,16 @@ impl<I: Index, R: Replayer> Worker<I, R> {
         {
             return false;
         }
-        let ops: Vec<IndexOp> = self.pending.iter().map(|(_, op)| op.clone()).collect();
+        let mut ops: Vec<IndexOp> = self.pending.iter().map(|(_, op)| op.clone()).collect();
+        // Shed pods still marked have had no operation since (the next one
+        // would have taken the mark): clear them now, or what they removed
+        // in the dropped operations would outlive their cache for as long as
+        // they stay quiet. No pending op of theirs, so the order is free.
+        ops.extend(
+            self.dirty
+                .iter()
+                .map(|p| IndexOp::ClearPod { pod: p.clone() }),
+        );
         let start = Instant::now();
         let result = self.index.apply(&ops).await;
         metrics::histogram!(m::WRITE_SECONDS).record(start.elapsed().as_secs_f64());
@@ -321,6 +354,13 @@ impl<I: Index, R: Replayer> Worker<I, R> {
             Ok(()) => {
                 metrics::counter!(m::WRITES, "outcome" => "ok").increment(1);
                 self.pending.clear();
+                self.dirty.clear();
+                if let Ok(now) = SystemTime::now().duration_since(UNIX_EPOCH) {
+                    let now = now.as_secs_f64();
+                    for ts in self.pending_ts.drain(..) {
+                        metrics::histogram!(m::LAG_SECONDS).record((now - ts).max(0.0));
+                    }
+                }
                 self.retry_at = None;
                 self.retry_delay = self.config.retry_min;
                 metrics::gauge!(m::PENDING_OPS).set(0.0);
@@ -485,7 +525,12 @@ mod tests {
         assert_eq!(found.pods.len(), 2, "{found:?}");
         w.purge(&PodId::new("127.0.0.11:8000"));
         assert!(w.flush().await);
-        assert!(w.index.lookup_sync(&ModelName::new("m"), &keys, None).pods.is_empty());
+        assert!(
+            w.index
+                .lookup_sync(&ModelName::new("m"), &keys, None)
+                .pods
+                .is_empty()
+        );
     }
 
     #[tokio::test]
@@ -508,6 +553,127 @@ mod tests {
         w.handle(msg(1, vec![stored(&tokens)], Encoding::Map)).await;
         assert!(w.flush().await);
         assert_eq!(depth(&w, &tokens), 1);
+    }
+
+    /// An index that is down: every write fails (Redis unreachable).
+    struct DownIndex;
+
+    impl Index for DownIndex {
+        async fn apply(&self, _: &[IndexOp]) -> Result<(), shared::index::IndexError> {
+            Err(shared::index::IndexError::Topology("down".into()))
+        }
+        async fn lookup(
+            &self,
+            _: &ModelName,
+            _: &[BlockKey],
+            _: Option<&[PodId]>,
+        ) -> Result<shared::index::Lookup, shared::index::IndexError> {
+            Err(shared::index::IndexError::Topology("down".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_long_outage_holds_bounded_state() {
+        let config = WorkerConfig {
+            max_pending_ops: 8,
+            ..WorkerConfig::default()
+        };
+        let mut w = Worker::new(
+            Arc::new(DownIndex),
+            Keyer::new(scheme(), 10_000),
+            NoReplay,
+            config,
+        );
+        // Two pods interleaved: shedding one never empties the pending ops.
+        for i in 0..1000u32 {
+            let t: Vec<u32> = (i * 4..i * 4 + 4).collect();
+            let mut m = msg(u64::from(i / 2), vec![stored(&t)], Encoding::Map);
+            if i % 2 == 1 {
+                m.topic = "kv@127.0.0.12:8000@m".into();
+            }
+            w.handle(m).await;
+            w.flush().await;
+        }
+        // 8 ops plus at most the clears of the two shed pods.
+        assert!(w.pending_ops() <= 10);
+        // One publisher timestamp per batch must not pile up either.
+        assert!(
+            w.pending_ts.len() <= 8,
+            "{} timestamps held",
+            w.pending_ts.len()
+        );
+    }
+
+    /// The memory index behind a switch: while `down`, writes fail.
+    struct Flaky {
+        inner: MemoryIndex,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    impl Index for Flaky {
+        async fn apply(&self, ops: &[IndexOp]) -> Result<(), shared::index::IndexError> {
+            if self.down.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(shared::index::IndexError::Topology("down".into()));
+            }
+            self.inner.apply(ops).await
+        }
+        async fn lookup(
+            &self,
+            model: &ModelName,
+            keys: &[BlockKey],
+            candidates: Option<&[PodId]>,
+        ) -> Result<shared::index::Lookup, shared::index::IndexError> {
+            self.inner.lookup(model, keys, candidates).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_shed_pod_that_goes_quiet_is_still_cleared() {
+        let index = Arc::new(Flaky {
+            inner: MemoryIndex::new(10_000),
+            down: false.into(),
+        });
+        let config = WorkerConfig {
+            max_pending_ops: 3,
+            retry_min: Duration::ZERO,
+            ..WorkerConfig::default()
+        };
+        let mut w = Worker::new(
+            index.clone(),
+            Keyer::new(scheme(), 10_000),
+            NoReplay,
+            config,
+        );
+        let held: Vec<u32> = (0..4).collect();
+        w.handle(msg(0, vec![stored(&held)], Encoding::Map)).await;
+        assert!(w.flush().await);
+        // Outage: the pod evicts the block, the removal is shed by another
+        // pod's burst, and the pod then publishes nothing more.
+        index.down.store(true, std::sync::atomic::Ordering::Relaxed);
+        let key = scheme().block_keys(&held, ExtraKeys::NONE)[0];
+        let removed = KvEvent::BlockRemoved(BlockRemoved {
+            block_hashes: vec![BlockHash::U64(key.0)],
+            medium: None,
+        });
+        w.handle(msg(1, vec![removed], Encoding::Map)).await;
+        for i in 0..4u32 {
+            let t: Vec<u32> = (100 + i * 4..104 + i * 4).collect();
+            let mut m = msg(u64::from(i), vec![stored(&t)], Encoding::Map);
+            m.topic = "kv@127.0.0.12:8000@m".into();
+            w.handle(m).await;
+        }
+        index
+            .down
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        assert!(w.flush().await);
+        let found = index.inner.lookup_sync(&ModelName::new("m"), &[key], None);
+        assert!(
+            found
+                .pods
+                .iter()
+                .all(|p| p.pod.as_str() != "127.0.0.11:8000"),
+            "a block the pod evicted outlives the outage: {found:?}"
+        );
     }
 
     #[tokio::test]

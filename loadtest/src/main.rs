@@ -2,7 +2,9 @@
 //! baselines (and, later, the vLLM fleet simulator and the demo).
 use clap::{Parser, Subcommand};
 
+mod bench_decision;
 mod bench_index;
+mod bench_ingest;
 mod bench_keys;
 mod demo;
 
@@ -29,6 +31,10 @@ enum Bench {
     Keys(bench_keys::Args),
     /// Index writes, lookups and memory on a local Redis (started by the benchmark) and in memory.
     Index(bench_index::Args),
+    /// The ingester end to end: vLLM-format publishers -> kvroute-ingester -> a local Redis.
+    Ingest(bench_ingest::Args),
+    /// Decision latency (in process, ext_proc, through Envoy) and decisions per second per core.
+    Decision(bench_decision::Args),
 }
 
 #[tokio::main]
@@ -37,6 +43,8 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Bench(Bench::Keys(args)) => bench_keys::run(args),
         Command::Bench(Bench::Index(args)) => bench_index::run(args).await,
+        Command::Bench(Bench::Ingest(args)) => bench_ingest::run(args).await,
+        Command::Bench(Bench::Decision(args)) => bench_decision::run(args).await,
         Command::Demo(args) => demo::run(args).await,
     }
 }

@@ -13,7 +13,7 @@ use parking_lot::RwLock;
 use redis::AsyncCommands;
 use shared::config::RedisArgs;
 use shared::ids::{BlockKey, ModelName, PodId};
-use shared::index::{AnyIndex, Index, IndexError, IndexOp, Lookup};
+use shared::index::{AnyIndex, Index, IndexError, IndexOp, Lookup, LookupMode};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,16 +24,28 @@ use tokio_util::sync::CancellationToken;
 #[derive(Default)]
 pub struct LateIndex {
     inner: RwLock<Option<Arc<AnyIndex>>>,
+    /// Applied to the index when it arrives (`--lookup-mode`).
+    lookup_mode: LookupMode,
 }
 
 impl LateIndex {
     pub fn ready(index: AnyIndex) -> Self {
         LateIndex {
             inner: RwLock::new(Some(Arc::new(index))),
+            lookup_mode: LookupMode::default(),
+        }
+    }
+
+    /// Not connected yet; the index set later looks up in `mode`.
+    pub fn with_lookup_mode(mode: LookupMode) -> Self {
+        LateIndex {
+            inner: RwLock::new(None),
+            lookup_mode: mode,
         }
     }
 
     pub fn set(&self, index: AnyIndex) {
+        index.set_lookup_mode(self.lookup_mode);
         *self.inner.write() = Some(Arc::new(index));
     }
 
@@ -193,7 +205,10 @@ async fn sync_loop<C: redis::aio::ConnectionLike + Send + Sync + Clone>(
     let mine = inflight_key(replica);
     loop {
         let local = load.in_flight.local_snapshot();
+        // MULTI/EXEC: another replica must never read the hash between the
+        // DEL and the HSET (one key, so one slot on a cluster too).
         let mut pipe = redis::pipe();
+        pipe.atomic();
         pipe.del(&mine).ignore();
         if !local.is_empty() {
             let fields: Vec<(String, u32)> = local.into_iter().collect();

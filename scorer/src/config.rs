@@ -6,6 +6,7 @@ use crate::ext_proc::ExtProcConfig;
 use crate::grpc::TlsArgs;
 use crate::route::RouteConfig;
 use shared::config::{KeyArgs, RedisArgs};
+use shared::index::LookupMode;
 use shared::scoring::TierWeights;
 use shared::scoring::pick::{LoadLimits, PickWeights};
 use shared::telemetry::LogArgs;
@@ -105,6 +106,12 @@ pub struct ServeArgs {
     /// Give up on an index lookup after this long (route by load).
     #[arg(long, env = "KVROUTE_LOOKUP_TIMEOUT", default_value = "50ms", value_parser = parse_duration)]
     pub lookup_timeout: Duration,
+    /// How the index finds each pod's prefix: `bisect` reads O(pods x log
+    /// blocks) blocks and is exact when pods hold prefixes of the prompt
+    /// (what vLLM's hash chaining gives); `linear` reads every block of the
+    /// matched prefix and is exact on any index content.
+    #[arg(long, env = "KVROUTE_LOOKUP_MODE", value_enum, default_value_t = LookupMode::Bisect)]
+    pub lookup_mode: LookupMode,
     /// Scrape each endpoint's vLLM /metrics this often.
     #[arg(long, env = "KVROUTE_SCRAPE_INTERVAL", default_value = "200ms", value_parser = parse_duration)]
     pub scrape_interval: Duration,
@@ -195,6 +202,10 @@ mod tests {
             Some("meta-llama/Llama-3.1-8B")
         );
         assert_eq!(rc.lookup_timeout, Duration::from_millis(50));
+        assert_eq!(s.lookup_mode, LookupMode::Bisect);
+        let cli = Cli::try_parse_from(["x", "--lookup-mode", "linear"]).expect("parse");
+        assert_eq!(cli.serve.lookup_mode, LookupMode::Linear);
+        assert!(Cli::try_parse_from(["x", "--lookup-mode", "fast"]).is_err());
     }
 
     #[test]

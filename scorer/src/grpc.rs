@@ -1,6 +1,7 @@
 //! The scorer's gRPC server: Envoy's ext_proc service plus `grpc.health.v1`
 //! with the service names gateways probe for an endpoint picker
-//! (`liveness`, `readiness`, `envoy.service.ext_proc.v3.ExternalProcessor`),
+//! (`liveness`, `readiness`, `envoy.service.ext_proc.v3.ExternalProcessor`)
+//! and, when given, llm-d's remote-indexer API ([`crate::indexer_api`]),
 //! optionally behind TLS.
 //!
 //! The caller binds the sockets and passes a cancellation token (tests bind
@@ -10,6 +11,7 @@
 
 use crate::decide::Decide;
 use crate::ext_proc::{ExtProcConfig, ext_proc_service};
+use crate::indexer_api::IndexerServiceServer;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 use shared::health::Readiness;
 use std::path::PathBuf;
@@ -130,12 +132,14 @@ fn serving(ok: bool) -> ServingStatus {
     }
 }
 
-/// Serves ext_proc and health on `listener` until `shutdown`, then drains
-/// open streams (Envoy finishes in-flight requests on its side).
+/// Serves ext_proc, health and (when given) `indexer.v1.IndexerService` on
+/// `listener` until `shutdown`, then drains open streams (Envoy finishes
+/// in-flight requests on its side).
 pub async fn serve<D: Decide>(
     listener: TcpListener,
     decide: Arc<D>,
     config: ExtProcConfig,
+    indexer: Option<IndexerServiceServer>,
     tls: &TlsArgs,
     health: &GrpcHealth,
     shutdown: CancellationToken,
@@ -145,11 +149,13 @@ pub async fn serve<D: Decide>(
     info!(
         ?addr,
         tls = tls.grpc_tls_cert.is_some(),
+        indexer_api = indexer.is_some(),
         "serving ext_proc and gRPC health"
     );
     builder
         .add_service(health.service())
         .add_service(ext_proc_service(decide, config))
+        .add_optional_service(indexer)
         .serve_with_incoming_shutdown(incoming(listener), shutdown.cancelled_owned())
         .await?;
     Ok(())

@@ -12,6 +12,7 @@ pub mod decide;
 pub mod ext_proc;
 pub mod grpc;
 pub mod http_api;
+pub mod indexer_api;
 pub mod load;
 pub mod request;
 pub mod route;

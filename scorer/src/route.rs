@@ -13,7 +13,7 @@ use crate::load::Load;
 use parking_lot::Mutex;
 use shared::ids::{BlockKey, ModelName};
 use shared::index::Index;
-use shared::keys::{ExtraKeys, KeyScheme};
+use shared::keys::{ExtraKeys, KeyCache, KeyScheme};
 use shared::scoring::pick::{self, Breakdown, Candidate, LoadLimits, PickWeights};
 use shared::scoring::{TierWeights, score_prefixes};
 use shared::tokens::{ChatOptions, TokenizerRegistry};
@@ -92,7 +92,9 @@ pub struct Report {
 /// The scorer's router.
 pub struct Router<I> {
     index: Arc<I>,
-    keys: KeyScheme,
+    /// The key scheme, with the keys of recently seen token prefixes: a
+    /// repeated or extended prompt is not hashed again.
+    keys: KeyCache,
     tokenizers: Arc<TokenizerRegistry>,
     candidates: Arc<Candidates>,
     load: Load,
@@ -113,7 +115,7 @@ impl<I: Index + 'static> Router<I> {
     ) -> Self {
         Router {
             index,
-            keys,
+            keys: KeyCache::new(keys, shared::keys::cache::DEFAULT_MAX_BYTES),
             tokenizers,
             candidates,
             load,

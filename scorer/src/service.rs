@@ -1,6 +1,6 @@
 //! The scorer as a running service: builds the router from [`ServeArgs`],
-//! serves gRPC (ext_proc + health) and HTTP (score API, health, metrics), runs
-//! the background tasks, and stops on `shutdown`.
+//! serves gRPC (ext_proc, health, llm-d's indexer API) and HTTP (score API,
+//! health, metrics), runs the background tasks, and stops on `shutdown`.
 //!
 //! Readiness never depends on Redis: without the index the scorer still
 //! routes by load, and Envoy cannot fail open in FULL_DUPLEX_STREAMED mode,
@@ -10,6 +10,7 @@ use crate::background::{self, LateIndex};
 use crate::candidates::Candidates;
 use crate::config::ServeArgs;
 use crate::grpc::{self, GrpcHealth};
+use crate::indexer_api::{IndexerServiceServer, PodScorer};
 use crate::load::Load;
 use crate::route::Router;
 use anyhow::Context;
@@ -64,6 +65,7 @@ pub async fn run(
         grpc = %args.grpc_addr,
         http = %args.http_addr,
         index = %args.redis.describe(&env),
+        lookup_mode = %args.lookup_mode,
         scheme = %keys.scheme(),
         seed = keys.seed(),
         block_size = keys.block_size(),
@@ -85,7 +87,7 @@ pub async fn run(
         }
     }
 
-    let index = Arc::new(LateIndex::default());
+    let index = Arc::new(LateIndex::with_lookup_mode(args.lookup_mode));
     let env = Arc::new(env);
     let urls = args.redis.urls(&*env);
     {
@@ -106,6 +108,13 @@ pub async fn run(
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0x5eed)
     });
+    // llm-d's remote-indexer API scores from the same index, keys and tokenizers.
+    let indexer_api = IndexerServiceServer::new(PodScorer::new(
+        index.clone(),
+        keys.clone(),
+        tokenizers.clone(),
+        &route_config,
+    ));
     let router = Arc::new(Router::new(
         index,
         keys,
@@ -177,6 +186,7 @@ pub async fn run(
         grpc_listener,
         router,
         args.ext_proc.clone(),
+        Some(indexer_api),
         &args.tls,
         &health,
         shutdown.clone(),

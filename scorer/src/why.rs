@@ -82,6 +82,7 @@ pub async fn run(args: WhyArgs, env: impl Fn(&str) -> Option<String>) -> anyhow:
     };
     let block_keys = keys.block_keys(&tokens, extra);
     let index = s.redis.open(&env).await?;
+    index.set_lookup_mode(s.lookup_mode);
     let lookup = index
         .lookup(&shared::ids::ModelName::new(&base), &block_keys, None)
         .await?;

@@ -37,16 +37,23 @@ Script keys (all optional):
   data_parallel_rank int or null
   steps              list, run in order:
     {"publish": N, "interval_ms": 5, "topic": "..."}  N generated batches
-    {"batch": [event, ...]}   one batch of explicit events, JSON like
+    {"batch": [event, ...], "send": true}   one batch of explicit events
+        (`"send": false`: buffered for replay but never sent, a gap), JSON like
         {"type": "BlockStored", "block_hashes": [..], "parent_block_hash": null,
          "token_ids": [..], "block_size": 16, "medium": null, "lora_name": null}
         {"type": "BlockRemoved", "block_hashes": [..]}  {"type": "AllBlocksCleared"}
+        {"type": "<other>", "fields": ...}  an event type vLLM does not have
+        (fields: a list for v0.10, a map for v0.33), to test that it is skipped
     {"payload_hex": "..."}    one batch with exactly this payload
     {"skip": N}               N batches buffered for replay but never sent (a gap)
     {"restart": true}         the engine restarted: seq back to 0, buffer emptied
     {"frames": ["hex", ...]}  one raw multipart message (malformed on purpose)
     {"topic": "..."}          publish what follows under this topic
     {"sleep_ms": N}
+    {"wait": "NAME"}          print `WAITING NAME`, then pause (still serving
+                              replay requests) until the parent writes the line
+                              NAME to stdin: lets a test act between phases
+                              while the sequence continues
   forever_interval_ms  after the steps keep publishing generated batches
   exit_after_ms        exit this long after DONE
 """
@@ -138,7 +145,10 @@ def make_event(encoding: str, ev: dict) -> Any:
             return BlockStored010(hashes, parent, ev["token_ids"], ev["block_size"], ev.get("lora_id"))
         if kind == "BlockRemoved":
             return BlockRemoved010(hashes)
-        return AllBlocksCleared010()
+        if kind == "AllBlocksCleared":
+            return AllBlocksCleared010()
+        # A type this vLLM does not have (a newer one): tag first, then "fields".
+        return [kind, *ev.get("fields", [])]
     if kind == "BlockStored":
         return BlockStored033(
             hashes, parent, ev["token_ids"], ev["block_size"], ev.get("lora_id"),
@@ -146,7 +156,10 @@ def make_event(encoding: str, ev: dict) -> Any:
         )
     if kind == "BlockRemoved":
         return BlockRemoved033(hashes, ev.get("medium"))
-    return AllBlocksCleared033()
+    if kind == "AllBlocksCleared":
+        return AllBlocksCleared033()
+    # A type this vLLM does not have (a newer one): a map with its "type" tag.
+    return {"type": kind, **ev.get("fields", {})}
 
 
 def map16(event: Any) -> msgspec.Raw:
@@ -248,6 +261,7 @@ class Publisher:
         if self.stdin_fd is not None:
             self.poller.register(self.stdin_fd, zmq.POLLIN)
         self.subscribed = False
+        self.stdin_buf = b""  # lines from the parent, consumed by "wait" steps
         print("READY " + json.dumps({"pub": pub_ep, "replay": replay_ep}), flush=True)
 
     def idle(self, ms: float) -> None:
@@ -263,10 +277,25 @@ class Publisher:
                     if msg[:1] == b"\x01":
                         self.subscribed = True
                 elif sock == self.stdin_fd:
-                    if not os.read(self.stdin_fd, 4096):
+                    data = os.read(self.stdin_fd, 4096)
+                    if not data:
                         sys.exit(0)
+                    self.stdin_buf += data
             if time.monotonic() >= deadline:
                 return
+
+    def wait_for_line(self, name: str) -> None:
+        """Pauses until the parent writes the line `name` (see "wait")."""
+        if self.stdin_fd is None:
+            sys.exit(f"wait step {name!r} needs the script on argv and a piped stdin")
+        print(f"WAITING {name}", flush=True)
+        while True:
+            lines = self.stdin_buf.split(b"\n")
+            if name.encode() in lines[:-1]:
+                i = lines.index(name.encode())
+                self.stdin_buf = b"\n".join(lines[i + 1:])
+                return
+            self.idle(5)
 
     def serve_replay(self) -> None:
         frames = self.replay.recv_multipart()
@@ -310,7 +339,8 @@ class Publisher:
                         self.idle(step["interval_ms"])
                 self.topic = saved  # a step's own topic applies to that step only
             elif "batch" in step:
-                self.emit(encode_batch(self.encoding, time.time(), step["batch"], self.dp))
+                self.emit(encode_batch(self.encoding, time.time(), step["batch"], self.dp),
+                          send=step.get("send", True))
             elif "payload_hex" in step:
                 self.emit(bytes.fromhex(step["payload_hex"]))
             elif "skip" in step:
@@ -323,6 +353,8 @@ class Publisher:
                 self.pub.send_multipart([bytes.fromhex(f) for f in step["frames"]])
             elif "sleep_ms" in step:
                 self.idle(step["sleep_ms"])
+            elif "wait" in step:
+                self.wait_for_line(step["wait"])
         print(f"DONE {self.seq}", flush=True)
         interval = self.s.get("forever_interval_ms")
         exit_after = self.s.get("exit_after_ms")

@@ -39,7 +39,7 @@ impl Scorer {
         let task = tokio::spawn({
             let (health, shutdown) = (health.clone(), shutdown.clone());
             async move {
-                grpc::serve(listener, decide, config, &tls, &health, shutdown)
+                grpc::serve(listener, decide, config, None, &tls, &health, shutdown)
                     .await
                     .expect("scorer gRPC server");
             }

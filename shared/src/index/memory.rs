@@ -19,6 +19,7 @@
 //! Evicting is safe in this domain: a missing entry costs a cache miss in
 //! routing, never a wrong answer about a block that is not cached.
 
+use super::bisect::{self, BisectStats, BlockReader, Holders, LookupMode, LookupSettings};
 use super::ops::PrefixWalk;
 use super::{BlockRef, Index, IndexError, IndexOp, Lookup};
 use crate::ids::{BlockKey, EngineHash, ModelName, PodId, Tier};
@@ -179,6 +180,10 @@ pub struct MemoryIndex {
     engines: EngineMaps,
     per_shard_capacity: usize,
     clock: AtomicU64,
+    /// How lookups find prefixes (see `bisect.rs`).
+    lookup: LookupSettings,
+    /// Intervals read block by block by bisecting lookups (see `bisect.rs`).
+    fallbacks: AtomicU64,
 }
 
 impl MemoryIndex {
@@ -193,7 +198,25 @@ impl MemoryIndex {
             ),
             per_shard_capacity: capacity_blocks.div_ceil(SHARDS).max(1),
             clock: AtomicU64::new(0),
+            lookup: LookupSettings::default(),
+            fallbacks: AtomicU64::new(0),
         }
+    }
+
+    /// How lookups find prefixes from now on.
+    pub fn set_lookup_mode(&self, mode: LookupMode) {
+        self.lookup.set_mode(mode);
+    }
+
+    /// The lookup configuration (mode, and up to which prompt length the
+    /// walk is used in any mode).
+    pub fn lookup_settings(&self) -> &LookupSettings {
+        &self.lookup
+    }
+
+    /// Intervals bisecting lookups had to read block by block since creation.
+    pub fn lookup_fallbacks(&self) -> u64 {
+        self.fallbacks.load(Ordering::Relaxed)
     }
 
     fn shard_of(&self, model: &ModelName, key: BlockKey) -> &RwLock<Shard> {
@@ -267,13 +290,50 @@ impl MemoryIndex {
         }
     }
 
-    /// Lookup synchronously (the [`Index`] impl is a thin wrapper).
+    /// Lookup synchronously in the current mode (the [`Index`] impl is a
+    /// thin wrapper).
     pub fn lookup_sync(
         &self,
         model: &ModelName,
         keys: &[BlockKey],
         candidates: Option<&[PodId]>,
     ) -> Lookup {
+        let mode = self.lookup.mode_for(keys.len());
+        self.lookup_in_mode(model, keys, candidates, mode).0
+    }
+
+    /// Lookup in `mode` whatever the prompt's length, with what a bisecting
+    /// lookup cost (zero for `Linear`).
+    pub fn lookup_in_mode(
+        &self,
+        model: &ModelName,
+        keys: &[BlockKey],
+        candidates: Option<&[PodId]>,
+        mode: LookupMode,
+    ) -> (Lookup, BisectStats) {
+        match mode {
+            LookupMode::Linear => (self.walk(model, keys, candidates), BisectStats::default()),
+            LookupMode::Bisect => {
+                let mut reader = Reader {
+                    index: self,
+                    model,
+                    keys,
+                };
+                let (lookup, stats) =
+                    bisect::bisect_sync(keys.len() as u32, &mut reader, candidates);
+                if stats.fallbacks > 0 {
+                    self.fallbacks
+                        .fetch_add(u64::from(stats.fallbacks), Ordering::Relaxed);
+                    metrics::counter!(bisect::LOOKUP_FALLBACKS, "backend" => "memory")
+                        .increment(u64::from(stats.fallbacks));
+                }
+                (lookup, stats)
+            }
+        }
+    }
+
+    /// The linear walk, block by block.
+    fn walk(&self, model: &ModelName, keys: &[BlockKey], candidates: Option<&[PodId]>) -> Lookup {
         let mut walk = PrefixWalk::new(candidates);
         for &key in keys {
             let shard = self.shard_of(model, key).read();
@@ -288,6 +348,38 @@ impl MemoryIndex {
             }
         }
         walk.finish()
+    }
+}
+
+/// A prompt's blocks as the bisection reads them: one shard lock per read.
+struct Reader<'a> {
+    index: &'a MemoryIndex,
+    model: &'a ModelName,
+    keys: &'a [BlockKey],
+}
+
+impl Reader<'_> {
+    fn with_block<T>(&self, block: u32, f: impl FnOnce(&[(PodId, Tier)]) -> T) -> T {
+        let Some(&key) = self.keys.get(block as usize) else {
+            return f(&[]);
+        };
+        let shard = self.index.shard_of(self.model, key).read();
+        let id = (self.model.clone(), key);
+        f(shard
+            .blocks
+            .get(&id)
+            .map(|b| b.holders.as_slice())
+            .unwrap_or(&[]))
+    }
+}
+
+impl BlockReader for Reader<'_> {
+    fn count(&mut self, block: u32) -> u32 {
+        self.with_block(block, |h| h.len() as u32)
+    }
+
+    fn holders(&mut self, block: u32) -> Holders {
+        self.with_block(block, |h| h.to_vec())
     }
 }
 

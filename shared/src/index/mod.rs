@@ -12,11 +12,17 @@
 //!   compared against;
 //! - [`redis::RedisIndex`]: the shared index on a single Redis or a Redis
 //!   Cluster, in the layout llm-d reads.
+//!
+//! Both find prefixes by bisection ([`LookupMode::Bisect`], `bisect.rs`:
+//! why it is exact, and what it returns when pods do not hold prefixes) or
+//! by the linear walk ([`LookupMode::Linear`]).
 
+pub mod bisect;
 pub mod memory;
 mod ops;
 pub mod redis;
 
+pub use bisect::{BisectStats, LookupMode};
 pub use ops::{BlockRef, IndexOp, Lookup, PodPrefix, StoredBlock, lookup_in_order};
 
 use crate::ids::{ModelName, PodId};
@@ -64,6 +70,16 @@ pub trait Index: Send + Sync {
 pub enum AnyIndex {
     Memory(memory::MemoryIndex),
     Redis(redis::RedisIndex),
+}
+
+impl AnyIndex {
+    /// How lookups find prefixes from now on (see [`LookupMode`]).
+    pub fn set_lookup_mode(&self, mode: LookupMode) {
+        match self {
+            AnyIndex::Memory(m) => m.set_lookup_mode(mode),
+            AnyIndex::Redis(r) => r.set_lookup_mode(mode),
+        }
+    }
 }
 
 impl Index for AnyIndex {

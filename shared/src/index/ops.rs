@@ -60,8 +60,11 @@ pub struct PodPrefix {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Lookup {
     pub pods: Vec<PodPrefix>,
-    /// How many blocks were examined before the walk stopped (the number of
-    /// keys a backend had to read; for metrics and benchmarks).
+    /// How many blocks the linear walk examines: up to and including the
+    /// first block that no candidate with an unbroken run holds. Every
+    /// backend and [`super::LookupMode`] reports this same number for the
+    /// same answer; how many blocks a lookup actually read is in the
+    /// backend's stats (a bisecting lookup reads far fewer).
     pub blocks_examined: usize,
 }
 

@@ -6,9 +6,11 @@
 //! and block size the keys equal the block hashes vLLM publishes, and they are
 //! the keys llm-d-kv-cache computes (v0.2-v0.3: 64-bit, v0.4: full digest).
 
+pub mod cache;
 pub mod cbor;
 mod chain;
 mod extra;
 
+pub use cache::{KeyCache, KeyCacheStats};
 pub use chain::{ChainState, HashScheme, KeyError, KeyScheme};
 pub use extra::ExtraKeys;

@@ -12,12 +12,14 @@
 //! | `apply.rs` | write path: ops -> per-slot script calls |
 //! | `resolve.rs` | removes by engine hash -> block keys |
 //! | `clear.rs` | ClearPod without SCAN |
-//! | `lookup.rs` | read path: pipelined HKEYS -> prefix walk |
+//! | `lookup.rs` | read path: which way a prompt is read, pipelined HKEYS -> walk |
+//! | `bisect.rs` | bisecting reads: `lua/lookup.lua` (single node), rounds (cluster) |
 //!
 //! Every script call touches the keys of one slot, all declared in KEYS, so
 //! the same code runs unchanged on a single node and on a cluster.
 
 mod apply;
+mod bisect;
 mod clear;
 mod cluster;
 mod layout;
@@ -29,9 +31,12 @@ mod slots;
 mod topology;
 
 pub use apply::ApplyStats;
+pub use bisect::ROUND_BUDGET;
 pub use layout::{LAYOUT_KEY, LAYOUT_VERSION};
+pub use lookup::CLUSTER_READ_WHOLE_MAX_BLOCKS;
 pub use slots::{key_slot, tag_for_slot};
 
+use super::bisect::{LookupMode, LookupSettings};
 use super::{Index, IndexError, IndexOp, Lookup};
 use crate::ids::{BlockKey, ModelName, PodId};
 use cluster::{Call, Conns};
@@ -48,6 +53,9 @@ struct Counters {
     script_calls: AtomicU64,
     round_trips: AtomicU64,
     lookups: AtomicU64,
+    lookup_reads: AtomicU64,
+    lookup_round_trips: AtomicU64,
+    lookup_fallbacks: AtomicU64,
     noscript_reloads: AtomicU64,
     topology_refreshes: AtomicU64,
     malformed_fields: AtomicU64,
@@ -64,6 +72,13 @@ pub struct RedisIndexStats {
     /// Waves (round trips) sent by those batches.
     pub round_trips: u64,
     pub lookups: u64,
+    /// Blocks those lookups read (an HLEN or an HKEYS each).
+    pub lookup_reads: u64,
+    /// Round trips those lookups took (one wave is one round trip).
+    pub lookup_round_trips: u64,
+    /// Intervals bisecting lookups read block by block because their probes
+    /// saw a hole (see `index/bisect.rs`).
+    pub lookup_fallbacks: u64,
     /// Times a node answered NOSCRIPT and the scripts were loaded again.
     pub noscript_reloads: u64,
     /// Times the cluster slot map was read again after a redirect or error.
@@ -81,6 +96,8 @@ pub struct RedisIndex {
     conns: Conns,
     registry: registry::Registry,
     counters: Arc<Counters>,
+    /// How lookups find prefixes (see `index/bisect.rs`).
+    lookup: LookupSettings,
 }
 
 impl fmt::Debug for RedisIndex {
@@ -142,6 +159,7 @@ impl RedisIndex {
             conns,
             registry: registry::Registry::default(),
             counters,
+            lookup: LookupSettings::default(),
         };
         index.check_layout().await?;
         tracing::info!(masters = ?index.masters(), cluster = index.is_cluster(), "redis index connected");
@@ -210,11 +228,25 @@ impl RedisIndex {
             script_calls: c.script_calls.load(Relaxed),
             round_trips: c.round_trips.load(Relaxed),
             lookups: c.lookups.load(Relaxed),
+            lookup_reads: c.lookup_reads.load(Relaxed),
+            lookup_round_trips: c.lookup_round_trips.load(Relaxed),
+            lookup_fallbacks: c.lookup_fallbacks.load(Relaxed),
             noscript_reloads: c.noscript_reloads.load(Relaxed),
             topology_refreshes: c.topology_refreshes.load(Relaxed),
             malformed_fields: c.malformed_fields.load(Relaxed),
             malformed_entries: c.malformed_entries.load(Relaxed),
         }
+    }
+
+    /// How lookups find prefixes from now on.
+    pub fn set_lookup_mode(&self, mode: LookupMode) {
+        self.lookup.set_mode(mode);
+    }
+
+    /// The lookup configuration (mode, and up to which prompt length the
+    /// walk is used in any mode).
+    pub fn lookup_settings(&self) -> &LookupSettings {
+        &self.lookup
     }
 
     /// Whether this index talks to a Redis Cluster.

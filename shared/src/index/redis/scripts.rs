@@ -10,16 +10,23 @@ use crate::index::IndexError;
 use redis::{Cmd, Script, aio::ConnectionManager};
 use std::sync::LazyLock;
 
-/// The three write scripts; each touches one slot per call.
+/// The three write scripts, each touching one slot per call, and the
+/// read-only lookup script (single node only: it reads a whole prompt).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScriptKind {
     Store,
     Remove,
     ClearPod,
+    Lookup,
 }
 
 impl ScriptKind {
-    pub const ALL: [ScriptKind; 3] = [ScriptKind::Store, ScriptKind::Remove, ScriptKind::ClearPod];
+    pub const ALL: [ScriptKind; 4] = [
+        ScriptKind::Store,
+        ScriptKind::Remove,
+        ScriptKind::ClearPod,
+        ScriptKind::Lookup,
+    ];
 
     fn script(self) -> &'static Script {
         &SCRIPTS[self as usize]
@@ -43,14 +50,15 @@ impl ScriptKind {
     }
 }
 
-const SOURCES: [&str; 3] = [
+const SOURCES: [&str; 4] = [
     include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../lua/store.lua")),
     include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../lua/remove.lua")),
     include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../lua/clear_pod.lua")),
+    include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../lua/lookup.lua")),
 ];
 
 /// Hashing is done once; `Script` computes the SHA1 in `new`.
-static SCRIPTS: LazyLock<[Script; 3]> = LazyLock::new(|| SOURCES.map(Script::new));
+static SCRIPTS: LazyLock<[Script; 4]> = LazyLock::new(|| SOURCES.map(Script::new));
 
 /// SCRIPT LOAD every script on one node, in one round trip, and check that the
 /// server computed the same SHA1 (a mismatch would make every EVALSHA fail).
@@ -81,7 +89,9 @@ mod tests {
         assert!(shas.iter().all(|s| s.len() == 40));
         assert_ne!(shas[0], shas[1]);
         assert_ne!(shas[1], shas[2]);
+        assert_ne!(shas[2], shas[3]);
         assert!(ScriptKind::Store.source().contains("layout 1"));
+        assert!(ScriptKind::Lookup.source().contains("READ-ONLY"));
     }
 
     #[test]

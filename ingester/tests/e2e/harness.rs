@@ -1,0 +1,486 @@
+//! What `e2e.rs` drives and reads: the `kvroute-ingester` binary as a child
+//! process (admin HTTP over a minimal HTTP/1.1 client, SIGTERM via `kill`),
+//! the Python vLLM publisher (`tests/peers/vllm_publisher.py`) with its
+//! `wait` steps, the Redis index read directly (HKEYS, GET), and vLLM-side
+//! block hashes computed with `shared::keys` (the publisher's own scheme and
+//! seed, which may differ from the ingester's on purpose).
+//!
+//! Every wait is a poll with a deadline, never a fixed sleep: the whole file
+//! has to stay fast on two cores.
+
+use serde_json::{Value, json};
+use shared::ids::BlockKey;
+use shared::keys::{ChainState, ExtraKeys, HashScheme, KeyScheme};
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+/// Tokens per block, on both sides.
+pub const BLOCK_SIZE: usize = 16;
+/// The seed the ingester is configured with (vLLM's PYTHONHASHSEED).
+pub const SEED: &str = "42";
+/// How long any expected state may take to appear.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Polls `check` every 20 ms until it returns `Ok`, panicking with its last
+/// error after [`DEADLINE`].
+pub async fn until<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("timed out after {DEADLINE:?} waiting for {what}; last: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// A port nothing listens on right now (the OS picks it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+// ---------------------------------------------------------------- keys
+
+/// A publisher's hashing: vLLM's scheme with the publisher's seed.
+#[derive(Clone)]
+pub struct Engine {
+    scheme: KeyScheme,
+}
+
+impl Engine {
+    pub fn new(scheme: HashScheme, seed: &str) -> Self {
+        Engine {
+            scheme: KeyScheme::new(scheme, seed, BLOCK_SIZE).expect("scheme"),
+        }
+    }
+
+    /// The chain states of `tokens`' full blocks continuing from `parent`
+    /// (`None`: from the root).
+    pub fn chain(&self, parent: Option<ChainState>, tokens: &[u32]) -> Vec<ChainState> {
+        let mut out = Vec::new();
+        let (start, index) = match parent {
+            Some(p) => (p, 1),
+            None => (self.scheme.root(), 0),
+        };
+        self.scheme
+            .chain(start, index, tokens, ExtraKeys::NONE, |s| out.push(*s));
+        out
+    }
+
+    /// A `BlockStored` event in the peer's JSON, hashes as vLLM publishes
+    /// them under this scheme (an int under sha256_cbor_64bit, the 32-byte
+    /// digest under sha256_cbor). Returns the event and its chain states.
+    pub fn stored(
+        &self,
+        parent: Option<ChainState>,
+        tokens: &[u32],
+        medium: Option<&str>,
+    ) -> (Value, Vec<ChainState>) {
+        let states = self.chain(parent, tokens);
+        let event = json!({
+            "type": "BlockStored",
+            "block_hashes": states.iter().map(hash_json).collect::<Vec<_>>(),
+            "parent_block_hash": parent.as_ref().map(hash_json),
+            "token_ids": tokens,
+            "block_size": BLOCK_SIZE,
+            "medium": medium,
+        });
+        (event, states)
+    }
+}
+
+/// A hash as the peer's JSON carries it: an int, or hex of the digest.
+pub fn hash_json(state: &ChainState) -> Value {
+    match state {
+        ChainState::U64(v) => json!(v),
+        ChainState::Digest(d) => json!(hex::encode(d)),
+    }
+}
+
+/// `BlockRemoved` of these blocks (by the engine's hashes).
+pub fn removed(states: &[ChainState]) -> Value {
+    json!({"type": "BlockRemoved", "block_hashes": states.iter().map(hash_json).collect::<Vec<_>>()})
+}
+
+pub fn cleared() -> Value {
+    json!({"type": "AllBlocksCleared"})
+}
+
+/// The router's keys (the ingester's scheme, seed [`SEED`]) of every full
+/// block of `tokens`, chained from the root.
+pub fn keys(scheme: HashScheme, tokens: &[u32]) -> Vec<BlockKey> {
+    KeyScheme::new(scheme, SEED, BLOCK_SIZE)
+        .expect("scheme")
+        .block_keys(tokens, ExtraKeys::NONE)
+}
+
+/// `blocks` full blocks of token ids unique to `tag`.
+pub fn tokens(tag: u32, blocks: usize) -> Vec<u32> {
+    (0..(blocks * BLOCK_SIZE) as u32)
+        .map(|i| tag * 100_000 + i)
+        .collect()
+}
+
+// ---------------------------------------------------------------- redis
+
+/// Reads the index the way an operator (or llm-d) does; a fresh connection
+/// per call, because tests kill and restart the server underneath.
+pub struct Index {
+    pub url: String,
+    pub model: String,
+}
+
+impl Index {
+    async fn conn(&self) -> Result<redis::aio::MultiplexedConnection, String> {
+        let client = redis::Client::open(self.url.as_str()).map_err(|e| e.to_string())?;
+        client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// HKEYS `<model>@<key>`: the `<pod>@<tier>` fields holding the block.
+    pub async fn holders(&self, key: BlockKey) -> Result<BTreeSet<String>, String> {
+        let mut c = self.conn().await?;
+        redis::cmd("HKEYS")
+            .arg(format!("{}@{}", self.model, key.0))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// GET of any key (the `engine:` mapping).
+    pub async fn get(&self, name: &str) -> Result<Option<String>, String> {
+        let mut c = self.conn().await?;
+        redis::cmd("GET")
+            .arg(name)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// `Ok` when every key's holders are exactly `fields`.
+    pub async fn check(&self, keys: &[BlockKey], fields: &[&str]) -> Result<(), String> {
+        let want: BTreeSet<String> = fields.iter().map(|f| f.to_string()).collect();
+        for (i, k) in keys.iter().enumerate() {
+            let got = self.holders(*k).await?;
+            if got != want {
+                return Err(format!("block {i} ({k:?}): holders {got:?}, want {want:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until every key's holders are exactly `fields`.
+    pub async fn expect(&self, what: &str, keys: &[BlockKey], fields: &[&str]) {
+        until(what, || self.check(keys, fields)).await
+    }
+
+    /// Asserts (no waiting) that every key's holders are exactly `fields`.
+    pub async fn assert(&self, what: &str, keys: &[BlockKey], fields: &[&str]) {
+        if let Err(e) = self.check(keys, fields).await {
+            panic!("{what}: {e}");
+        }
+    }
+}
+
+/// `<pod>@gpu`, the holder field of a pod's default tier.
+pub fn gpu(pod: &str) -> String {
+    format!("{pod}@gpu")
+}
+
+// ---------------------------------------------------------------- ingester
+
+/// The `kvroute-ingester` binary, running.
+pub struct Ingester {
+    child: Child,
+    pub http: SocketAddr,
+    /// The SUB bind endpoint, when started in bind mode.
+    pub zmq: String,
+}
+
+impl Ingester {
+    /// Starts the binary in bind mode on a free port plus `args`, and waits
+    /// until `/readyz` answers 200.
+    pub async fn start(redis_url: &str, args: &[&str]) -> Ingester {
+        Self::start_bound(redis_url, &bind_endpoint(), args).await
+    }
+
+    /// Bind mode on `zmq` (from [`bind_endpoint`], when the publishers must
+    /// know it before the ingester starts).
+    pub async fn start_bound(redis_url: &str, zmq: &str, args: &[&str]) -> Ingester {
+        let mut all = vec!["--zmq-bind", zmq];
+        all.extend_from_slice(args);
+        Self::start_raw(redis_url, &all, zmq.to_owned()).await
+    }
+
+    /// Starts the binary with exactly `args` (plus Redis, HTTP and keys).
+    pub async fn start_raw(redis_url: &str, args: &[&str], zmq: String) -> Ingester {
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let child = Command::new(env!("CARGO_BIN_EXE_kvroute-ingester"))
+            .args(["--redis-url", redis_url, "--http-addr", &http.to_string()])
+            .args(["--hash-seed", SEED, "--block-size", &BLOCK_SIZE.to_string()])
+            .args(args)
+            .env("KVROUTE_LOG", "info,ingester=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start kvroute-ingester");
+        let ing = Ingester { child, http, zmq };
+        ing.wait_ready(true).await;
+        ing
+    }
+
+    /// Waits until `/readyz` is 200 (`true`) or 503 (`false`).
+    pub async fn wait_ready(&self, ready: bool) {
+        let want = if ready { 200 } else { 503 };
+        let addr = self.http;
+        until(&format!("/readyz {want}"), || async move {
+            match http(addr, "GET", "/readyz").await {
+                Ok((code, _)) if code == want => Ok(()),
+                Ok((code, body)) => Err(format!("{code} {body}")),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        http(self.http, "GET", path).await.expect("admin HTTP")
+    }
+
+    pub async fn post(&self, path: &str) -> (u16, String) {
+        http(self.http, "POST", path).await.expect("admin HTTP")
+    }
+
+    /// The sum of every sample of `name` whose labels include all of
+    /// `labels` (`[("reason", "bad_topic")]`); 0 when absent.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let (code, text) = self.get("/metrics").await;
+        assert_eq!(code, 200, "/metrics");
+        metric_sum(&text, name, labels)
+    }
+
+    /// Waits until [`Ingester::metric`] reaches `at_least`.
+    pub async fn expect_metric(&self, name: &str, labels: &[(&str, &str)], at_least: f64) {
+        until(&format!("{name}{labels:?} >= {at_least}"), || async move {
+            let v = self.metric(name, labels).await;
+            if v >= at_least {
+                Ok(())
+            } else {
+                Err(format!("{v}"))
+            }
+        })
+        .await
+    }
+
+    /// Sends SIGTERM (through `kill`: the crate forbids unsafe, so no libc).
+    pub fn sigterm(&self) {
+        let pid = self.child.id().expect("running");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {pid}");
+    }
+
+    /// Waits for the process to exit, at most `within`.
+    pub async fn exit(mut self, within: Duration) -> ExitStatus {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("kvroute-ingester still running after {within:?}"))
+            .expect("wait")
+    }
+}
+
+/// A loopback endpoint on a free port for the ingester's SUB to bind.
+pub fn bind_endpoint() -> String {
+    format!("tcp://127.0.0.1:{}", free_port())
+}
+
+/// Sums the samples of a Prometheus text exposition matching name and labels.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest),
+                None => (series, ""),
+            };
+            let matches = n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            matches.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// One HTTP/1.1 request with `Connection: close`: (status, body).
+pub async fn http(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String), String> {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .map_err(|_| "HTTP response timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("bad HTTP response {head:?}"))?;
+    Ok((code, body.to_string()))
+}
+
+/// Runs `kvroute-ingester purge --redis-url URL PODS...`: (exit ok, stdout).
+pub async fn purge_cli(redis_url: &str, pods: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kvroute-ingester"))
+        .args(["purge", "--redis-url", redis_url])
+        .args(pods)
+        .output()
+        .await
+        .expect("run purge");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+// ---------------------------------------------------------------- peer
+
+/// The venv interpreter with pyzmq and msgspec. Missing: the test fails
+/// (a skipped interoperability test proves nothing).
+pub fn python() -> PathBuf {
+    let path = std::env::var_os("KVROUTE_PYTHON")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/kvroute/venv/bin/python"))
+        })
+        .unwrap_or_default();
+    assert!(
+        path.is_file(),
+        "no Python with pyzmq and msgspec at {path:?} ($KVROUTE_PYTHON, else ~/.cache/kvroute/venv/bin/python): run ./scripts/test.sh once to create it"
+    );
+    path
+}
+
+/// A running `vllm_publisher.py`.
+pub struct Peer {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+    /// Its PUB endpoint (resolved when it bound port 0).
+    pub pub_ep: String,
+    pub replay_ep: Option<String>,
+}
+
+impl Peer {
+    /// Starts the peer with `script` and waits for its READY line.
+    pub async fn spawn(script: Value) -> Peer {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peers/vllm_publisher.py");
+        let mut child = Command::new(python())
+            .arg(path)
+            .arg(script.to_string())
+            // A piped stdin is the peer's lifeline and carries `wait` lines.
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start vllm_publisher.py");
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let line = next_line(&mut lines, "READY").await;
+        let info: Value =
+            serde_json::from_str(line.trim_start_matches("READY ")).expect("READY json");
+        Peer {
+            child,
+            stdin,
+            lines,
+            pub_ep: info["pub"].as_str().expect("pub endpoint").to_owned(),
+            replay_ep: info["replay"].as_str().map(str::to_owned),
+        }
+    }
+
+    /// Waits for a stdout line starting with `prefix`.
+    pub async fn wait_for(&mut self, prefix: &str) -> String {
+        next_line(&mut self.lines, prefix).await
+    }
+
+    /// Ends a `{"wait": name}` step.
+    pub async fn resume(&mut self, name: &str) {
+        self.stdin
+            .write_all(format!("{name}\n").as_bytes())
+            .await
+            .expect("write to peer");
+        self.stdin.flush().await.expect("flush peer stdin");
+    }
+
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+async fn next_line(lines: &mut Lines<BufReader<ChildStdout>>, prefix: &str) -> String {
+    let read = async {
+        while let Some(line) = lines.next_line().await.expect("peer stdout") {
+            if line.starts_with(prefix) {
+                return line;
+            }
+        }
+        panic!("peer exited before printing {prefix} (pyzmq or msgspec missing?)");
+    };
+    tokio::time::timeout(DEADLINE, read)
+        .await
+        .unwrap_or_else(|_| panic!("peer printed no {prefix} line within {DEADLINE:?}"))
+}
+
+/// A script for a peer that connects to the ingester's bound SUB, waits for
+/// its subscription, then runs `steps` under `topic`.
+pub fn connecting(ingester: &Ingester, topic: &str, encoding: &str, steps: Value) -> Value {
+    json!({
+        "topic": topic, "encoding": encoding,
+        "pub": ingester.zmq, "pub_mode": "connect", "await_subscriber_ms": 8000,
+        "steps": steps,
+    })
+}
+
+/// `kv@<pod>@<model>`.
+pub fn topic(pod: &str, model: &str) -> String {
+    format!("kv@{pod}@{model}")
+}
+
+/// One batch step of explicit events.
+pub fn batch(events: Vec<Value>) -> Value {
+    json!({"batch": events})
+}

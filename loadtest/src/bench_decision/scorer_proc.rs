@@ -1,0 +1,153 @@
+//! The scorer as operators run it: the `kvroute-scorer` binary in its own
+//! process (so its CPU time can be read from `/proc/<pid>/stat` apart from
+//! the load generator's), killed and reaped by this process when dropped.
+
+use super::envoy::free_port;
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+pub struct ScorerProcess {
+    child: Child,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+}
+
+/// What the process is started with.
+pub struct Launch<'a> {
+    pub binary: &'a Path,
+    pub redis_url: String,
+    /// `MODEL=PATH` per model.
+    pub tokenizers: Vec<String>,
+    pub endpoints: &'a [String],
+    pub seed: u64,
+}
+
+/// `--scorer-bin`, else `kvroute-scorer` next to this binary.
+pub fn binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    let exe = std::env::current_exe()?;
+    let path = exe
+        .parent()
+        .context("no directory for the current binary")?
+        .join("kvroute-scorer");
+    if !path.is_file() {
+        bail!(
+            "{} not found: build it with the same profile (cargo build --release -p kvroute-scorer) or pass --scorer-bin",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+impl ScorerProcess {
+    pub fn start(launch: &Launch<'_>) -> anyhow::Result<Self> {
+        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let child = Command::new(launch.binary)
+            .args(["--redis-url", &launch.redis_url])
+            .args(["--grpc-addr", &grpc.to_string()])
+            .args(["--http-addr", &http.to_string()])
+            .args(["--tokenizer", &launch.tokenizers.join(",")])
+            .args(["--endpoints", &launch.endpoints.join(",")])
+            .args(["--seed", &launch.seed.to_string()])
+            .args(["--log", "warn"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", launch.binary.display()))?;
+        Ok(ScorerProcess { child, grpc, http })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until `/v1/score` of `probe` answers with a prefix decision:
+    /// the server is up and the index connected.
+    pub async fn wait_ready(&mut self, probe: &Bytes) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("kvroute-scorer exited during startup ({status})");
+            }
+            match score(self.http, probe).await {
+                Ok(reply) if reply.contains("\"reason\":\"prefix\"") => return Ok(()),
+                Ok(reply) => last = reply,
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("kvroute-scorer not ready after 30 s: {last}")
+    }
+
+    /// CPU seconds (user + system) the process has used.
+    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        cpu_seconds(self.pid())
+    }
+}
+
+impl Drop for ScorerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn score(addr: SocketAddr, body: &Bytes) -> anyhow::Result<String> {
+    let stream = TcpStream::connect(addr).await?;
+    let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let request = hyper::Request::builder()
+        .method("POST")
+        .uri("/v1/score")
+        .header("host", "scorer")
+        .header("content-type", "application/json")
+        .body(Full::new(body.clone()))?;
+    let response = sender.send_request(request).await?;
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// utime + stime of `pid`, from `/proc/<pid>/stat`.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which is in parentheses and may hold
+    // spaces): state is field 3, utime 14, stime 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("unexpected /proc/<pid>/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i)
+            .context("short /proc/<pid>/stat")?
+            .parse::<f64>()?)
+    };
+    // `rest` starts at field 3, so field k is at index k - 3.
+    Ok((ticks(11)? + ticks(12)?) / clock_ticks())
+}
+
+/// `getconf CLK_TCK` (100 on Linux unless configured otherwise).
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}

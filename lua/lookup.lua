@@ -1,0 +1,154 @@
+-- kvroute layout 1 -- lookup: the holder sets a prompt's prefix depths
+-- depend on, found by bisection on holder counts, in one round trip.
+-- READ-ONLY (no write command anywhere below). Single node only: the
+-- prompt's keys hash to every slot of a cluster.
+--
+-- The same algorithm as shared/src/index/bisect.rs (which explains why it is
+-- exact): it must read exactly the blocks that code reads, so that every
+-- backend gives the same answer even on data with holes. Change both or
+-- neither.
+--
+-- KEYS[1..n]  <model>@<key>   the prompt's block keys in prompt order
+--                             (block i is KEYS[i + 1]); every key read is
+--                             declared here
+-- (no ARGV: candidates are filtered by the client, which also parses fields)
+--
+-- Returns { reads, fallbacks, then per read block in increasing order:
+--           block, #removed, removed fields..., #added, added fields... }
+-- where removed/added are relative to the previous block returned (block 0:
+-- nothing removed, every field added). Under the prefix property only
+-- removals follow block 0, so the reply is about twice H(0) in size.
+local n = #KEYS
+local counts = {}
+counts[n] = 0
+local reads = 0
+local first_empty = n
+
+-- A count the recursion uses (the client's `Bisection::consume`).
+local function count(i)
+  local c = redis.call('HLEN', KEYS[i + 1])
+  counts[i] = c
+  reads = reads + 1
+  if c == 0 and i < first_empty then
+    first_empty = i
+  end
+  return c
+end
+
+local transitions, linear = {}, {}
+count(0)
+-- Depth first, left half first: the first empty block is found early and
+-- everything after it is skipped. The answer does not depend on the order.
+local stack = { 0, n }
+while #stack > 0 do
+  local b = stack[#stack]
+  local a = stack[#stack - 1]
+  stack[#stack] = nil
+  stack[#stack] = nil
+  local ca, cb = counts[a], counts[b]
+  if a < first_empty and ca ~= cb then
+    if cb > ca then
+      linear[#linear + 1] = { a, b }
+    elseif b - a == 1 then
+      if b < n then
+        transitions[#transitions + 1] = b
+      end
+    else
+      local m = a + math.floor((b - a) / 2)
+      count(m)
+      stack[#stack + 1] = m
+      stack[#stack + 1] = b
+      stack[#stack + 1] = a
+      stack[#stack + 1] = m
+    end
+  end
+end
+
+-- The blocks whose holder sets are read: block 0, transitions, every block
+-- of an interval whose count grew; none past the first empty block.
+local last = math.min(first_empty, n - 1)
+local wanted = { [0] = true }
+for _, t in ipairs(transitions) do
+  if t <= last then
+    wanted[t] = true
+  end
+end
+local fallbacks = 0
+for _, ab in ipairs(linear) do
+  if ab[1] < first_empty then
+    fallbacks = fallbacks + 1
+  end
+  for i = ab[1], math.min(ab[2], last) do
+    wanted[i] = true
+  end
+end
+local points = {}
+for i in pairs(wanted) do
+  points[#points + 1] = i
+end
+table.sort(points)
+
+local out = { 0, 0 }
+-- stamp[f] is the last returned block that held field f: a field of the
+-- block being returned whose stamp is not the previous block's was added,
+-- a field of the previous block whose stamp did not move was removed. One
+-- table write per field and one read per previous field, no set per block.
+local stamp = {}
+local prev_list, prev_block = {}, -1
+local function emit(i, list)
+  local added, n_added = nil, 0
+  for k = 1, #list do
+    local f = list[k]
+    if stamp[f] ~= prev_block then
+      n_added = n_added + 1
+      if added == nil then
+        added = {}
+      end
+      added[n_added] = f
+    end
+    stamp[f] = i
+  end
+  out[#out + 1] = i
+  local at = #out + 1
+  out[at] = 0
+  local removed = 0
+  for k = 1, #prev_list do
+    local f = prev_list[k]
+    if stamp[f] ~= i then
+      removed = removed + 1
+      out[#out + 1] = f
+    end
+  end
+  out[at] = removed
+  out[#out + 1] = n_added
+  for k = 1, n_added do
+    out[#out + 1] = added[k]
+  end
+  prev_list, prev_block = list, i
+end
+local function read(i)
+  reads = reads + 1
+  return redis.call('HKEYS', KEYS[i + 1])
+end
+
+-- The nesting check (the client's `Sets::gaps`): a read set that is not a
+-- subset of the previous read set, more than one block away, means holders
+-- appeared in between: read every block between the two.
+for _, p in ipairs(points) do
+  local list = read(p)
+  if p - prev_block >= 2 and prev_block >= 0 then
+    for k = 1, #list do
+      if stamp[list[k]] ~= prev_block then
+        fallbacks = fallbacks + 1
+        for j = prev_block + 1, p - 1 do
+          emit(j, read(j))
+        end
+        break
+      end
+    end
+  end
+  emit(p, list)
+end
+out[1] = reads
+out[2] = fallbacks
+return out
