@@ -30,7 +30,7 @@ enum Command {
     Purge {
         #[command(flatten)]
         redis: RedisArgs,
-        /// Pod ids as they appear in the index (`10.0.0.5:8000`).
+        /// Pod ids as they appear in the index (`127.0.0.5:8000`).
         #[arg(required = true)]
         pods: Vec<String>,
     },

@@ -272,16 +272,16 @@ mod tests {
             "tcp://{host}:5558",
             ReplayOptions::new(Duration::from_secs(1)),
         );
-        let t = parse_topic("kv@10.0.0.5:8000@m").expect("topic");
-        assert_eq!(r.endpoint_for(&t), "tcp://10.0.0.5:5558");
+        let t = parse_topic("kv@127.0.0.5:8000@m").expect("topic");
+        assert_eq!(r.endpoint_for(&t), "tcp://127.0.0.5:5558");
         let t = parse_topic("kv@[fd00::5]:8000@m").expect("topic");
         assert_eq!(r.endpoint_for(&t), "tcp://[fd00::5]:5558");
-        let t = parse_topic("kv@10.0.0.6@m").expect("topic");
-        assert_eq!(r.endpoint_for(&t), "tcp://10.0.0.6:5558");
+        let t = parse_topic("kv@127.0.0.6@m").expect("topic");
+        assert_eq!(r.endpoint_for(&t), "tcp://127.0.0.6:5558");
         // Data-parallel ranks: vLLM's base port + rank.
-        assert_eq!(r.endpoint_for_rank(&t, None), "tcp://10.0.0.6:5558");
-        assert_eq!(r.endpoint_for_rank(&t, Some(0)), "tcp://10.0.0.6:5558");
-        assert_eq!(r.endpoint_for_rank(&t, Some(3)), "tcp://10.0.0.6:5561");
+        assert_eq!(r.endpoint_for_rank(&t, None), "tcp://127.0.0.6:5558");
+        assert_eq!(r.endpoint_for_rank(&t, Some(0)), "tcp://127.0.0.6:5558");
+        assert_eq!(r.endpoint_for_rank(&t, Some(3)), "tcp://127.0.0.6:5561");
         let t = parse_topic("kv@[fd00::5]:8000@m").expect("topic");
         assert_eq!(r.endpoint_for_rank(&t, Some(1)), "tcp://[fd00::5]:5559");
         assert_eq!(offset_port("tcp://h:65535", 1), None);

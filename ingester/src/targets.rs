@@ -90,7 +90,7 @@ impl fmt::Display for Target {
     }
 }
 
-/// The ZeroMQ endpoint text of an address: `tcp://10.0.0.5:5557`,
+/// The ZeroMQ endpoint text of an address: `tcp://127.0.0.5:5557`,
 /// `tcp://[fd00::5]:5557`. Sharding hashes exactly this text.
 pub fn endpoint(addr: SocketAddr) -> String {
     format!("tcp://{addr}")
@@ -266,9 +266,9 @@ mod tests {
 
     #[test]
     fn parses_targets() {
-        let t: Target = "tcp://10.0.0.5:5557".parse().expect("addr");
-        assert_eq!(t, Target::Addr("10.0.0.5:5557".parse().expect("sa")));
-        assert_eq!(t.to_string(), "tcp://10.0.0.5:5557");
+        let t: Target = "tcp://127.0.0.5:5557".parse().expect("addr");
+        assert_eq!(t, Target::Addr("127.0.0.5:5557".parse().expect("sa")));
+        assert_eq!(t.to_string(), "tcp://127.0.0.5:5557");
         let t: Target = "tcp://[fd00::5]:5557".parse().expect("v6");
         assert_eq!(t.to_string(), "tcp://[fd00::5]:5557");
         let t: Target = "tcp://vllm-headless.ns.svc:5557".parse().expect("dns");
@@ -281,8 +281,8 @@ mod tests {
         );
         use TargetError::*;
         let err = |s: &str| s.parse::<Target>().expect_err(s);
-        assert!(matches!(err("10.0.0.5:5557"), Syntax(_)));
-        assert!(matches!(err("tcp://10.0.0.5"), Syntax(_)));
+        assert!(matches!(err("127.0.0.5:5557"), Syntax(_)));
+        assert!(matches!(err("tcp://127.0.0.5"), Syntax(_)));
         assert!(matches!(err("tcp://:5557"), Syntax(_)));
         assert!(matches!(err("tcp://fd00::5:5557"), Syntax(_)));
         assert!(matches!(err("tcp://a/b:5557"), Syntax(_)));
@@ -328,7 +328,7 @@ mod tests {
         // FNV-1a 64 reference values.
         assert_eq!(fnv1a64(""), 0xcbf29ce484222325);
         assert_eq!(fnv1a64("a"), 0xaf63dc4c8601ec8c);
-        let e = "tcp://10.0.0.5:5557";
+        let e = "tcp://127.0.0.5:5557";
         let owner = (fnv1a64(e) % 3) as u32;
         assert!(Shard::new(3, owner).expect("shard").owns(e));
         assert!(!Shard::new(3, (owner + 1) % 3).expect("shard").owns(e));

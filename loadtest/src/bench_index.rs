@@ -96,7 +96,7 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
     let hset_keys = redis_benchmark(
         server.port(),
         args.hset_requests,
-        &["HSET", "m@__rand_int__", "10.0.0.1:8000@gpu", ""],
+        &["HSET", "m@__rand_int__", "127.0.0.1:8000@gpu", ""],
         "HSET m@__rand_int__",
     )?;
     println!(

@@ -23,9 +23,9 @@ use support::scorer::Scorer;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-const POD_A: &str = "10.0.0.1:8000";
-const POD_B: &str = "10.0.0.2:8000";
-const POD_DEFAULT: &str = "10.0.0.9:8000";
+const POD_A: &str = "127.0.0.1:8000";
+const POD_B: &str = "127.0.0.2:8000";
+const POD_DEFAULT: &str = "127.0.0.9:8000";
 
 async fn scorer(config: ExtProcConfig) -> (Arc<TableDecide>, Scorer) {
     let decide = Arc::new(TableDecide::new(

@@ -26,9 +26,9 @@ use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-const A: &str = "10.0.0.1:8000";
-const B: &str = "10.0.0.2:8000";
-const C: &str = "10.0.0.3:8000";
+const A: &str = "127.0.0.1:8000";
+const B: &str = "127.0.0.2:8000";
+const C: &str = "127.0.0.3:8000";
 
 /// The gRPC server with the indexer API over `index`; stops on drop of the token.
 async fn serve(index: Arc<LateIndex>, shutdown: CancellationToken) -> SocketAddr {
@@ -99,7 +99,7 @@ async fn get_pod_scores_over_grpc() {
             store(A, Tier::gpu(), 0..n),
             store(B, Tier::cpu(), 0..n),
             store(C, Tier::gpu(), 0..2),
-            store("10.0.0.4:8000", Tier::gpu(), 1..n),
+            store("127.0.0.4:8000", Tier::gpu(), 1..n),
         ])
         .await
         .expect("store");
@@ -119,7 +119,7 @@ async fn get_pod_scores_over_grpc() {
 
     // Only the pods asked for; one holding nothing is absent (llm-d's map).
     let scores = client
-        .get_pod_scores(&prompt, TINY, &[C, "10.0.0.9:8000"])
+        .get_pod_scores(&prompt, TINY, &[C, "127.0.0.9:8000"])
         .await
         .expect("subset");
     let got: Vec<(&str, f64)> = scores.iter().map(|s| (s.pod.as_str(), s.score)).collect();

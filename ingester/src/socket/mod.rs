@@ -53,7 +53,7 @@ pub struct RawBatch {
     pub payload: Bytes,
     /// When the socket read it: lag and latency measurements start here.
     pub received_at: Instant,
-    /// The endpoint it came from (`connect:tcp://10.0.0.5:5557`,
+    /// The endpoint it came from (`connect:tcp://127.0.0.5:5557`,
     /// `bind:tcp://0.0.0.0:5557`), for logs only.
     pub source: String,
 }

@@ -108,19 +108,25 @@ mod tests {
         let list = Value {
             kind: Some(Kind::ListValue(ListValue {
                 values: vec![
-                    string_value("10.0.0.1:8000"),
-                    string_value(" 10.0.0.2:8000 "),
+                    string_value("127.0.0.1:8000"),
+                    string_value(" 127.0.0.2:8000 "),
                 ],
             })),
         };
         assert_eq!(
             subset_hint(Some(&hint(list))),
-            Some(vec!["10.0.0.1:8000".to_owned(), "10.0.0.2:8000".to_owned()])
+            Some(vec![
+                "127.0.0.1:8000".to_owned(),
+                "127.0.0.2:8000".to_owned()
+            ])
         );
-        let csv = string_value("10.0.0.1:8000,10.0.0.3:8000,");
+        let csv = string_value("127.0.0.1:8000,127.0.0.3:8000,");
         assert_eq!(
             subset_hint(Some(&hint(csv))),
-            Some(vec!["10.0.0.1:8000".to_owned(), "10.0.0.3:8000".to_owned()])
+            Some(vec![
+                "127.0.0.1:8000".to_owned(),
+                "127.0.0.3:8000".to_owned()
+            ])
         );
         assert_eq!(subset_hint(Some(&hint(string_value("")))), Some(vec![]));
         assert_eq!(subset_hint(Some(&Metadata::default())), None);

@@ -188,7 +188,7 @@ mod tests {
 
     #[test]
     fn route_sets_raw_value_and_metadata() {
-        let r = route("10.0.0.1:8000");
+        let r = route("127.0.0.1:8000");
         let Some(Response::RequestHeaders(h)) = r.response else {
             panic!("headers response")
         };
@@ -197,7 +197,7 @@ mod tests {
         let set = &common.header_mutation.expect("mutation").set_headers[0];
         let header = set.header.as_ref().expect("header");
         assert_eq!(header.key, DESTINATION_HEADER);
-        assert_eq!(header.raw_value, b"10.0.0.1:8000");
+        assert_eq!(header.raw_value, b"127.0.0.1:8000");
         assert!(header.value.is_empty());
         assert!(
             r.dynamic_metadata

@@ -24,7 +24,7 @@ const ERROR_TOPIC_MAX: usize = 200;
 /// A parsed `kv@<pod-id>@<model>` topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topic {
-    /// The pod id exactly as published (`10.0.0.5:8000`, `10.0.0.5`, `[::1]:8000`).
+    /// The pod id exactly as published (`127.0.0.5:8000`, `127.0.0.5`, `[::1]:8000`).
     pub pod: String,
     /// The pod id parsed.
     pub addr: PodAddr,
@@ -221,14 +221,14 @@ mod tests {
 
     #[test]
     fn endpoint_bare_ip_and_ipv6() {
-        let t = parse_topic("kv@10.0.0.5:8000@meta-llama/Llama-3.1-8B").unwrap();
-        assert_eq!(t.pod, "10.0.0.5:8000");
+        let t = parse_topic("kv@127.0.0.5:8000@meta-llama/Llama-3.1-8B").unwrap();
+        assert_eq!(t.pod, "127.0.0.5:8000");
         assert_eq!(t.model.as_str(), "meta-llama/Llama-3.1-8B");
         assert_eq!(t.addr.port(), Some(8000));
-        assert_eq!(t.pod_id(Some(2)).as_str(), "10.0.0.5:8000#dp2");
+        assert_eq!(t.pod_id(Some(2)).as_str(), "127.0.0.5:8000#dp2");
 
-        let t = parse_topic("kv@10.0.0.5@m").unwrap();
-        assert_eq!(t.addr, PodAddr::BareIp("10.0.0.5".parse().unwrap()));
+        let t = parse_topic("kv@127.0.0.5@m").unwrap();
+        assert_eq!(t.addr, PodAddr::BareIp("127.0.0.5".parse().unwrap()));
         assert_eq!(t.addr.port(), None);
 
         let t = parse_topic("kv@[::1]:8000@m").unwrap();
@@ -242,18 +242,18 @@ mod tests {
 
     #[test]
     fn model_is_everything_after_the_second_at() {
-        let t = parse_topic("kv@10.0.0.5:8000@org/model@rev").unwrap();
+        let t = parse_topic("kv@127.0.0.5:8000@org/model@rev").unwrap();
         assert_eq!(t.model.as_str(), "org/model@rev");
     }
 
     #[test]
     fn configurable_prefix() {
-        let t = parse_topic_with_prefix("events@10.0.0.5:8000@m", "events").unwrap();
-        assert_eq!(t.pod, "10.0.0.5:8000");
-        let t = parse_topic_with_prefix("10.0.0.5:8000@m", "").unwrap();
+        let t = parse_topic_with_prefix("events@127.0.0.5:8000@m", "events").unwrap();
+        assert_eq!(t.pod, "127.0.0.5:8000");
+        let t = parse_topic_with_prefix("127.0.0.5:8000@m", "").unwrap();
         assert_eq!(t.model.as_str(), "m");
         assert!(matches!(
-            parse_topic_with_prefix("kv@10.0.0.5:8000@m", "events"),
+            parse_topic_with_prefix("kv@127.0.0.5:8000@m", "events"),
             Err(TopicError::Prefix { .. })
         ));
     }

@@ -134,7 +134,7 @@ mod tests {
     #[test]
     fn names_follow_the_llm_d_layout() {
         let m = ModelName::new("meta-llama/Llama-3.1-8B");
-        let pod = PodId::with_rank("10.0.0.7:8000", Some(1));
+        let pod = PodId::with_rank("127.0.0.7:8000", Some(1));
         assert_eq!(
             block_key(&m, BlockKey(u64::MAX)),
             "meta-llama/Llama-3.1-8B@18446744073709551615"
@@ -143,28 +143,28 @@ mod tests {
             engine_key(&m, EngineHash(42)),
             "engine:meta-llama/Llama-3.1-8B@42"
         );
-        assert_eq!(field(&pod, &Tier::gpu()), "10.0.0.7:8000#dp1@gpu");
+        assert_eq!(field(&pod, &Tier::gpu()), "127.0.0.7:8000#dp1@gpu");
         assert_eq!(
             pod_slot_key("a1", &pod),
-            "kvroute:{a1}:pod:10.0.0.7:8000#dp1"
+            "kvroute:{a1}:pod:127.0.0.7:8000#dp1"
         );
         assert_eq!(engine_rev_key("a1"), "kvroute:{a1}:engine");
-        assert_eq!(pod_slots_key(&pod), "kvroute:pod:10.0.0.7:8000#dp1:slots");
+        assert_eq!(pod_slots_key(&pod), "kvroute:pod:127.0.0.7:8000#dp1:slots");
     }
 
     #[test]
     fn fields_split_on_the_last_at() {
         assert_eq!(
-            parse_field(b"10.0.0.7:8000@gpu"),
-            Some(("10.0.0.7:8000", "gpu"))
+            parse_field(b"127.0.0.7:8000@gpu"),
+            Some(("127.0.0.7:8000", "gpu"))
         );
         assert_eq!(
             parse_field(b"user@host:8000@cpu"),
             Some(("user@host:8000", "cpu"))
         );
         assert_eq!(
-            parse_field(b"10.0.0.7:8000#dp3@gpu"),
-            Some(("10.0.0.7:8000#dp3", "gpu"))
+            parse_field(b"127.0.0.7:8000#dp3@gpu"),
+            Some(("127.0.0.7:8000#dp3", "gpu"))
         );
         assert_eq!(parse_field(b"no-tier"), None);
         assert_eq!(parse_field(b"@gpu"), None);

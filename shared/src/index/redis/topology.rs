@@ -311,10 +311,10 @@ mod tests {
                 Value::Int(5461),
                 Value::Int(16383),
                 node("", 7001),
-                node("10.0.0.2", 7002),
+                node("127.0.0.2", 7002),
             ]),
         ]);
-        let ranges = parse_cluster_slots(&reply, "10.0.0.9").unwrap();
+        let ranges = parse_cluster_slots(&reply, "127.0.0.9").unwrap();
         assert_eq!(ranges.len(), 2);
         assert_eq!(
             ranges[0],
@@ -325,7 +325,7 @@ mod tests {
                 port: 7000
             }
         );
-        assert_eq!(ranges[1].host, "10.0.0.9");
+        assert_eq!(ranges[1].host, "127.0.0.9");
         assert!(parse_cluster_slots(&Value::Nil, "h").is_err());
         let bad = Value::Array(vec![Value::Array(vec![
             Value::Int(0),
@@ -338,9 +338,9 @@ mod tests {
     #[test]
     fn urls_are_redacted() {
         assert_eq!(
-            redact("redis://:secret@10.0.0.1:6379/0"),
-            "redis://***@10.0.0.1:6379/0"
+            redact("redis://:secret@127.0.0.1:6379/0"),
+            "redis://***@127.0.0.1:6379/0"
         );
-        assert_eq!(redact("redis://10.0.0.1:6379"), "redis://10.0.0.1:6379");
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
     }
 }
