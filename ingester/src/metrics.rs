@@ -28,6 +28,8 @@ pub const WRITE_SECONDS: &str = "kvroute_ingester_index_write_seconds";
 pub const DROPPED_OPS: &str = "kvroute_ingester_dropped_ops_total";
 /// Lag from the batch's publisher timestamp to its application, in seconds.
 pub const LAG_SECONDS: &str = "kvroute_ingester_lag_seconds";
+/// Batches queued for the ordering workers (all workers).
+pub const QUEUE_DEPTH: &str = "kvroute_ingester_queue_depth";
 /// Operations waiting to be written, per worker.
 pub const PENDING_OPS: &str = "kvroute_ingester_pending_ops";
 /// Pods purged (admin call, CLI, or gone from the candidate set), by `reason`.

@@ -199,6 +199,7 @@ pub async fn run(
         if !workers.dispatch(msg).await {
             break;
         }
+        metrics::gauge!(m::QUEUE_DEPTH).set(workers.queued() as f64);
     }
     sockets_ok.set(false);
     tracing::info!(grace = ?args.drain_timeout, "draining worker queues");
