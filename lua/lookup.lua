@@ -11,7 +11,9 @@
 -- KEYS[1..n]  <model>@<key>   the prompt's block keys in prompt order
 --                             (block i is KEYS[i + 1]); every key read is
 --                             declared here
--- (no ARGV: candidates are filtered by the client, which also parses fields)
+-- (no ARGV: splits are decided on counts of every field, which HLEN cannot
+-- filter by candidate; the client filters candidates and parses fields as
+-- it walks the reply)
 --
 -- Returns { reads, fallbacks, then per read block in increasing order:
 --           block, #removed, removed fields..., #added, added fields... }

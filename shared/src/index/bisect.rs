@@ -163,7 +163,8 @@ impl LookupSettings {
 /// What one bisecting lookup cost.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BisectStats {
-    /// Blocks whose count or holder set the answer depended on.
+    /// Block reads: an HLEN or an HKEYS each (a prompt read whole in one
+    /// wave counts each block once; in memory, a count or a holder set).
     pub reads: u32,
     /// Intervals read block by block because a check saw a hole.
     pub fallbacks: u32,

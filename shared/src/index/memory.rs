@@ -13,6 +13,9 @@
 //! order: block shard, then engine shard), so a mapping and its block never
 //! disagree.
 //!
+//! Lookups bisect like the Redis backend (`bisect.rs`, one shard read lock
+//! per block read), so both give the same answer on any content.
+//!
 //! Memory bound: at most `capacity` blocks (distinct `(model, key)` pairs) are
 //! kept. A shard over its share evicts its least recently stored blocks, an
 //! eighth of the shard at a time so eviction costs O(1) amortised per insert.
