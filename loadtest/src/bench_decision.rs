@@ -31,6 +31,7 @@ mod prompts;
 mod scorer_proc;
 mod throughput;
 
+use crate::machine::{load_average, machine};
 use anyhow::Context;
 use bytes::Bytes;
 use scorer::candidates::Candidates;
@@ -140,28 +141,6 @@ where
         }
     }
     Ok(out)
-}
-
-/// The 1-minute load average.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "unknown".into())
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cores} cores, {cpu}")
 }
 
 pub async fn run(mut args: Args) -> anyhow::Result<()> {

@@ -11,6 +11,7 @@
 //!
 //! Seeded (`--seed`), warmed up, bounded in time; `--quick` scales it down.
 
+use crate::machine::{fmt_int, load_average, machine};
 use anyhow::{Context, bail};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -184,14 +185,6 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
     memory_per_entry(&index, &server, &args).await?;
     println!("\nload average at end {}", load_average());
     Ok(())
-}
-
-/// The 1-minute load average: other processes on the machine skew the numbers.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "unknown".into())
 }
 
 struct Writes {
@@ -505,30 +498,4 @@ fn redis_version() -> String {
             || "redis-server (version unknown)".into(),
             |v| format!("redis-server {v}"),
         )
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned())
-            })
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cpu}, {cores} cores")
-}
-
-fn fmt_int(v: f64) -> String {
-    let s = format!("{:.0}", v.max(0.0));
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }

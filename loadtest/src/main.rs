@@ -7,6 +7,7 @@ mod bench_index;
 mod bench_ingest;
 mod bench_keys;
 mod demo;
+mod machine;
 
 #[derive(Parser)]
 #[command(name = "kvroute-loadtest", version, about)]

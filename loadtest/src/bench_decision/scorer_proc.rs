@@ -32,21 +32,7 @@ pub struct Launch<'a> {
 
 /// `--scorer-bin`, else `kvroute-scorer` next to this binary.
 pub fn binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
-    if let Some(p) = explicit {
-        return Ok(p.to_path_buf());
-    }
-    let exe = std::env::current_exe()?;
-    let path = exe
-        .parent()
-        .context("no directory for the current binary")?
-        .join("kvroute-scorer");
-    if !path.is_file() {
-        bail!(
-            "{} not found: build it with the same profile (cargo build --release -p kvroute-scorer) or pass --scorer-bin",
-            path.display()
-        );
-    }
-    Ok(path)
+    crate::machine::sibling_binary("kvroute-scorer", explicit, "--scorer-bin")
 }
 
 impl ScorerProcess {

@@ -20,21 +20,7 @@ pub const LAG: &str = "kvroute_ingester_lag_seconds";
 
 /// `--ingester-bin`, else `kvroute-ingester` beside this binary.
 pub fn ingester_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
-    if let Some(p) = explicit {
-        return Ok(p.to_path_buf());
-    }
-    let exe = std::env::current_exe()?;
-    let path = exe
-        .parent()
-        .context("no directory for the current binary")?
-        .join("kvroute-ingester");
-    if !path.is_file() {
-        bail!(
-            "{} not found: build it with the same profile (cargo build --release -p kvroute-ingester) or pass --ingester-bin",
-            path.display()
-        );
-    }
-    Ok(path)
+    crate::machine::sibling_binary("kvroute-ingester", explicit, "--ingester-bin")
 }
 
 /// A running ingester.
@@ -318,37 +304,16 @@ pub fn redis_benchmark_hset(port: u16, requests: usize) -> anyhow::Result<f64> {
     }
 }
 
-/// CPU model and core count, for the record.
+/// CPU model, core count and load average, for the record.
 pub fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned())
-            })
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "unknown".into());
-    format!("{cpu}, {cores} cores, load average at start {load}")
+    format!(
+        "{}, load average at start {}",
+        crate::machine::machine(),
+        crate::machine::load_average()
+    )
 }
 
-/// `1234567.8` -> `1,234,568`.
-pub fn fmt_int(v: f64) -> String {
-    let s = format!("{:.0}", v.max(0.0));
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
+pub use crate::machine::fmt_int;
 
 #[cfg(test)]
 mod tests {

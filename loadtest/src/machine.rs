@@ -1,0 +1,73 @@
+//! What every benchmark prints about where it ran, and how it finds the
+//! binaries it starts: shared so the reports read alike.
+
+use anyhow::{Context, bail};
+use std::path::{Path, PathBuf};
+
+/// CPU model and core count, for the record.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {cores} cores")
+}
+
+/// The 1-minute load average: other processes on the machine skew the numbers.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// `1234567.8` -> `1,234,568`.
+pub fn fmt_int(v: f64) -> String {
+    let s = format!("{:.0}", v.max(0.0));
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `explicit` when given (`flag` names it in the error), else the binary
+/// `name` next to this one (same cargo profile).
+pub fn sibling_binary(name: &str, explicit: Option<&Path>, flag: &str) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    let exe = std::env::current_exe()?;
+    let path = exe
+        .parent()
+        .context("no directory for the current binary")?
+        .join(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found: build it with the same profile (cargo build --release -p {name}) or pass {flag}",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(fmt_int(1_234_567.8), "1,234,568");
+        assert_eq!(fmt_int(999.0), "999");
+        assert_eq!(fmt_int(-3.0), "0");
+    }
+}
