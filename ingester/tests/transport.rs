@@ -33,13 +33,7 @@ fn init_tracing() {
 /// The venv interpreter with pyzmq and msgspec. A missing one fails the test:
 /// a skipped interoperability test proves nothing.
 fn python() -> PathBuf {
-    let path = std::env::var_os("KVROUTE_PYTHON")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/kvroute/venv/bin/python"))
-        })
-        .unwrap_or_default();
+    let path = shared::test_env::venv_python().unwrap_or_default();
     assert!(
         path.is_file(),
         "no Python with pyzmq and msgspec at {path:?} ($KVROUTE_PYTHON, else ~/.cache/kvroute/venv/bin/python): run ./scripts/test.sh once to create it"

@@ -11,8 +11,8 @@
 //!
 //! Seeded (`--seed`), warmed up, bounded in time; `--quick` scales it down.
 
-use crate::machine::{fmt_int, load_average, machine};
-use anyhow::{Context, bail};
+use crate::machine::{fmt_int, load_average, machine, redis_benchmark};
+use anyhow::Context;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use shared::ids::{BlockKey, ModelName, PodId, Tier};
@@ -442,46 +442,6 @@ async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Re
         .find_map(|l| l.strip_prefix("used_memory:"))
         .and_then(|v| v.trim().parse().ok())
         .context("INFO memory has no used_memory")
-}
-
-/// Runs `redis-benchmark -P 64` with `test` (a `-t` selection or a
-/// command) against the same server; requests/s of the line `label`.
-fn redis_benchmark(port: u16, requests: usize, test: &[&str], label: &str) -> anyhow::Result<f64> {
-    let out = std::process::Command::new("redis-benchmark")
-        .args([
-            "-p",
-            &port.to_string(),
-            "-P",
-            "64",
-            "-n",
-            &requests.to_string(),
-        ])
-        .args(["-r", "1000000", "-q"])
-        .args(test)
-        .output()
-        .context("running redis-benchmark (installed with redis-server)")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    // `-q` prints progress lines separated by '\r', then
-    // "<label...>: <n> requests per second, ...".
-    let rps = text
-        .split(['\r', '\n'])
-        .filter(|l| l.trim_start().starts_with(label))
-        .filter_map(|l| {
-            l.rsplit_once(": ")?
-                .1
-                .split_whitespace()
-                .next()?
-                .parse::<f64>()
-                .ok()
-        })
-        .next_back();
-    match rps {
-        Some(rps) if out.status.success() => Ok(rps),
-        _ => bail!(
-            "cannot parse redis-benchmark output ({}): {text}",
-            out.status
-        ),
-    }
 }
 
 fn redis_version() -> String {

@@ -1,5 +1,6 @@
-//! What every benchmark prints about where it ran, and how it finds the
-//! binaries it starts: shared so the reports read alike.
+//! What every benchmark prints about where it ran, how it finds the binaries
+//! it starts, and the `redis-benchmark` baseline: shared so the reports read
+//! alike.
 
 use anyhow::{Context, bail};
 use std::path::{Path, PathBuf};
@@ -58,6 +59,51 @@ pub fn sibling_binary(name: &str, explicit: Option<&Path>, flag: &str) -> anyhow
         );
     }
     Ok(path)
+}
+
+/// Runs `redis-benchmark -P 64` with `test` (a `-t` selection or a
+/// command) against the same server; requests/s of the line `label`.
+pub fn redis_benchmark(
+    port: u16,
+    requests: usize,
+    test: &[&str],
+    label: &str,
+) -> anyhow::Result<f64> {
+    let out = std::process::Command::new("redis-benchmark")
+        .args([
+            "-p",
+            &port.to_string(),
+            "-P",
+            "64",
+            "-n",
+            &requests.to_string(),
+        ])
+        .args(["-r", "1000000", "-q"])
+        .args(test)
+        .output()
+        .context("running redis-benchmark (installed with redis-server)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // `-q` prints progress lines separated by '\r', then
+    // "<label...>: <n> requests per second, ...".
+    let rps = text
+        .split(['\r', '\n'])
+        .filter(|l| l.trim_start().starts_with(label))
+        .filter_map(|l| {
+            l.rsplit_once(": ")?
+                .1
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .next_back();
+    match rps {
+        Some(rps) if out.status.success() => Ok(rps),
+        _ => bail!(
+            "cannot parse redis-benchmark output ({}): {text}",
+            out.status
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -28,4 +28,5 @@ pub mod keys;
 pub mod redis_server;
 pub mod scoring;
 pub mod telemetry;
+pub mod test_env;
 pub mod tokens;

@@ -21,13 +21,7 @@ use shared::tokens::{ChatOptions, SegmentationMode, Tokenizer, TokenizerOptions}
 const MANIFEST: &str = env!("CARGO_MANIFEST_DIR");
 
 fn python() -> PathBuf {
-    let python = match std::env::var_os("KVROUTE_PYTHON") {
-        Some(p) => PathBuf::from(p),
-        None => std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_default()
-            .join(".cache/kvroute/venv/bin/python"),
-    };
+    let python = shared::test_env::venv_python().unwrap_or_default();
     assert!(
         python.exists(),
         "no Python for the tokenization reference at {} (from KVROUTE_PYTHON, else \

@@ -379,13 +379,7 @@ pub async fn purge_cli(redis_url: &str, pods: &[&str]) -> (bool, String) {
 /// The venv interpreter with pyzmq and msgspec. Missing: the test fails
 /// (a skipped interoperability test proves nothing).
 pub fn python() -> PathBuf {
-    let path = std::env::var_os("KVROUTE_PYTHON")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/kvroute/venv/bin/python"))
-        })
-        .unwrap_or_default();
+    let path = shared::test_env::venv_python().unwrap_or_default();
     assert!(
         path.is_file(),
         "no Python with pyzmq and msgspec at {path:?} ($KVROUTE_PYTHON, else ~/.cache/kvroute/venv/bin/python): run ./scripts/test.sh once to create it"

@@ -172,14 +172,7 @@ pub fn binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("KVROUTE_ENVOY") {
         return Ok(PathBuf::from(p));
     }
-    let venv = match std::env::var_os("KVROUTE_PYTHON") {
-        Some(python) => PathBuf::from(python)
-            .parent()
-            .and_then(Path::parent)
-            .map(Path::to_path_buf),
-        None => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kvroute/venv")),
-    }
-    .context("no venv")?;
+    let venv = shared::test_env::venv_dir().context("no venv")?;
     let lib = std::fs::read_dir(venv.join("lib")).context("venv lib")?;
     lib.filter_map(Result::ok)
         .map(|d| d.path().join("site-packages/envoy/_bin/envoy"))

