@@ -4,13 +4,16 @@
 //! prefix of a stored chain; several pods and tiers; candidate filters;
 //! prompts shorter than, equal to and longer than the chain — bisection on
 //! the memory index, a single Redis (`lua/lookup.lua`) and a 3-master Redis
-//! Cluster (one wave read whole, or rounds) returns exactly what the linear
-//! walk returns.
+//! Cluster (one script per master; or, with those off, one wave read whole
+//! or rounds) returns exactly what the linear walk returns.
 //!
-//! (b) On data with holes, every backend still returns the same answer,
-//! and it is never shallower than the walk's, pod by pod and tier by tier;
-//! the documented cases (a hole hidden between equal counts, a hole the
-//! probes see) behave as documented, and fallbacks are counted.
+//! (b) On data with holes, the memory index, the single Redis and the
+//! cluster read in rounds return the same answer (they probe the same
+//! blocks); the per-master scripts probe each master's blocks instead, so
+//! their answer may differ, but like every bisection it is never
+//! shallower than the walk's, pod by pod and tier by tier. The documented
+//! cases (a hole hidden between equal counts, a hole the probes see)
+//! behave as documented, and fallbacks are counted.
 //!
 //! Each test function starts its Redis fixtures once.
 
@@ -170,9 +173,24 @@ fn case(toggles: usize) -> impl Strategy<Value = Case> {
         })
 }
 
+/// The Redis backends and ways of reading them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Way {
+    /// A single Redis: `lua/lookup.lua`.
+    Single,
+    /// The cluster, one script per master.
+    PerMaster,
+    /// The cluster with per-master scripts off: read whole, or rounds.
+    Rounds,
+}
+
+const WAYS: [Way; 3] = [Way::Single, Way::PerMaster, Way::Rounds];
+
 struct Backends {
     single: RedisIndex,
     cluster: RedisIndex,
+    /// A second connection to the cluster, per-master scripts off.
+    rounds: RedisIndex,
 }
 
 impl Backends {
@@ -185,8 +203,12 @@ impl Backends {
                 cluster: RedisIndex::connect_cluster(&cluster.urls())
                     .await
                     .expect("cluster"),
+                rounds: RedisIndex::connect_cluster(&cluster.urls())
+                    .await
+                    .expect("cluster"),
             }
         });
+        backends.rounds.lookup_settings().set_per_master_scripts(false);
         (backends, server, cluster)
     }
 
@@ -201,15 +223,23 @@ impl Backends {
         Ok(memory)
     }
 
-    /// Bisect every prompt, however short, on both Redis backends.
+    fn index(&self, way: Way) -> &RedisIndex {
+        match way {
+            Way::Single => &self.single,
+            Way::PerMaster => &self.cluster,
+            Way::Rounds => &self.rounds,
+        }
+    }
+
+    /// Bisect every prompt, however short, on a Redis backend.
     async fn lookup(
         &self,
-        cluster: bool,
+        way: Way,
         mode: LookupMode,
         keys: &[BlockKey],
         candidates: Option<&[PodId]>,
     ) -> Result<Lookup, TestCaseError> {
-        let index = if cluster { &self.cluster } else { &self.single };
+        let index = self.index(way);
         index.set_lookup_mode(mode);
         index.lookup_settings().set_linear_max_blocks(0);
         index.lookup(&model(), keys, candidates).await.map_err(fail)
@@ -258,14 +288,14 @@ fn bisection_equals_the_walk_when_pods_hold_prefixes() {
                 let (bisect, stats) = memory.lookup_in_mode(&m, &keys, c, LookupMode::Bisect);
                 prop_assert_eq!(&bisect, &walk, "memory, {} blocks {:?}", keys.len(), q);
                 prop_assert_eq!(stats.fallbacks, 0);
-                for cluster in [false, true] {
+                for way in WAYS {
                     for mode in [LookupMode::Bisect, LookupMode::Linear] {
-                        let got = b.lookup(cluster, mode, &keys, c).await?;
+                        let got = b.lookup(way, mode, &keys, c).await?;
                         prop_assert_eq!(
                             &got,
                             &walk,
-                            "cluster {} {:?}, {} blocks {:?}",
-                            cluster,
+                            "{:?} {:?}, {} blocks {:?}",
+                            way,
                             mode,
                             keys.len(),
                             q
@@ -279,6 +309,13 @@ fn bisection_equals_the_walk_when_pods_hold_prefixes() {
     // The prefix property held throughout: no interval fell back.
     assert_eq!(b.single.stats().lookup_fallbacks, 0);
     assert_eq!(b.cluster.stats().lookup_fallbacks, 0);
+    assert_eq!(b.rounds.stats().lookup_fallbacks, 0);
+    // Every cluster lookup took the per-master wave: at most one round trip
+    // each (none for an empty prompt).
+    let stats = b.cluster.stats();
+    assert_eq!(stats.node_lookups_redone, 0);
+    assert!(stats.lookups > 0);
+    assert!(stats.lookup_round_trips <= stats.lookups, "{stats:?}");
 }
 
 /// Bisect's depth for every pod and (pod, tier) the walk finds is at least
@@ -296,7 +333,8 @@ fn never_shallower(bisect: &Lookup, walk: &Lookup) -> Result<(), TestCaseError> 
     Ok(())
 }
 
-/// (b) Holes and strays: one answer on every backend, never shallower.
+/// (b) Holes and strays: one answer where the same blocks are probed,
+/// never shallower anywhere.
 #[test]
 fn with_holes_every_backend_agrees_and_never_undercounts() {
     let rt = runtime();
@@ -311,11 +349,15 @@ fn with_holes_every_backend_agrees_and_never_undercounts() {
                 let (walk, _) = memory.lookup_in_mode(&m, &keys, c, LookupMode::Linear);
                 let (bisect, _) = memory.lookup_in_mode(&m, &keys, c, LookupMode::Bisect);
                 never_shallower(&bisect, &walk)?;
-                for cluster in [false, true] {
-                    let got = b.lookup(cluster, LookupMode::Bisect, &keys, c).await?;
-                    prop_assert_eq!(&got, &bisect, "cluster {}, {} blocks", cluster, keys.len());
-                    let linear = b.lookup(cluster, LookupMode::Linear, &keys, c).await?;
-                    prop_assert_eq!(&linear, &walk, "cluster {} linear", cluster);
+                for way in WAYS {
+                    let got = b.lookup(way, LookupMode::Bisect, &keys, c).await?;
+                    if way == Way::PerMaster {
+                        never_shallower(&got, &walk)?;
+                    } else {
+                        prop_assert_eq!(&got, &bisect, "{:?}, {} blocks", way, keys.len());
+                    }
+                    let linear = b.lookup(way, LookupMode::Linear, &keys, c).await?;
+                    prop_assert_eq!(&linear, &walk, "{:?} linear", way);
                 }
             }
             Ok(())
@@ -354,15 +396,15 @@ fn documented_hole_cases_on_every_backend() {
         let (bisect, _) = memory.lookup_in_mode(&m, &keys, None, LookupMode::Bisect);
         assert_eq!(bisect.pods[0].depth, 2048, "hidden between equal counts");
         assert_eq!(bisect.pods[1], walk.pods[1]);
-        for cluster in [false, true] {
-            assert_eq!(
-                b.lookup(cluster, LookupMode::Bisect, &keys, None).await?,
-                bisect
-            );
-            assert_eq!(
-                b.lookup(cluster, LookupMode::Linear, &keys, None).await?,
-                walk
-            );
+        for way in WAYS {
+            let got = b.lookup(way, LookupMode::Bisect, &keys, None).await?;
+            if way == Way::PerMaster {
+                never_shallower(&got, &walk)?;
+                assert_eq!(got.pods[1], walk.pods[1]);
+            } else {
+                assert_eq!(got, bisect, "{way:?}");
+            }
+            assert_eq!(b.lookup(way, LookupMode::Linear, &keys, None).await?, walk);
         }
 
         let memory = b.load(&visible.ops()).await?;
@@ -372,14 +414,18 @@ fn documented_hole_cases_on_every_backend() {
         assert_eq!(bisect, walk, "a hole the probes see is read through");
         assert_eq!(stats.fallbacks, 1);
         assert_eq!(memory.lookup_fallbacks(), 1);
-        for (cluster, index) in [(false, &b.single), (true, &b.cluster)] {
+        for way in WAYS {
+            let index = b.index(way);
             let before = index.stats();
-            assert_eq!(
-                b.lookup(cluster, LookupMode::Bisect, &keys, None).await?,
-                walk
-            );
+            let got = b.lookup(way, LookupMode::Bisect, &keys, None).await?;
             let after = index.stats();
-            assert_eq!(after.lookup_fallbacks - before.lookup_fallbacks, 1);
+            if way == Way::PerMaster {
+                // The master holding block 1024 sees the hole its own way.
+                never_shallower(&got, &walk)?;
+            } else {
+                assert_eq!(got, walk, "{way:?}");
+                assert_eq!(after.lookup_fallbacks - before.lookup_fallbacks, 1);
+            }
         }
         Ok(())
     });
@@ -407,19 +453,32 @@ fn a_long_prompt_costs_few_reads() {
             let memory = b.load(&case.ops()).await?;
             let (walk, _) = memory.lookup_in_mode(&model(), &keys, None, LookupMode::Linear);
             assert_eq!(walk.max_depth() as u64, n);
-            for (index, limit) in [(&b.single, 80), (&b.cluster, 2 * ROUND_BUDGET as u64 + 40)] {
+            // Per master: about the single node's reads on each of 3 masters.
+            // (index, read limit, round trips at most)
+            let limits = [
+                (&b.single, 80, 1),
+                (&b.cluster, 3 * 80, 1),
+                (&b.rounds, 2 * ROUND_BUDGET as u64 + 40, 8),
+            ];
+            for (index, limit, trips) in limits {
                 index.set_lookup_mode(LookupMode::Bisect);
                 index.lookup_settings().set_linear_max_blocks(32);
-                let before = index.stats().lookup_reads;
+                let before = index.stats();
                 assert_eq!(
                     index.lookup(&model(), &keys, None).await.map_err(fail)?,
                     walk
                 );
-                let reads = index.stats().lookup_reads - before;
-                // 4 depths: ~4 * log2(n) counts and 5 sets; on the cluster
-                // plus read-ahead, bounded by the round budget.
-                eprintln!("{n} blocks, cluster {}: {reads} reads", index.is_cluster());
+                let after = index.stats();
+                let reads = after.lookup_reads - before.lookup_reads;
+                let round_trips = after.lookup_round_trips - before.lookup_round_trips;
+                // 4 depths: ~4 * log2(n) counts and 5 sets; per master on
+                // the cluster, or plus read-ahead bounded by the round budget.
+                eprintln!(
+                    "{n} blocks, cluster {}: {reads} reads, {round_trips} round trips",
+                    index.is_cluster()
+                );
                 assert!(reads < limit, "{n} blocks: {reads} reads");
+                assert!(round_trips <= trips, "{n} blocks: {round_trips} round trips");
             }
             Ok(())
         });

@@ -70,7 +70,7 @@ use crate::ids::{PodId, Tier};
 use fnv::{FnvHashMap, FnvHashSet};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicU8, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize};
 pub(crate) use walk::DiffWalk;
 
 /// Counter of intervals read block by block because the probes contradicted
@@ -117,6 +117,7 @@ pub const DEFAULT_LINEAR_MAX_BLOCKS: usize = 32;
 pub struct LookupSettings {
     mode: AtomicU8,
     linear_max: AtomicUsize,
+    per_master: AtomicBool,
 }
 
 impl Default for LookupSettings {
@@ -124,6 +125,7 @@ impl Default for LookupSettings {
         LookupSettings {
             mode: AtomicU8::new(LookupMode::default() as u8),
             linear_max: AtomicUsize::new(DEFAULT_LINEAR_MAX_BLOCKS),
+            per_master: AtomicBool::new(true),
         }
     }
 }
@@ -149,6 +151,18 @@ impl LookupSettings {
     /// Tests set 0 to bisect every prompt.
     pub fn set_linear_max_blocks(&self, blocks: usize) {
         self.linear_max.store(blocks, Relaxed);
+    }
+
+    /// On a Redis Cluster of Redis 7 masters, bisect with one script per
+    /// master in one round trip (`index/redis/node_lookup.rs`; the
+    /// default); off, in rounds of pipelined reads. Benchmarks and tests
+    /// turn it off to measure and check the rounds.
+    pub fn per_master_scripts(&self) -> bool {
+        self.per_master.load(Relaxed)
+    }
+
+    pub fn set_per_master_scripts(&self, on: bool) {
+        self.per_master.store(on, Relaxed);
     }
 
     /// How a prompt of `blocks` blocks is looked up.

@@ -138,6 +138,8 @@ async fn cluster_recovers_from_script_flush_on_one_master() {
 async fn cluster_follows_a_slot_moved_to_another_master() {
     let cluster = RedisCluster::start(3).unwrap();
     let index = RedisIndex::connect_cluster(&cluster.urls()).await.unwrap();
+    // A reader that only looks up, so only its lookups can notice the move.
+    let reader = RedisIndex::connect_cluster(&cluster.urls()).await.unwrap();
     let slot = key_slot(name(1).as_bytes());
     let mut nodes = Vec::new();
     for url in cluster.urls() {
@@ -194,6 +196,25 @@ async fn cluster_follows_a_slot_moved_to_another_master() {
     let prompt = [BlockKey(1), BlockKey(2), BlockKey(3)];
     let l = index.lookup(&model(), &prompt, None).await.unwrap();
     assert_eq!(l.max_depth(), 3);
+
+    // A long prompt through the stale reader: its per-master script on the
+    // old owner may not read the moved key, so the lookup is redone in
+    // rounds, which follow MOVED.
+    let long: Vec<u64> = (1..=64).collect();
+    index
+        .apply(&[store(pod_a(), Tier::gpu(), &long)])
+        .await
+        .unwrap();
+    let keys: Vec<BlockKey> = long.iter().map(|&k| BlockKey(k)).collect();
+    let l = reader.lookup(&model(), &keys, None).await.unwrap();
+    assert_eq!(l.max_depth(), 64);
+    let stats = reader.stats();
+    assert_eq!(stats.node_lookups_redone, 1, "{stats:?}");
+    assert!(stats.topology_refreshes >= 1, "{stats:?}");
+    // Refreshed: the next lookup is one script per master again.
+    let l = reader.lookup(&model(), &keys, None).await.unwrap();
+    assert_eq!(l.max_depth(), 64);
+    assert_eq!(reader.stats().node_lookups_redone, 1);
     index
         .apply(&[IndexOp::ClearPod { pod: pod_a() }])
         .await

@@ -38,7 +38,7 @@ pub(super) async fn script(
         .conns
         .run(vec![Call {
             slot: 0,
-            cmd: script_call(model, keys),
+            cmd: script_call(model, keys, index.conns.topology().read_only_scripts()),
         }])
         .await?;
     let reply = wave
@@ -48,11 +48,13 @@ pub(super) async fn script(
     decode(reply, keys.len() as u32, candidates, fields)
 }
 
-/// `EVALSHA <lookup.lua> n <model>@<key>...`, the names written straight
-/// into the command: for a 2048-block prompt, `format!` per name cost more
-/// than the script's whole bisection (~140 µs vs ~60 µs of Lua).
-fn script_call(model: &ModelName, keys: &[BlockKey]) -> Cmd {
-    let mut cmd = redis::cmd("EVALSHA");
+/// `EVALSHA_RO <lookup.lua> n <model>@<key>...` (plain `EVALSHA` before
+/// Redis 7.0), the names written straight into the command: for a
+/// 2048-block prompt, `format!` per name cost more than the script's whole
+/// bisection (~140 µs vs ~60 µs of Lua). `_RO` makes the server refuse any
+/// write the script might attempt, and lets the call go to a replica.
+fn script_call(model: &ModelName, keys: &[BlockKey], read_only: bool) -> Cmd {
+    let mut cmd = redis::cmd(if read_only { "EVALSHA_RO" } else { "EVALSHA" });
     cmd.arg(ScriptKind::Lookup.sha()).arg(keys.len());
     let mut name = Vec::with_capacity(model.as_str().len() + 21);
     name.extend_from_slice(model.as_str().as_bytes());
@@ -229,15 +231,17 @@ mod tests {
             BlockKey(1 << 40),
             BlockKey(u64::MAX),
         ];
-        let mut expected = redis::cmd("EVALSHA");
         let names: Vec<String> = keys.iter().map(|&k| layout::block_key(&model, k)).collect();
-        expected
-            .arg(ScriptKind::Lookup.sha())
-            .arg(keys.len())
-            .arg(&names);
-        assert_eq!(
-            script_call(&model, &keys).get_packed_command(),
-            expected.get_packed_command()
-        );
+        for (read_only, verb) in [(true, "EVALSHA_RO"), (false, "EVALSHA")] {
+            let mut expected = redis::cmd(verb);
+            expected
+                .arg(ScriptKind::Lookup.sha())
+                .arg(keys.len())
+                .arg(&names);
+            assert_eq!(
+                script_call(&model, &keys, read_only).get_packed_command(),
+                expected.get_packed_command()
+            );
+        }
     }
 }

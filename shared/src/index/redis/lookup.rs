@@ -9,13 +9,14 @@
 //! |---|---|---|---|
 //! | `Linear` | any | HKEYS of every block, one pipeline per master | 1 |
 //! | `Bisect` | single node | `lua/lookup.lua` ([`super::bisect::script`]) | 1 |
-//! | `Bisect` | cluster, `n` <= [`CLUSTER_READ_WHOLE_MAX_BLOCKS`] | HKEYS of every block, bisected in hand | 1 |
-//! | `Bisect` | cluster, longer | rounds of HLEN, then HKEYS ([`super::bisect::rounds`]) | 3 for a few distinct depths, ~7 for 64 |
+//! | `Bisect` | cluster, Redis >= 7 | `lua/lookup.lua` on each master over its blocks ([`super::node_lookup`]) | 1 |
+//! | `Bisect` | cluster, Redis < 7 or a slot moved, `n` <= [`CLUSTER_READ_WHOLE_MAX_BLOCKS`] | HKEYS of every block, bisected in hand | 1 |
+//! | `Bisect` | same, longer | rounds of HLEN, then HKEYS ([`super::bisect::rounds`]) | 3 for a few distinct depths, ~7 for 64 |
 //!
 //! [`LookupSettings::mode_for`]: crate::index::bisect::LookupSettings::mode_for
 
 use super::cluster::Call;
-use super::{RedisIndex, bisect as remote, layout, slots};
+use super::{RedisIndex, bisect as remote, layout, node_lookup, slots};
 use crate::ids::{BlockKey, ModelName, PodId, Tier};
 use crate::index::bisect::{self, BisectStats, BlockReader, Holders, LookupMode};
 use crate::index::{IndexError, Lookup, ops::PrefixWalk};
@@ -23,9 +24,14 @@ use fnv::FnvHashMap;
 use redis::Value;
 use std::sync::atomic::Ordering::Relaxed;
 
-/// On a cluster, bisecting costs a round trip per round (3 to 7 of them);
-/// up to about this many blocks one wave reading every block is as cheap
-/// (measured: `bench decision`, part (0'), BENCHMARKS.md).
+/// Counter of cluster lookups whose per-master script wave was redone
+/// another way (label `reason`: `error`, `holes`, `unserved_slot`).
+pub const NODE_LOOKUPS_REDONE: &str = "kvroute_index_node_lookups_redone_total";
+
+/// Without per-master scripts, bisecting a cluster costs a round trip per
+/// round (3 to 7 of them); up to about this many blocks one wave reading
+/// every block is as cheap (measured: `bench decision`, part (0'),
+/// BENCHMARKS.md).
 pub const CLUSTER_READ_WHOLE_MAX_BLOCKS: usize = 192;
 
 pub(super) async fn lookup(
@@ -49,6 +55,8 @@ pub(super) async fn lookup(
         Ok((walk_in_hand(&blocks, candidates), stats))
     } else if !index.is_cluster() {
         remote::script(index, model, keys, candidates, &mut fields).await
+    } else if let Some(done) = per_node(index, model, keys, candidates, &mut fields).await {
+        Ok(done)
     } else if n <= CLUSTER_READ_WHOLE_MAX_BLOCKS {
         let (blocks, trips) = read_all(index, model, keys, &mut fields).await?;
         let (lookup, mut stats) = bisect::bisect_sync(n as u32, &mut InHand(blocks), candidates);
@@ -71,6 +79,34 @@ pub(super) async fn lookup(
             .increment(u64::from(stats.fallbacks));
     }
     Ok(lookup)
+}
+
+/// The cluster lookup in one round trip ([`node_lookup`]) when every master
+/// runs Redis 7; `None` (the caller reads in rounds or whole) when one does
+/// not, when the replies show holes, or when it failed: a slot moved since
+/// the slot map was read, which the rounds' redirects then repair. Redone
+/// lookups are counted by reason.
+async fn per_node(
+    index: &RedisIndex,
+    model: &ModelName,
+    keys: &[BlockKey],
+    candidates: Option<&[PodId]>,
+    fields: &mut Fields,
+) -> Option<(Lookup, BisectStats)> {
+    if !index.lookup.per_master_scripts() || !index.conns.topology().read_only_scripts() {
+        return None;
+    }
+    let reason = match node_lookup::lookup(index, model, keys, candidates, fields).await {
+        Ok(Ok(done)) => return Some(done),
+        Ok(Err(redo)) => redo.as_str(),
+        Err(e) => {
+            tracing::debug!(error = %e, "per-master lookup failed; reading in rounds");
+            "error"
+        }
+    };
+    index.counters.node_lookups_redone.fetch_add(1, Relaxed);
+    metrics::counter!(NODE_LOOKUPS_REDONE, "reason" => reason).increment(1);
+    None
 }
 
 /// One wave of HKEYS, one per block: (field count, holders) per block, and

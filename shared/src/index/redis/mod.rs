@@ -24,6 +24,7 @@ mod clear;
 mod cluster;
 mod layout;
 mod lookup;
+mod node_lookup;
 mod registry;
 mod resolve;
 mod scripts;
@@ -56,6 +57,7 @@ struct Counters {
     lookup_reads: AtomicU64,
     lookup_round_trips: AtomicU64,
     lookup_fallbacks: AtomicU64,
+    node_lookups_redone: AtomicU64,
     noscript_reloads: AtomicU64,
     topology_refreshes: AtomicU64,
     malformed_fields: AtomicU64,
@@ -79,6 +81,9 @@ pub struct RedisIndexStats {
     /// Intervals bisecting lookups read block by block because their probes
     /// saw a hole (see `index/bisect.rs`).
     pub lookup_fallbacks: u64,
+    /// Cluster lookups whose one-script-per-master wave was redone in
+    /// rounds: it failed (a slot moved), or its replies showed holes.
+    pub node_lookups_redone: u64,
     /// Times a node answered NOSCRIPT and the scripts were loaded again.
     pub noscript_reloads: u64,
     /// Times the cluster slot map was read again after a redirect or error.
@@ -231,6 +236,7 @@ impl RedisIndex {
             lookup_reads: c.lookup_reads.load(Relaxed),
             lookup_round_trips: c.lookup_round_trips.load(Relaxed),
             lookup_fallbacks: c.lookup_fallbacks.load(Relaxed),
+            node_lookups_redone: c.node_lookups_redone.load(Relaxed),
             noscript_reloads: c.noscript_reloads.load(Relaxed),
             topology_refreshes: c.topology_refreshes.load(Relaxed),
             malformed_fields: c.malformed_fields.load(Relaxed),

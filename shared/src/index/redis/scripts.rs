@@ -10,22 +10,36 @@ use crate::index::IndexError;
 use redis::{Cmd, Script, aio::ConnectionManager};
 use std::sync::LazyLock;
 
-/// The three write scripts, each touching one slot per call, and the
-/// read-only lookup script (single node only: it reads a whole prompt).
+/// The three write scripts, each touching one slot per call, and the two
+/// read-only lookup scripts: `Lookup` reads a whole prompt on a single node
+/// (its keys declared); `LookupNode` is the same bisection over the blocks
+/// one cluster master holds, its names passed in ARGV because they span
+/// many slots (`allow-cross-slot-keys`, Redis 7.0 and later).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScriptKind {
     Store,
     Remove,
     ClearPod,
     Lookup,
+    LookupNode,
+}
+
+/// What a node's scripts allow, found when they are loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScriptSupport {
+    /// Redis 7.0 or later: script flags (`#!lua`) and `EVALSHA_RO` are
+    /// understood, so [`ScriptKind::LookupNode`] is loaded and lookups may
+    /// run read-only (on a replica too). Older servers reject the shebang.
+    pub read_only: bool,
 }
 
 impl ScriptKind {
-    pub const ALL: [ScriptKind; 4] = [
+    pub const ALL: [ScriptKind; 5] = [
         ScriptKind::Store,
         ScriptKind::Remove,
         ScriptKind::ClearPod,
         ScriptKind::Lookup,
+        ScriptKind::LookupNode,
     ];
 
     fn script(self) -> &'static Script {
@@ -50,25 +64,54 @@ impl ScriptKind {
     }
 }
 
-const SOURCES: [&str; 4] = [
+/// `lookup.lua` over ARGV instead of KEYS: the same text, so the same
+/// bisection, run on one cluster master over the blocks it holds. The flags
+/// let a script read undeclared keys of several slots of its own node (a
+/// key of another node is an error, and the lookup falls back to rounds).
+const LOOKUP_NODE: &str = concat!(
+    "#!lua flags=no-writes,allow-cross-slot-keys\n",
+    "local KEYS = ARGV\n",
+    include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../lua/lookup.lua")),
+);
+
+const SOURCES: [&str; 5] = [
     include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../lua/store.lua")),
     include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../lua/remove.lua")),
     include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../lua/clear_pod.lua")),
     include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../lua/lookup.lua")),
+    LOOKUP_NODE,
 ];
 
 /// Hashing is done once; `Script` computes the SHA1 in `new`.
-static SCRIPTS: LazyLock<[Script; 4]> = LazyLock::new(|| SOURCES.map(Script::new));
+static SCRIPTS: LazyLock<[Script; 5]> = LazyLock::new(|| SOURCES.map(Script::new));
 
 /// SCRIPT LOAD every script on one node, in one round trip, and check that the
 /// server computed the same SHA1 (a mismatch would make every EVALSHA fail).
-pub async fn load_all(conn: &mut ConnectionManager) -> Result<(), IndexError> {
+/// Only [`ScriptKind::LookupNode`] may fail to load (a server older than
+/// 7.0); that is reported in the [`ScriptSupport`], not as an error.
+pub async fn load_all(conn: &mut ConnectionManager) -> Result<ScriptSupport, IndexError> {
     let mut pipe = redis::pipe();
+    pipe.ignore_errors();
     for kind in ScriptKind::ALL {
         pipe.cmd("SCRIPT").arg("LOAD").arg(kind.source());
     }
-    let shas: Vec<String> = pipe.query_async(conn).await?;
-    for (kind, sha) in ScriptKind::ALL.iter().zip(&shas) {
+    let replies: Vec<redis::Value> = pipe.query_async(conn).await?;
+    let mut support = ScriptSupport { read_only: true };
+    for (kind, reply) in ScriptKind::ALL.iter().zip(replies) {
+        let sha = match reply {
+            redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+            redis::Value::SimpleString(s) => s,
+            redis::Value::ServerError(e) if *kind == ScriptKind::LookupNode => {
+                tracing::info!(error = ?e, "Redis older than 7.0: cluster lookups take rounds, not one script per master");
+                support.read_only = false;
+                continue;
+            }
+            other => {
+                return Err(IndexError::Reply(format!(
+                    "SCRIPT LOAD of {kind:?} answered {other:?}"
+                )));
+            }
+        };
         if sha != kind.sha() {
             return Err(IndexError::Reply(format!(
                 "SCRIPT LOAD of {kind:?} returned SHA1 {sha}, expected {}",
@@ -76,7 +119,7 @@ pub async fn load_all(conn: &mut ConnectionManager) -> Result<(), IndexError> {
             )));
         }
     }
-    Ok(())
+    Ok(support)
 }
 
 #[cfg(test)]
@@ -90,6 +133,9 @@ mod tests {
         assert_ne!(shas[0], shas[1]);
         assert_ne!(shas[1], shas[2]);
         assert_ne!(shas[2], shas[3]);
+        assert_ne!(shas[3], shas[4]);
+        assert!(ScriptKind::LookupNode.source().starts_with("#!lua flags=no-writes"));
+        assert!(ScriptKind::LookupNode.source().contains("READ-ONLY"));
         assert!(ScriptKind::Store.source().contains("layout 1"));
         assert!(ScriptKind::Lookup.source().contains("READ-ONLY"));
     }

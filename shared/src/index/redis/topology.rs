@@ -10,7 +10,7 @@
 //! every concurrent batch and lookup over one connection per node, pipelining
 //! them on the wire, and reconnects by itself; see `docs/dependencies.md`.
 
-use super::scripts;
+use super::scripts::{self, ScriptSupport};
 use crate::index::IndexError;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Value};
@@ -35,6 +35,8 @@ pub struct Node {
     pub addr: String,
     /// Cheap to clone; clones share the one multiplexed connection.
     pub conn: ConnectionManager,
+    /// What the node's scripts allow (found at connect).
+    pub scripts: ScriptSupport,
 }
 
 /// The nodes and who serves which slot, replaced as a whole on refresh.
@@ -68,6 +70,11 @@ impl Topology {
 
     pub fn is_cluster(&self) -> bool {
         self.owner.is_some()
+    }
+
+    /// Every master runs read-only scripts (Redis 7.0 or later).
+    pub fn read_only_scripts(&self) -> bool {
+        self.nodes.iter().all(|n| n.scripts.read_only)
     }
 }
 
@@ -107,8 +114,12 @@ pub async fn connect_node(info: ConnectionInfo) -> Result<Node, IndexError> {
     let mut conn = ConnectionManager::new_with_config(client, config)
         .await
         .map_err(|e| IndexError::Topology(format!("cannot connect to {addr}: {e}")))?;
-    scripts::load_all(&mut conn).await?;
-    Ok(Node { addr, conn })
+    let scripts = scripts::load_all(&mut conn).await?;
+    Ok(Node {
+        addr,
+        conn,
+        scripts,
+    })
 }
 
 /// The same credentials and TLS settings as `seed`, at another address (a
@@ -267,6 +278,7 @@ pub async fn discover(
                     Some(n) => Node {
                         addr: addr.clone(),
                         conn: n.conn.clone(),
+                        scripts: n.scripts,
                     },
                     None => connect_node(at_address(seed, &range.host, range.port)?).await?,
                 };
