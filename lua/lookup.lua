@@ -1,7 +1,11 @@
 -- kvroute layout 1 -- lookup: the holder sets a prompt's prefix depths
 -- depend on, found by bisection on holder counts, in one round trip.
--- READ-ONLY (no write command anywhere below). Single node only: the
--- prompt's keys hash to every slot of a cluster.
+-- READ-ONLY (no write command anywhere below), called with EVALSHA_RO on
+-- Redis 7. On a single node it reads the whole prompt. On a cluster the
+-- prompt's keys hash to every slot, so the client runs this same text on
+-- each master over the blocks that master holds, with a shebang
+-- (`no-writes,allow-cross-slot-keys`) and `local KEYS = ARGV` prepended
+-- (shared/src/index/redis/scripts.rs, node_lookup.rs).
 --
 -- The same algorithm as shared/src/index/bisect.rs (which explains why it is
 -- exact): it must read exactly the blocks that code reads, so that every

@@ -66,7 +66,9 @@ pub async fn compare(
 
 /// Part (0'): the same lookups on a local 3-master Redis Cluster, where no
 /// script can see a whole prompt: one wave of HKEYS per master (the linear
-/// walk's read) vs the bisection in rounds of pipelined HLEN/HKEYS.
+/// walk's read) vs the bisection in rounds of pipelined HLEN/HKEYS vs the
+/// bisection by one `lookup.lua` call per master (the default on Redis 7),
+/// lookup by lookup, interleaved.
 pub async fn compare_cluster(
     prompts: &[Prompt],
     pod_counts: &[usize],
@@ -85,15 +87,18 @@ pub async fn compare_cluster(
         row(&ping)
     );
     println!(
-        "| blocks | pods | one wave of HKEYS p50 / p99 µs | bisection (rounds, or one wave read whole up to {} blocks) p50 / p99 µs | blocks read / round trips of the bisection |",
+        "| blocks | pods | one wave of HKEYS p50 / p99 µs | bisection in rounds (or one wave read whole up to {} blocks) p50 / p99 µs | blocks read / round trips | one script per master p50 / p99 µs | blocks read / round trips |",
         shared::index::redis::CLUSTER_READ_WHOLE_MAX_BLOCKS
     );
-    println!("|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let settings = index.lookup_settings();
     for prompt in prompts {
         for &pods in pod_counts {
             let model = ModelName::new(prompts::model(pods));
             let (mut linear, mut bisect) = (Samples::default(), Samples::default());
+            let mut per_master = Samples::default();
             let (mut reads, mut trips) = (0, 0);
+            let (mut pm_reads, mut pm_trips) = (0, 0);
             let warmup = samples / 10;
             for i in 0..warmup + samples {
                 index.set_lookup_mode(LookupMode::Linear);
@@ -101,24 +106,39 @@ pub async fn compare_cluster(
                 let walk = index.lookup(&model, &prompt.keys, None).await?;
                 let d_linear = started.elapsed();
                 index.set_lookup_mode(LookupMode::Bisect);
+                settings.set_per_master_scripts(false);
                 let before = index.stats();
                 let started = Instant::now();
                 let got = index.lookup(&model, &prompt.keys, None).await?;
                 let d_bisect = started.elapsed();
                 anyhow::ensure!(got == walk, "cluster bisection and walk disagree");
+                let after = index.stats();
+                settings.set_per_master_scripts(true);
+                let started = Instant::now();
+                let got = index.lookup(&model, &prompt.keys, None).await?;
+                let d_per_master = started.elapsed();
+                anyhow::ensure!(got == walk, "per-master bisection and walk disagree");
+                let last = index.stats();
+                anyhow::ensure!(
+                    last.node_lookups_redone == 0,
+                    "a per-master lookup was redone"
+                );
                 if i >= warmup {
                     linear.push(d_linear);
                     bisect.push(d_bisect);
-                    let after = index.stats();
+                    per_master.push(d_per_master);
                     reads = after.lookup_reads - before.lookup_reads;
                     trips = after.lookup_round_trips - before.lookup_round_trips;
+                    pm_reads = last.lookup_reads - after.lookup_reads;
+                    pm_trips = last.lookup_round_trips - after.lookup_round_trips;
                 }
             }
             println!(
-                "| {} | {pods} | {} | {} | {reads} / {trips} |",
+                "| {} | {pods} | {} | {} | {reads} / {trips} | {} | {pm_reads} / {pm_trips} |",
                 prompt.blocks,
                 row(&linear),
-                row(&bisect)
+                row(&bisect),
+                row(&per_master)
             );
         }
     }

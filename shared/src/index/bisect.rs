@@ -61,7 +61,11 @@
 //! Redis Cluster runs it in rounds of pipelined reads (one pipeline per
 //! master per round) or, for a prompt of moderate length, reads it whole in
 //! one wave and bisects in hand. `tests/lookup_bisect.rs` checks they agree,
-//! holes included. Prompts of at most [`DEFAULT_LINEAR_MAX_BLOCKS`] blocks
+//! holes included. The exception, by design: on Redis 7 a cluster lookup
+//! first runs the recursion on each master over that master's own blocks
+//! (one round trip, `redis/node_lookup.rs`); that probes other blocks, so on
+//! holes its replies cannot see it may report another depth, never a
+//! shallower one, and any hole they do show sends it to the rounds. Prompts of at most [`DEFAULT_LINEAR_MAX_BLOCKS`] blocks
 //! are walked linearly in every mode and backend (exact, and no slower).
 
 use super::Lookup;
