@@ -27,6 +27,10 @@ mod harness;
 mod malformed;
 #[path = "e2e/outage.rs"]
 mod outage;
+#[path = "e2e/purge.rs"]
+mod purge;
+#[path = "e2e/readiness.rs"]
+mod readiness;
 
 use harness::{
     Engine, Index, Ingester, Peer, SEED, batch, bind_endpoint, cleared, connecting, gpu, keys,
