@@ -27,9 +27,10 @@ use anyhow::Context;
 use shared::events::{Topic, parse_topic_with_prefix};
 use shared::health::{Check, Readiness};
 use shared::index::AnyIndex;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 /// Either replay client, so one worker type serves both configurations.
@@ -66,6 +67,19 @@ pub async fn run(
     env: impl Fn(&str) -> Option<String>,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    run_with_targets(args, env, metrics, shutdown, None).await
+}
+
+/// [`run`], with the connect-mode endpoint set given by the caller instead
+/// of resolved from `--zmq-connect` (`None`: resolved). Tests use it to move
+/// a publisher out of the set, as a DNS change would.
+pub async fn run_with_targets(
+    args: RunArgs,
+    env: impl Fn(&str) -> Option<String>,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    shutdown: CancellationToken,
+    targets: Option<watch::Receiver<BTreeSet<String>>>,
 ) -> anyhow::Result<()> {
     args.validate().map_err(anyhow::Error::msg)?;
     let keys = args.keys.scheme().context("key scheme")?;
@@ -140,7 +154,9 @@ pub async fn run(
     });
 
     // Connect-mode targets, resolved and sharded across replicas.
-    let connect = if args.zmq_connect.is_empty() {
+    let connect = if targets.is_some() {
+        targets
+    } else if args.zmq_connect.is_empty() {
         None
     } else {
         let targets = Discovery::parse(&args.zmq_connect).context("--zmq-connect")?;

@@ -21,6 +21,8 @@
 //! - SIGTERM: the queues are drained, and failed writes retried, until
 //!   `--drain-timeout`; the process exits 0.
 
+#[path = "e2e/gone.rs"]
+mod gone;
 #[path = "e2e/harness.rs"]
 mod harness;
 #[path = "e2e/malformed.rs"]
