@@ -71,6 +71,8 @@ pub struct RunArgs {
     /// `{host}` standing for the pod's IP, e.g. `tcp://{host}:5558`
     /// (vLLM's `replay_endpoint`); data-parallel rank r is asked at the
     /// port + r, where vLLM binds it. Without it gaps are counted and logged.
+    /// Also used to rebuild a pod whose operations were dropped during a
+    /// Redis outage, from what vLLM still buffers, once it has been cleared.
     #[arg(long, env = "KVROUTE_REPLAY_ENDPOINT")]
     pub replay_endpoint: Option<String>,
     /// Give up on a replay after this long.

@@ -129,10 +129,10 @@ async fn run_worker<I: Index, R: Replayer>(
                         Err(_) => break,
                     }
                 }
-                w.flush().await;
+                flush_and_rebuild(&mut w).await;
             }
             _ = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() => {
-                w.flush().await;
+                flush_and_rebuild(&mut w).await;
             }
         }
     }
@@ -155,6 +155,15 @@ async fn run_worker<I: Index, R: Replayer>(
         );
     } else {
         tracing::debug!(worker = id, "worker drained");
+    }
+}
+
+/// Writes what is pending; once that includes the clear of a shed pod, asks
+/// the pod's replay socket for what it still buffers and writes that too
+/// (see `worker/rebuild.rs`).
+async fn flush_and_rebuild<I: Index, R: Replayer>(w: &mut Worker<I, R>) {
+    if w.flush().await && w.rebuild_due() && w.rebuild_from_replay().await > 0 {
+        w.flush().await;
     }
 }
 

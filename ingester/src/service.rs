@@ -58,6 +58,13 @@ impl Replayer for AnyReplayer {
             AnyReplayer::Router(r) => r.fetch_rank(topic, rank, from).await,
         }
     }
+
+    fn can_replay(&self) -> bool {
+        match self {
+            AnyReplayer::None(r) => r.can_replay(),
+            AnyReplayer::Router(r) => r.can_replay(),
+        }
+    }
 }
 
 /// Runs the ingester until `shutdown` is cancelled. `env` reads environment
