@@ -104,11 +104,12 @@ pub struct RunArgs {
     /// bind mode are not affected (see `--purge-silent-after`). Unset: never.
     #[arg(long, env = "KVROUTE_PURGE_AFTER", value_parser = parse_duration)]
     pub purge_after: Option<Duration>,
-    /// Purge a pod that has published nothing for this long, in either mode
-    /// (bind mode's only signal that a pod went away). vLLM publishes only
-    /// when its cache changes, so an idle pod is silent too and loses its
-    /// entries until it stores again: set this above the longest idle period
-    /// worth routing for. Unset (the default): never.
+    /// Purge a pod that has published nothing for this long (bind mode's
+    /// only signal that a pod went away; in connect mode a connected pod
+    /// counts as alive). vLLM publishes only when its cache changes, so an
+    /// idle bind-mode pod is silent too and loses its entries until it stores
+    /// again: set this above the longest idle period worth routing for.
+    /// Unset (the default): never.
     #[arg(long, env = "KVROUTE_PURGE_SILENT_AFTER", value_parser = parse_duration)]
     pub purge_silent_after: Option<Duration>,
 }

@@ -12,13 +12,16 @@
 //!   pod that names itself differently from the address we dial is never
 //!   mistaken for gone. Pods heard only in bind mode are never "gone": there
 //!   is no set for them to leave.
-//! - **silent** (`--purge-silent-after`): a pod that published nothing at
-//!   all for this long, in either mode. This is the only signal bind mode has
-//!   (the pods dial us; ZeroMQ does not say which connection carried which
-//!   topic). vLLM publishes only when its cache changes and sends no
-//!   heartbeat, so an *idle* pod is silent too: its entries go, and come back
-//!   only as it stores blocks again. That costs cache misses, never a
-//!   misroute; set the time above the longest idle period worth routing for.
+//! - **silent** (`--purge-silent-after`): a pod that gave no sign of life
+//!   for this long. vLLM publishes only when its cache changes and sends no
+//!   heartbeat. In connect mode the ingester's connection to the pod is the
+//!   sign of life: a pod counts as heard while its socket is connected, so
+//!   only a pod both silent and unreachable for this long is purged (an idle
+//!   pod keeps its entries). In bind mode the pods dial us and ZeroMQ does
+//!   not say which connection carried which topic, so published batches are
+//!   the only signal and an *idle* pod is silent too: its entries go, and
+//!   come back only as it stores blocks again. That costs cache misses, never
+//!   a misroute; set the time above the longest idle period worth routing for.
 //!
 //! Automatic purges clear the pod and the data-parallel ranks this process
 //! saw (the workers expand the endpoint), not every rank found in Redis: a
@@ -28,6 +31,7 @@
 
 use crate::metrics as m;
 use crate::pipeline::Purger;
+use crate::socket::SocketStats;
 use parking_lot::Mutex;
 use shared::ids::PodId;
 use std::collections::{BTreeSet, HashMap};
@@ -157,6 +161,8 @@ pub struct Sweeper {
     policy: PurgePolicy,
     /// Per pod: since when its connect endpoint has been out of the set.
     gone_since: HashMap<String, Instant>,
+    /// Per connect-mode pod: the last sweep that found its socket connected.
+    alive_at: HashMap<String, Instant>,
 }
 
 impl Sweeper {
@@ -164,25 +170,36 @@ impl Sweeper {
         Sweeper {
             policy,
             gone_since: HashMap::new(),
+            alive_at: HashMap::new(),
         }
     }
 
     /// The pods to purge now. `live` is the connect set (`None`: no connect
-    /// mode, so nothing can be gone).
+    /// mode, so nothing can be gone); `connected` says whether the
+    /// connect-mode socket to an endpoint is connected now.
     pub fn sweep(
         &mut self,
         heard: &[(String, Heard)],
         live: Option<&BTreeSet<String>>,
+        connected: impl Fn(&str) -> bool,
         now: Instant,
     ) -> Vec<(String, Reason)> {
-        self.gone_since
-            .retain(|pod, _| heard.iter().any(|(p, _)| p == pod));
+        let tracked = |pod: &String| heard.iter().any(|(p, _)| p == pod);
+        self.gone_since.retain(|pod, _| tracked(pod));
+        self.alive_at.retain(|pod, _| tracked(pod));
         let mut out = Vec::new();
         for (pod, h) in heard {
+            if let Via::Connect(e) = &h.via
+                && connected(e)
+            {
+                self.alive_at.insert(pod.clone(), now);
+            }
+            let last = self.alive_at.get(pod).map_or(h.at, |a| (*a).max(h.at));
             if let Some(after) = self.policy.silent_after
-                && now.saturating_duration_since(h.at) >= after
+                && now.saturating_duration_since(last) >= after
             {
                 self.gone_since.remove(pod);
+                self.alive_at.remove(pod);
                 out.push((pod.clone(), Reason::Silent));
                 continue;
             }
@@ -212,6 +229,7 @@ pub fn spawn(
     policy: PurgePolicy,
     heard: LastHeard,
     targets: Option<watch::Receiver<BTreeSet<String>>>,
+    sockets: Arc<SocketStats>,
     purger: Purger,
     shutdown: CancellationToken,
 ) {
@@ -227,7 +245,8 @@ pub fn spawn(
             let snapshot = heard.snapshot();
             let live = targets.as_ref().map(|t| t.borrow().clone());
             let now = Instant::now();
-            for (pod, reason) in sweeper.sweep(&snapshot, live.as_ref(), now) {
+            let connected = |e: &str| sockets.is_connected(e);
+            for (pod, reason) in sweeper.sweep(&snapshot, live.as_ref(), connected, now) {
                 let last = snapshot
                     .iter()
                     .find(|(p, _)| *p == pod)
@@ -272,6 +291,11 @@ mod tests {
 
     const S: Duration = Duration::from_secs(1);
 
+    /// No connect-mode socket is connected.
+    fn no(_: &str) -> bool {
+        false
+    }
+
     fn heard(pod: &str, at: Instant, via: Via) -> (String, Heard) {
         (pod.to_owned(), Heard { at, via })
     }
@@ -301,8 +325,8 @@ mod tests {
                 Via::Connect("tcp://127.0.0.13:5557".into()),
             ),
         ];
-        assert!(s.sweep(&h, None, t0 + 9 * S).is_empty());
-        let mut got = s.sweep(&h, None, t0 + 10 * S);
+        assert!(s.sweep(&h, None, no, t0 + 9 * S).is_empty());
+        let mut got = s.sweep(&h, None, no, t0 + 10 * S);
         got.sort();
         assert_eq!(
             got,
@@ -310,6 +334,33 @@ mod tests {
                 ("127.0.0.11:8000".into(), Reason::Silent),
                 ("127.0.0.13:8000".into(), Reason::Silent)
             ]
+        );
+    }
+
+    #[test]
+    fn a_connected_connect_mode_pod_is_not_silent_until_it_disconnects() {
+        let t0 = Instant::now();
+        let mut s = Sweeper::new(PurgePolicy {
+            gone_after: None,
+            silent_after: Some(10 * S),
+        });
+        let e = "tcp://127.0.0.14:5557";
+        let h = vec![
+            heard("127.0.0.14:8000", t0, Via::Connect(e.into())),
+            heard("127.0.0.15:8000", t0, Via::Bind),
+        ];
+        let up = |x: &str| x == e;
+        // Idle but connected: kept; the bind-mode pod has only its batches.
+        assert_eq!(
+            s.sweep(&h, None, up, t0 + 30 * S),
+            vec![("127.0.0.15:8000".into(), Reason::Silent)]
+        );
+        let h = &h[..1];
+        // Disconnected from t0+30: silent counts from there.
+        assert!(s.sweep(h, None, no, t0 + 39 * S).is_empty());
+        assert_eq!(
+            s.sweep(h, None, no, t0 + 40 * S),
+            vec![("127.0.0.14:8000".into(), Reason::Silent)]
         );
     }
 
@@ -328,15 +379,15 @@ mod tests {
         let with_a: BTreeSet<String> = [a.clone()].into();
         let without: BTreeSet<String> = BTreeSet::new();
         // In the set, however long silent: kept (silence is not this rule).
-        assert!(s.sweep(&h, Some(&with_a), t0 + 100 * S).is_empty());
+        assert!(s.sweep(&h, Some(&with_a), no, t0 + 100 * S).is_empty());
         // Out of the set from t0+100: purged 10 s later, not before.
-        assert!(s.sweep(&h, Some(&without), t0 + 100 * S).is_empty());
-        assert!(s.sweep(&h, Some(&without), t0 + 109 * S).is_empty());
+        assert!(s.sweep(&h, Some(&without), no, t0 + 100 * S).is_empty());
+        assert!(s.sweep(&h, Some(&without), no, t0 + 109 * S).is_empty());
         // Back in the set resets the clock.
-        assert!(s.sweep(&h, Some(&with_a), t0 + 109 * S).is_empty());
-        assert!(s.sweep(&h, Some(&without), t0 + 115 * S).is_empty());
+        assert!(s.sweep(&h, Some(&with_a), no, t0 + 109 * S).is_empty());
+        assert!(s.sweep(&h, Some(&without), no, t0 + 115 * S).is_empty());
         assert_eq!(
-            s.sweep(&h, Some(&without), t0 + 125 * S),
+            s.sweep(&h, Some(&without), no, t0 + 125 * S),
             vec![("127.0.0.21:8000".into(), Reason::Gone)]
         );
         // Without connect mode nothing is ever gone.
@@ -344,7 +395,7 @@ mod tests {
             gone_after: Some(S),
             silent_after: None,
         });
-        assert!(s.sweep(&h, None, t0 + 1000 * S).is_empty());
+        assert!(s.sweep(&h, None, no, t0 + 1000 * S).is_empty());
     }
 
     #[test]

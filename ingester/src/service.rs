@@ -227,6 +227,7 @@ pub async fn run_with_targets(
             policy,
             heard.clone(),
             purge_targets,
+            stats.clone(),
             workers.purger(),
             shutdown.clone(),
         );

@@ -20,7 +20,9 @@ const PURGES: &str = "kvroute_ingester_purges_total";
 /// Bind mode has no pod list: a pod that published nothing for
 /// `--purge-silent-after` is purged, one that keeps publishing is kept, and
 /// `--purge-after` (the connect set) never touches pods heard in bind mode.
-/// A purged pod that publishes again is indexed again.
+/// A purged pod that publishes again is indexed again. In connect mode the
+/// connection is the sign of life: an idle pod is kept while connected and
+/// purged once it has been unreachable that long.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_pods_are_purged_active_and_connect_pods_are_kept() {
     let redis = redis();
@@ -37,10 +39,10 @@ async fn silent_pods_are_purged_active_and_connect_pods_are_kept() {
     );
 
     // C publishes on its own socket, which the ingester dials (connect mode),
-    // and keeps publishing.
+    // once, then idles.
     let pc = Peer::spawn(json!({
         "topic": topic(c, model), "pub": "tcp://127.0.0.1:0", "await_subscriber_ms": 8000,
-        "steps": [store(&c_tokens)], "forever_interval_ms": 150,
+        "steps": [store(&c_tokens)],
     }))
     .await;
     let zmq = bind_endpoint();
@@ -94,12 +96,8 @@ async fn silent_pods_are_purged_active_and_connect_pods_are_kept() {
     );
     idx.assert("B, still publishing, kept", &kb, &[&gpu(b)])
         .await;
-    idx.assert(
-        "C, in the connect set and publishing, kept",
-        &kc,
-        &[&gpu(c)],
-    )
-    .await;
+    idx.assert("C, idle but connected, kept", &kc, &[&gpu(c)])
+        .await;
     assert_eq!(ing.metric(PURGES, &[("reason", "silent")]).await, 1.0);
     assert_eq!(ing.metric(PURGES, &[("reason", "gone")]).await, 0.0);
 
@@ -108,7 +106,14 @@ async fn silent_pods_are_purged_active_and_connect_pods_are_kept() {
     pa.resume("again").await;
     idx.expect("A indexed again", &keys(SCHEME, &a_again), &[&gpu(a)])
         .await;
-    for p in [pa, pb, pc] {
+
+    // C goes away: unreachable and silent, it is purged after the time.
+    pc.kill().await;
+    let killed = Instant::now();
+    idx.expect("C purged once unreachable", &kc, &[]).await;
+    assert!(killed.elapsed() >= Duration::from_millis(1400));
+    idx.assert("B kept", &kb, &[&gpu(b)]).await;
+    for p in [pa, pb] {
         p.kill().await;
     }
 }
