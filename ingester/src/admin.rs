@@ -7,6 +7,9 @@
 //! them) and the ranks registered in the index (`kvroute:pods`), which an
 //! ingester that restarted, or another replica, wrote. The response lists
 //! the pod ids purged.
+//!
+//! The server starts before the index is connected (so `/readyz` can say
+//! what is missing); until the workers run, a purge answers 503.
 
 use crate::metrics as m;
 use crate::pipeline::Purger;
@@ -19,35 +22,40 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use shared::health::Readiness;
 use shared::ids::PodId;
 use shared::index::AnyIndex;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 #[derive(serde::Deserialize)]
 struct PurgeQuery {
     pod: String,
 }
 
+/// What the admin API acts through, available once the workers run.
 #[derive(Clone)]
-struct AdminState {
-    purger: Purger,
+pub struct Admin {
+    pub purger: Purger,
     /// Read for the registry of pods (ranks of an endpoint), never written
     /// here: purges go through the workers, in order with pending events.
-    index: Arc<AnyIndex>,
+    pub index: Arc<AnyIndex>,
 }
+
+/// Filled by the service when the workers start; empty before.
+pub type AdminSlot = Arc<OnceLock<Admin>>;
 
 /// The full router: health endpoints and the admin API.
-pub fn router(
-    readiness: Readiness,
-    metrics: Option<PrometheusHandle>,
-    purger: Purger,
-    index: Arc<AnyIndex>,
-) -> Router {
-    let admin = Router::new()
+pub fn router(readiness: Readiness, metrics: Option<PrometheusHandle>, admin: AdminSlot) -> Router {
+    let api = Router::new()
         .route("/admin/purge", post(purge))
-        .with_state(AdminState { purger, index });
-    shared::health::router(readiness, metrics).merge(admin)
+        .with_state(admin);
+    shared::health::router(readiness, metrics).merge(api)
 }
 
-async fn purge(State(s): State<AdminState>, Query(q): Query<PurgeQuery>) -> (StatusCode, String) {
+async fn purge(State(slot): State<AdminSlot>, Query(q): Query<PurgeQuery>) -> (StatusCode, String) {
+    let Some(s) = slot.get() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the index is not connected yet; retry later\n".into(),
+        );
+    };
     let pod = q.pod.trim();
     if pod.is_empty() || pod.contains('@') {
         return (

@@ -76,7 +76,7 @@ impl Workers {
     /// A cheap handle for other tasks (admin API) to purge pods.
     pub fn purger(&self) -> Purger {
         Purger {
-            senders: self.senders.clone(),
+            senders: self.senders.iter().map(mpsc::Sender::downgrade).collect(),
         }
     }
 
@@ -95,16 +95,21 @@ impl Workers {
     }
 }
 
-/// Sends purges to every worker; held by the admin API.
+/// Sends purges to every worker; held by the admin API and the purge
+/// sweeper. Weak senders: a handle still held somewhere must not keep the
+/// queues open, or shutdown would wait forever for the workers to drain.
 #[derive(Clone)]
 pub struct Purger {
-    senders: Vec<mpsc::Sender<Command>>,
+    senders: Vec<mpsc::WeakSender<Command>>,
 }
 
 impl Purger {
+    /// Purges on every worker; a no-op once the workers shut down.
     pub async fn purge(&self, pod: &PodId) {
         for tx in &self.senders {
-            let _ = tx.send(Command::Purge(pod.clone())).await;
+            if let Some(tx) = tx.upgrade() {
+                let _ = tx.send(Command::Purge(pod.clone())).await;
+            }
         }
     }
 }

@@ -101,6 +101,18 @@ pub async fn run_with_targets(
         .await
         .with_context(|| format!("binding the admin address {}", args.http_addr))?;
     tracing::info!(addr = %args.http_addr, "admin HTTP listening (/healthz /readyz /metrics /admin/purge)");
+    // Served from now on, so `/readyz` explains a startup waiting for Redis.
+    let admin_slot = admin::AdminSlot::default();
+    let http_shutdown = shutdown.clone();
+    let app = admin::router(readiness.clone(), metrics, admin_slot.clone());
+    let http = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "admin HTTP server failed");
+        }
+    });
 
     tracing::info!(
         index = %args.redis.describe(&env),
@@ -113,7 +125,9 @@ pub async fn run_with_targets(
         "starting kvroute-ingester"
     );
     let Some(index) = open_index(&args, &env, &shutdown).await? else {
-        return Ok(()); // shut down before the index came up
+        // Shut down before the index came up.
+        let _ = http.await;
+        return Ok(());
     };
     let index = Arc::new(index);
     redis_ok.pass();
@@ -149,15 +163,9 @@ pub async fn run_with_targets(
         .collect();
     let workers = Workers::start(workers, args.queue, args.drain_timeout);
 
-    let http_shutdown = shutdown.clone();
-    let app = admin::router(readiness.clone(), metrics, workers.purger(), index.clone());
-    let http = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "admin HTTP server failed");
-        }
+    let _ = admin_slot.set(admin::Admin {
+        purger: workers.purger(),
+        index: index.clone(),
     });
 
     // Connect-mode targets, resolved and sharded across replicas.

@@ -242,6 +242,13 @@ impl Ingester {
 
     /// Starts the binary with exactly `args` (plus Redis, HTTP and keys).
     pub async fn start_raw(redis_url: &str, args: &[&str], zmq: String) -> Ingester {
+        let ing = Self::spawn(redis_url, args, zmq);
+        ing.wait_ready(true).await;
+        ing
+    }
+
+    /// [`Ingester::start_raw`] without waiting for readiness.
+    pub fn spawn(redis_url: &str, args: &[&str], zmq: String) -> Ingester {
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let child = Command::new(env!("CARGO_BIN_EXE_kvroute-ingester"))
             .args(["--redis-url", redis_url, "--http-addr", &http.to_string()])
@@ -254,9 +261,7 @@ impl Ingester {
             .kill_on_drop(true)
             .spawn()
             .expect("start kvroute-ingester");
-        let ing = Ingester { child, http, zmq };
-        ing.wait_ready(true).await;
-        ing
+        Ingester { child, http, zmq }
     }
 
     /// Waits until `/readyz` is 200 (`true`) or 503 (`false`).

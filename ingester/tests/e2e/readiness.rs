@@ -2,7 +2,9 @@
 //! (out of memory) makes the ingester unready with the reason in the body,
 //! and so does a Redis that is gone; both recover once writes succeed.
 
-use super::harness::{Engine, Ingester, Peer, SEED, batch, connecting, gpu, keys, tokens, topic};
+use super::harness::{
+    Engine, Ingester, Peer, SEED, batch, bind_endpoint, connecting, gpu, keys, tokens, topic,
+};
 use super::{index, redis};
 use serde_json::json;
 use shared::keys::HashScheme;
@@ -87,4 +89,36 @@ async fn readyz_follows_failing_writes_and_a_lost_redis_then_recovers() {
     let body = ing.wait_readyz(200, &[]).await;
     assert_eq!(body, "index: ok\nwrites: ok\nsockets: ok\n");
     peer.kill().await;
+}
+
+/// Started while Redis is down: unready, saying that the index is not
+/// connected and the sockets not bound yet (they bind once the index is
+/// up); ready once Redis answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_explains_a_startup_waiting_for_redis() {
+    let mut redis = redis();
+    redis.kill();
+    let ing = Ingester::spawn(
+        &redis.url(),
+        &[
+            "--zmq-bind",
+            &bind_endpoint(),
+            "--hash-scheme",
+            SCHEME.as_str(),
+        ],
+        String::new(),
+    );
+    let body = ing
+        .wait_readyz(
+            503,
+            &[
+                "index: failing: not connected yet\n",
+                "sockets: failing: not bound yet\n",
+            ],
+        )
+        .await;
+    assert!(body.contains("writes: "), "{body}");
+    redis.restart().expect("restart redis-server");
+    let body = ing.wait_readyz(200, &[]).await;
+    assert_eq!(body, "index: ok\nwrites: ok\nsockets: ok\n");
 }
