@@ -1,9 +1,19 @@
 //! The ingester's HTTP surface: `/healthz`, `/readyz`, `/metrics` (from
 //! `shared::health`) plus `POST /admin/purge?pod=<pod-id>`, which removes a
 //! pod's entries from the index in order with its pending events.
+//!
+//! A pod id without a data-parallel rank (`127.0.0.11:8000`) purges every
+//! rank of that endpoint: the ranks this process heard (the workers know
+//! them) and the ranks registered in the index (`kvroute:pods`), which an
+//! ingester that restarted, or another replica, wrote. The response lists
+//! the pod ids purged.
+//!
+//! The server starts before the index is connected (so `/readyz` can say
+//! what is missing); until the workers run, a purge answers 503.
 
 use crate::metrics as m;
 use crate::pipeline::Purger;
+use crate::purge::with_ranks;
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
@@ -11,21 +21,41 @@ use axum::routing::post;
 use metrics_exporter_prometheus::PrometheusHandle;
 use shared::health::Readiness;
 use shared::ids::PodId;
+use shared::index::AnyIndex;
+use std::sync::{Arc, OnceLock};
 
 #[derive(serde::Deserialize)]
 struct PurgeQuery {
     pod: String,
 }
 
-/// The full router: health endpoints and the admin API.
-pub fn router(readiness: Readiness, metrics: Option<PrometheusHandle>, purger: Purger) -> Router {
-    let admin = Router::new()
-        .route("/admin/purge", post(purge))
-        .with_state(purger);
-    shared::health::router(readiness, metrics).merge(admin)
+/// What the admin API acts through, available once the workers run.
+#[derive(Clone)]
+pub struct Admin {
+    pub purger: Purger,
+    /// Read for the registry of pods (ranks of an endpoint), never written
+    /// here: purges go through the workers, in order with pending events.
+    pub index: Arc<AnyIndex>,
 }
 
-async fn purge(State(purger): State<Purger>, Query(q): Query<PurgeQuery>) -> (StatusCode, String) {
+/// Filled by the service when the workers start; empty before.
+pub type AdminSlot = Arc<OnceLock<Admin>>;
+
+/// The full router: health endpoints and the admin API.
+pub fn router(readiness: Readiness, metrics: Option<PrometheusHandle>, admin: AdminSlot) -> Router {
+    let api = Router::new()
+        .route("/admin/purge", post(purge))
+        .with_state(admin);
+    shared::health::router(readiness, metrics).merge(api)
+}
+
+async fn purge(State(slot): State<AdminSlot>, Query(q): Query<PurgeQuery>) -> (StatusCode, String) {
+    let Some(s) = slot.get() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the index is not connected yet; retry later\n".into(),
+        );
+    };
     let pod = q.pod.trim();
     if pod.is_empty() || pod.contains('@') {
         return (
@@ -33,8 +63,24 @@ async fn purge(State(purger): State<Purger>, Query(q): Query<PurgeQuery>) -> (St
             "pod must be a pod id like 127.0.0.11:8000\n".into(),
         );
     }
-    purger.purge(&PodId::new(pod)).await;
-    metrics::counter!(m::PURGES, "reason" => "admin").increment(1);
-    tracing::info!(pod, "purge requested over the admin API");
-    (StatusCode::ACCEPTED, format!("purging {pod}\n"))
+    let target = PodId::new(pod);
+    let mut body = String::new();
+    let known = match s.index.known_pods().await {
+        Ok(k) => k,
+        Err(e) => {
+            // Still purge what this process knows; say what could not be read.
+            tracing::warn!(pod, error = %e, "pod registry unreadable: purging the ranks this process heard");
+            body.push_str(&format!(
+                "warning: pod registry unreadable ({e}); ranks only other ingesters heard are not purged\n"
+            ));
+            Vec::new()
+        }
+    };
+    for p in with_ranks(&target, &known) {
+        s.purger.purge(&p).await;
+        metrics::counter!(m::PURGES, "reason" => "admin").increment(1);
+        tracing::info!(pod = %p, "purge requested over the admin API");
+        body.push_str(&format!("purging {p}\n"));
+    }
+    (StatusCode::ACCEPTED, body)
 }

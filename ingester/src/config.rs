@@ -71,6 +71,8 @@ pub struct RunArgs {
     /// `{host}` standing for the pod's IP, e.g. `tcp://{host}:5558`
     /// (vLLM's `replay_endpoint`); data-parallel rank r is asked at the
     /// port + r, where vLLM binds it. Without it gaps are counted and logged.
+    /// Also used to rebuild a pod whose operations were dropped during a
+    /// Redis outage, from what vLLM still buffers, once it has been cleared.
     #[arg(long, env = "KVROUTE_REPLAY_ENDPOINT")]
     pub replay_endpoint: Option<String>,
     /// Give up on a replay after this long.
@@ -97,10 +99,19 @@ pub struct RunArgs {
     /// Grace period to drain queues on SIGTERM.
     #[arg(long, env = "KVROUTE_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
-    /// Purge a pod once it has been out of the `--zmq-connect` set this long
-    /// (connect mode); unset: never.
+    /// Purge a pod once the `--zmq-connect` endpoint it was heard on has been
+    /// out of the connect set (DNS, replica shard) this long; pods heard in
+    /// bind mode are not affected (see `--purge-silent-after`). Unset: never.
     #[arg(long, env = "KVROUTE_PURGE_AFTER", value_parser = parse_duration)]
     pub purge_after: Option<Duration>,
+    /// Purge a pod that has published nothing for this long (bind mode's
+    /// only signal that a pod went away; in connect mode a connected pod
+    /// counts as alive). vLLM publishes only when its cache changes, so an
+    /// idle bind-mode pod is silent too and loses its entries until it stores
+    /// again: set this above the longest idle period worth routing for.
+    /// Unset (the default): never.
+    #[arg(long, env = "KVROUTE_PURGE_SILENT_AFTER", value_parser = parse_duration)]
+    pub purge_silent_after: Option<Duration>,
 }
 
 impl RunArgs {
@@ -125,6 +136,11 @@ impl RunArgs {
         }
         if self.replicas == 0 {
             return Err("--replicas must be at least 1".into());
+        }
+        if self.purge_after.is_some_and(|d| d.is_zero())
+            || self.purge_silent_after.is_some_and(|d| d.is_zero())
+        {
+            return Err("--purge-after and --purge-silent-after must be above zero".into());
         }
         if let Some(t) = &self.replay_endpoint
             && !t.contains("{host}")
@@ -194,6 +210,25 @@ mod tests {
         ])
         .expect("parse");
         assert!(cli.run.validate().is_err());
+        let cli = Cli::try_parse_from([
+            "x",
+            "--zmq-bind",
+            "tcp://127.0.0.1:1",
+            "--purge-silent-after",
+            "0s",
+        ])
+        .expect("parse");
+        assert!(cli.run.validate().is_err());
+        let cli = Cli::try_parse_from([
+            "x",
+            "--zmq-bind",
+            "tcp://127.0.0.1:1",
+            "--purge-silent-after",
+            "10m",
+        ])
+        .expect("parse");
+        assert_eq!(cli.run.purge_silent_after, Some(Duration::from_secs(600)));
+        assert!(cli.run.validate().is_ok());
     }
 
     #[test]

@@ -3,6 +3,10 @@
 //!
 //! socket (frames) -> `shared::events` (decode) -> [`order`] (sequence: gap,
 //! restart, duplicate) -> [`keys`] (router keys from token ids) -> index.
+//!
+//! Around it: [`service`] wires the stages, [`writes`] turns write outcomes
+//! into readiness, [`purge`] removes pods that went away without saying so,
+//! [`admin`] serves health, metrics and the operator's purge.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -11,8 +15,10 @@ pub mod keys;
 pub mod metrics;
 pub mod order;
 pub mod pipeline;
+pub mod purge;
 pub mod replay;
 pub mod service;
 pub mod socket;
 pub mod targets;
 pub mod worker;
+pub mod writes;

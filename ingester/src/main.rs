@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use ingester::config::RunArgs;
+use ingester::purge::with_ranks;
 use shared::config::RedisArgs;
 use shared::ids::PodId;
 use shared::index::{Index, IndexOp};
@@ -26,11 +27,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Remove every index entry of the given pods (e.g. a pod that was
-    /// decommissioned while no ingester was running).
+    /// decommissioned while no ingester was running). A pod id without a
+    /// rank also removes every data-parallel rank (`#dpN`) of that endpoint
+    /// registered in the index.
     Purge {
         #[command(flatten)]
         redis: RedisArgs,
-        /// Pod ids as they appear in the index (`127.0.0.5:8000`).
+        /// Pod ids as they appear in the index (`127.0.0.5:8000`,
+        /// `127.0.0.5:8000#dp1`).
         #[arg(required = true)]
         pods: Vec<String>,
     },
@@ -69,12 +73,27 @@ async fn purge(redis: RedisArgs, pods: Vec<String>) -> anyhow::Result<()> {
         );
     }
     let index = redis.open(env).await?;
-    let ops: Vec<IndexOp> = pods
+    // The registry of pods: ranks of an endpoint that no running process
+    // may know of (this one has heard nothing).
+    let known = index.known_pods().await?;
+    let mut targets: Vec<PodId> = Vec::new();
+    for p in &pods {
+        let p = p.trim();
+        if p.is_empty() || p.contains('@') {
+            anyhow::bail!("{p:?} is not a pod id (like 127.0.0.5:8000)");
+        }
+        for t in with_ranks(&PodId::new(p), &known) {
+            if !targets.contains(&t) {
+                targets.push(t);
+            }
+        }
+    }
+    let ops: Vec<IndexOp> = targets
         .iter()
-        .map(|p| IndexOp::ClearPod { pod: PodId::new(p) })
+        .map(|p| IndexOp::ClearPod { pod: p.clone() })
         .collect();
     index.apply(&ops).await?;
-    for p in &pods {
+    for p in &targets {
         println!("purged {p}");
     }
     Ok(())

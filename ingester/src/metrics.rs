@@ -34,3 +34,7 @@ pub const QUEUE_DEPTH: &str = "kvroute_ingester_queue_depth";
 pub const PENDING_OPS: &str = "kvroute_ingester_pending_ops";
 /// Pods purged (admin call, CLI, or gone from the candidate set), by `reason`.
 pub const PURGES: &str = "kvroute_ingester_purges_total";
+/// Shed pods rebuilt from their replay buffer after their clear, by `outcome` (ok, error).
+pub const REBUILDS: &str = "kvroute_ingester_rebuilds_total";
+/// Batches applied by those rebuilds.
+pub const REBUILT_BATCHES: &str = "kvroute_ingester_rebuilt_batches_total";

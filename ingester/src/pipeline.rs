@@ -76,7 +76,7 @@ impl Workers {
     /// A cheap handle for other tasks (admin API) to purge pods.
     pub fn purger(&self) -> Purger {
         Purger {
-            senders: self.senders.clone(),
+            senders: self.senders.iter().map(mpsc::Sender::downgrade).collect(),
         }
     }
 
@@ -95,16 +95,21 @@ impl Workers {
     }
 }
 
-/// Sends purges to every worker; held by the admin API.
+/// Sends purges to every worker; held by the admin API and the purge
+/// sweeper. Weak senders: a handle still held somewhere must not keep the
+/// queues open, or shutdown would wait forever for the workers to drain.
 #[derive(Clone)]
 pub struct Purger {
-    senders: Vec<mpsc::Sender<Command>>,
+    senders: Vec<mpsc::WeakSender<Command>>,
 }
 
 impl Purger {
+    /// Purges on every worker; a no-op once the workers shut down.
     pub async fn purge(&self, pod: &PodId) {
         for tx in &self.senders {
-            let _ = tx.send(Command::Purge(pod.clone())).await;
+            if let Some(tx) = tx.upgrade() {
+                let _ = tx.send(Command::Purge(pod.clone())).await;
+            }
         }
     }
 }
@@ -129,10 +134,10 @@ async fn run_worker<I: Index, R: Replayer>(
                         Err(_) => break,
                     }
                 }
-                w.flush().await;
+                flush_and_rebuild(&mut w).await;
             }
             _ = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() => {
-                w.flush().await;
+                flush_and_rebuild(&mut w).await;
             }
         }
     }
@@ -155,6 +160,15 @@ async fn run_worker<I: Index, R: Replayer>(
         );
     } else {
         tracing::debug!(worker = id, "worker drained");
+    }
+}
+
+/// Writes what is pending; once that includes the clear of a shed pod, asks
+/// the pod's replay socket for what it still buffers and writes that too
+/// (see `worker/rebuild.rs`).
+async fn flush_and_rebuild<I: Index, R: Replayer>(w: &mut Worker<I, R>) {
+    if w.flush().await && w.rebuild_due() && w.rebuild_from_replay().await > 0 {
+        w.flush().await;
     }
 }
 

@@ -6,25 +6,30 @@
 //! Startup order: metrics and the admin server first (so `/healthz` answers
 //! and `/readyz` explains what is missing), then the index (retried until
 //! Redis answers), then the workers, then the sockets.
+//!
+//! `/readyz` checks: `index` (every master answers PING), `writes` (the last
+//! index writes did not all fail, see [`crate::writes`]) and `sockets` (every
+//! bind address bound and the sockets still running). A failing check prints
+//! its reason.
 
 use crate::admin;
 use crate::config::RunArgs;
 use crate::keys::Keyer;
 use crate::metrics as m;
 use crate::pipeline::Workers;
+use crate::purge::{self, LastHeard, PurgePolicy};
 use crate::replay::{ReplayOptions, RouterReplayer};
 use crate::socket::{self, Malformed, RawBatch, SocketConfig, SocketStats, SubOptions};
 use crate::targets::{Discovery, Shard};
 use crate::worker::{Incoming, NoReplay, Replayer, Worker, WorkerConfig};
+use crate::writes::WatchedIndex;
 use anyhow::Context;
 use shared::events::{Topic, parse_topic_with_prefix};
 use shared::health::{Check, Readiness};
-use shared::ids::PodId;
 use shared::index::AnyIndex;
-use std::collections::{BTreeSet, HashMap};
-use std::net::IpAddr;
+use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -53,6 +58,13 @@ impl Replayer for AnyReplayer {
             AnyReplayer::Router(r) => r.fetch_rank(topic, rank, from).await,
         }
     }
+
+    fn can_replay(&self) -> bool {
+        match self {
+            AnyReplayer::None(r) => r.can_replay(),
+            AnyReplayer::Router(r) => r.can_replay(),
+        }
+    }
 }
 
 /// Runs the ingester until `shutdown` is cancelled. `env` reads environment
@@ -63,16 +75,44 @@ pub async fn run(
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    run_with_targets(args, env, metrics, shutdown, None).await
+}
+
+/// [`run`], with the connect-mode endpoint set given by the caller instead
+/// of resolved from `--zmq-connect` (`None`: resolved). Tests use it to move
+/// a publisher out of the set, as a DNS change would.
+pub async fn run_with_targets(
+    args: RunArgs,
+    env: impl Fn(&str) -> Option<String>,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    shutdown: CancellationToken,
+    targets: Option<watch::Receiver<BTreeSet<String>>>,
+) -> anyhow::Result<()> {
     args.validate().map_err(anyhow::Error::msg)?;
     let keys = args.keys.scheme().context("key scheme")?;
     let readiness = Readiness::default();
     let redis_ok = readiness.check("index");
+    let writes_ok = readiness.check("writes");
     let sockets_ok = readiness.check("sockets");
+    redis_ok.fail("not connected yet");
+    sockets_ok.fail("not bound yet");
 
     let listener = tokio::net::TcpListener::bind(args.http_addr)
         .await
         .with_context(|| format!("binding the admin address {}", args.http_addr))?;
     tracing::info!(addr = %args.http_addr, "admin HTTP listening (/healthz /readyz /metrics /admin/purge)");
+    // Served from now on, so `/readyz` explains a startup waiting for Redis.
+    let admin_slot = admin::AdminSlot::default();
+    let http_shutdown = shutdown.clone();
+    let app = admin::router(readiness.clone(), metrics, admin_slot.clone());
+    let http = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "admin HTTP server failed");
+        }
+    });
 
     tracing::info!(
         index = %args.redis.describe(&env),
@@ -85,10 +125,13 @@ pub async fn run(
         "starting kvroute-ingester"
     );
     let Some(index) = open_index(&args, &env, &shutdown).await? else {
-        return Ok(()); // shut down before the index came up
+        // Shut down before the index came up.
+        let _ = http.await;
+        return Ok(());
     };
     let index = Arc::new(index);
-    redis_ok.set(true);
+    redis_ok.pass();
+    let watched = Arc::new(WatchedIndex::new(index.clone(), writes_ok));
 
     let keyer = Keyer::new(keys, args.chain_cache);
     let worker_config = WorkerConfig {
@@ -111,7 +154,7 @@ pub async fn run(
                 None => AnyReplayer::None(NoReplay),
             };
             Worker::new(
-                index.clone(),
+                watched.clone(),
                 keyer.clone(),
                 replayer,
                 worker_config.clone(),
@@ -120,19 +163,15 @@ pub async fn run(
         .collect();
     let workers = Workers::start(workers, args.queue, args.drain_timeout);
 
-    let http_shutdown = shutdown.clone();
-    let app = admin::router(readiness.clone(), metrics, workers.purger());
-    let http = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "admin HTTP server failed");
-        }
+    let _ = admin_slot.set(admin::Admin {
+        purger: workers.purger(),
+        index: index.clone(),
     });
 
     // Connect-mode targets, resolved and sharded across replicas.
-    let connect = if args.zmq_connect.is_empty() {
+    let connect = if targets.is_some() {
+        targets
+    } else if args.zmq_connect.is_empty() {
         None
     } else {
         let targets = Discovery::parse(&args.zmq_connect).context("--zmq-connect")?;
@@ -150,6 +189,10 @@ pub async fn run(
         )
     };
     let purge_targets = connect.clone();
+    let policy = PurgePolicy {
+        gone_after: args.purge_after,
+        silent_after: args.purge_silent_after,
+    };
 
     let stats = Arc::new(SocketStats::default());
     let (tx, mut rx) = mpsc::channel::<RawBatch>(args.queue);
@@ -163,23 +206,36 @@ pub async fn run(
     };
     let socket_shutdown = shutdown.clone();
     let socket_stats = stats.clone();
+    let socket_check = sockets_ok.clone();
     let sockets = tokio::spawn(async move {
-        let r = socket::run(socket_config, tx, socket_stats, socket_shutdown.clone()).await;
-        if let Err(e) = &r {
-            tracing::error!(error = %e, "sockets stopped");
-            socket_shutdown.cancel();
+        let up = socket_check.clone();
+        let r = socket::run_with(
+            socket_config,
+            tx,
+            socket_stats,
+            socket_shutdown.clone(),
+            move || up.pass(),
+        )
+        .await;
+        match &r {
+            Err(e) => {
+                tracing::error!(error = %e, "sockets stopped");
+                socket_check.fail(format!("sockets stopped: {e}"));
+                socket_shutdown.cancel();
+            }
+            Ok(()) => socket_check.fail("sockets stopped: shutdown"),
         }
         r
     });
-    sockets_ok.set(true);
 
     spawn_health(index.clone(), redis_ok, stats.clone(), shutdown.clone());
-    let seen: Arc<parking_lot::Mutex<HashMap<String, Instant>>> = Default::default();
-    if let (Some(after), Some(targets)) = (args.purge_after, purge_targets) {
-        spawn_purger(
-            after,
-            targets,
-            seen.clone(),
+    let heard = policy.is_enabled().then(LastHeard::default);
+    if let Some(heard) = &heard {
+        purge::spawn(
+            policy,
+            heard.clone(),
+            purge_targets,
+            stats.clone(),
             workers.purger(),
             shutdown.clone(),
         );
@@ -188,8 +244,10 @@ pub async fn run(
     // Dispatcher: runs until the sockets stop and the channel drains.
     let prefix = worker_config.topic_prefix.clone();
     while let Some(batch) = rx.recv().await {
-        if let Ok(t) = parse_topic_with_prefix(&batch.topic, &prefix) {
-            seen.lock().insert(t.pod, Instant::now());
+        if let Some(heard) = &heard
+            && let Ok(t) = parse_topic_with_prefix(&batch.topic, &prefix)
+        {
+            heard.record(&t.pod, &batch.source, tokio::time::Instant::now());
         }
         let msg = Incoming {
             topic: batch.topic,
@@ -201,7 +259,7 @@ pub async fn run(
         }
         metrics::gauge!(m::QUEUE_DEPTH).set(workers.queued() as f64);
     }
-    sockets_ok.set(false);
+    sockets_ok.fail("shutting down");
     tracing::info!(grace = ?args.drain_timeout, "draining worker queues");
     workers.shutdown().await;
     let sockets = sockets.await;
@@ -251,7 +309,10 @@ fn spawn_health(
     tokio::spawn(async move {
         loop {
             if let AnyIndex::Redis(r) = index.as_ref() {
-                redis_ok.set(r.ping().await.is_ok());
+                match r.ping().await {
+                    Ok(_) => redis_ok.pass(),
+                    Err(e) => redis_ok.fail(format!("PING failed: {e}")),
+                }
             }
             let s = stats.snapshot();
             metrics::counter!("kvroute_ingester_messages_received_total").absolute(s.received);
@@ -268,55 +329,6 @@ fn spawn_health(
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-        }
-    });
-}
-
-/// Purges pods whose IP has been out of the connect targets for `after`.
-fn spawn_purger(
-    after: Duration,
-    targets: watch::Receiver<BTreeSet<String>>,
-    seen: Arc<parking_lot::Mutex<HashMap<String, Instant>>>,
-    purger: crate::pipeline::Purger,
-    shutdown: CancellationToken,
-) {
-    tokio::spawn(async move {
-        let mut gone_since: HashMap<String, Instant> = HashMap::new();
-        loop {
-            let live: BTreeSet<IpAddr> = targets
-                .borrow()
-                .iter()
-                .filter_map(|e| {
-                    e.trim_start_matches("tcp://")
-                        .parse::<std::net::SocketAddr>()
-                        .ok()
-                })
-                .map(|a| a.ip())
-                .collect();
-            let pods: Vec<String> = seen.lock().keys().cloned().collect();
-            for pod in pods {
-                let ip = pod
-                    .parse::<std::net::SocketAddr>()
-                    .map(|a| a.ip())
-                    .or_else(|_| pod.parse::<IpAddr>());
-                let Ok(ip) = ip else { continue };
-                if live.contains(&ip) {
-                    gone_since.remove(&pod);
-                    continue;
-                }
-                let since = *gone_since.entry(pod.clone()).or_insert_with(Instant::now);
-                if since.elapsed() >= after {
-                    tracing::info!(%pod, gone_for = ?since.elapsed(), "pod left the publisher set: purging");
-                    metrics::counter!(m::PURGES, "reason" => "gone").increment(1);
-                    purger.purge(&PodId::new(&pod)).await;
-                    gone_since.remove(&pod);
-                    seen.lock().remove(&pod);
-                }
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(Duration::from_secs(5).min(after)) => {}
             }
         }
     });

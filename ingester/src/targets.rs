@@ -298,7 +298,7 @@ mod tests {
         let endpoints: Vec<String> = (0..500)
             .map(|i| {
                 format!(
-                    "tcp://10.{}.{}.{}:5557",
+                    "tcp://127.{}.{}.{}:5557",
                     i / 65536,
                     (i / 256) % 256,
                     i % 256

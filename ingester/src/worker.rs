@@ -10,9 +10,10 @@
 //! bounded; past the bound the oldest pod's operations are dropped and the pod
 //! is marked for a clear-and-rebuild: the next successful write clears it
 //! (before its next operations, or on its own if the pod has gone quiet), and
-//! its blocks come back as the engine stores them again (dropped batches are
-//! not replayed): a missing entry only costs a cache miss, a stale one
-//! misroutes.
+//! its blocks come back as the engine stores them again: a missing entry only
+//! costs a cache miss, a stale one misroutes. With a replay endpoint, once
+//! the clear is written the pod is also rebuilt from what its replay buffer
+//! still holds ([`rebuild`]).
 
 use crate::keys::Keyer;
 use crate::metrics as m;
@@ -24,6 +25,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+mod rebuild;
 
 /// A message as the sockets deliver it.
 #[derive(Debug, Clone)]
@@ -55,6 +58,12 @@ pub trait Replayer: Send + Sync {
         let _ = rank;
         self.fetch(topic, from)
     }
+
+    /// Whether a replay can be asked at all (false: no replay endpoint, so a
+    /// cleared pod is not rebuilt and refills as it stores blocks again).
+    fn can_replay(&self) -> bool {
+        true
+    }
 }
 
 /// The no-replay configuration: gaps are counted and logged.
@@ -63,6 +72,10 @@ pub struct NoReplay;
 impl Replayer for NoReplay {
     async fn fetch(&self, _: &Topic, _: u64) -> Result<Vec<(u64, Vec<u8>)>, String> {
         Err("no replay endpoint configured".into())
+    }
+
+    fn can_replay(&self) -> bool {
+        false
     }
 }
 
@@ -112,6 +125,11 @@ pub struct Worker<I, R = NoReplay> {
     pending_ts: VecDeque<f64>,
     /// Pods whose operations were dropped: cleared before their next write.
     dirty: HashSet<PodId>,
+    /// Each pod's streams (one per topic and data-parallel rank), so a shed
+    /// pod can be asked for its replay buffer ([`rebuild`]).
+    streams: HashMap<PodId, Vec<rebuild::Stream>>,
+    /// Shed pods to rebuild from replay once their clear has been written.
+    rebuild: HashSet<PodId>,
     retry_at: Option<Instant>,
     retry_delay: Duration,
 }
@@ -129,6 +147,8 @@ impl<I: Index, R: Replayer> Worker<I, R> {
             pending: Vec::new(),
             pending_ts: VecDeque::new(),
             dirty: HashSet::new(),
+            streams: HashMap::new(),
+            rebuild: HashSet::new(),
             retry_at: None,
             retry_delay,
         }
@@ -173,6 +193,7 @@ impl<I: Index, R: Replayer> Worker<I, R> {
             None => msg.topic.clone(),
         };
         let pod = topic.pod_id(batch.data_parallel_rank);
+        self.note_stream(&pod, &topic, batch.data_parallel_rank, &stream);
         let verdict = self.seqs.observe(&stream, msg.seq);
         metrics::counter!(m::BATCHES, "verdict" => verdict.as_label()).increment(1);
         match &verdict {
@@ -322,6 +343,7 @@ impl<I: Index, R: Replayer> Worker<I, R> {
         self.pending.retain(|(p, _)| *p != victim);
         metrics::counter!(m::DROPPED_OPS).increment((before - self.pending.len()) as u64);
         tracing::warn!(pod = %victim, dropped = before - self.pending.len(), "index unreachable too long: pod marked for clear-and-rebuild");
+        self.rebuild.insert(victim.clone());
         self.dirty.insert(victim);
     }
 
@@ -395,6 +417,8 @@ impl<I: Index, R: Replayer> Worker<I, R> {
         for t in targets {
             self.pending.retain(|(p, _)| *p != t);
             self.dirty.remove(&t);
+            self.rebuild.remove(&t);
+            self.streams.remove(&t);
             self.pods.remove(&t);
             self.pending.push((t.clone(), IndexOp::ClearPod { pod: t }));
         }

@@ -14,19 +14,36 @@
 //!   `--max-pending-ops`; past it the oldest pod's ops are dropped and that
 //!   pod is cleared before its next write); `/readyz` is 503 meanwhile; the
 //!   pending ops are written once Redis answers again. A restarted Redis is
-//!   EMPTY: whatever was written before the outage is gone and nothing
-//!   rebuilds it (the ingester cannot tell a restart from a reconnect), so
-//!   the index then holds only what was published during and after the
-//!   outage until the pods store those blocks again.
+//!   EMPTY: whatever was written before the outage is gone (the ingester
+//!   cannot tell a restart from a reconnect), so without replay the index
+//!   then holds only what was published during and after the outage until
+//!   the pods store those blocks again. With a replay endpoint, a pod that
+//!   was shed is cleared and then rebuilt from its replay buffer
+//!   (`rebuild.rs`).
 //! - SIGTERM: the queues are drained, and failed writes retried, until
 //!   `--drain-timeout`; the process exits 0.
+//! - `/readyz` fails with a reason while writes fail although PING answers
+//!   (Redis out of memory) and while Redis is gone; it recovers with the
+//!   first successful write (`readiness.rs`).
+//! - Purges without an event: a pod silent for `--purge-silent-after`; the
+//!   operator's purge of an endpoint clears ranks only Redis knows
+//!   (`purge.rs`); a pod whose endpoint left the connect set, after
+//!   `--purge-after` (`gone.rs`).
 
+#[path = "e2e/gone.rs"]
+mod gone;
 #[path = "e2e/harness.rs"]
 mod harness;
 #[path = "e2e/malformed.rs"]
 mod malformed;
 #[path = "e2e/outage.rs"]
 mod outage;
+#[path = "e2e/purge.rs"]
+mod purge;
+#[path = "e2e/readiness.rs"]
+mod readiness;
+#[path = "e2e/rebuild.rs"]
+mod rebuild;
 
 use harness::{
     Engine, Index, Ingester, Peer, SEED, batch, bind_endpoint, cleared, connecting, gpu, keys,

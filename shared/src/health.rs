@@ -3,8 +3,10 @@
 //!
 //! Liveness is unconditional (the process answers). Readiness is the AND of
 //! named checks that components flip as their state changes (the ingester:
-//! Redis reachable, sockets bound); the scorer never lets Redis decide its
-//! readiness, because it still routes by load without it.
+//! Redis reachable, index writes succeeding, sockets bound); the scorer never
+//! lets Redis decide its readiness, because it still routes by load without
+//! it. A failing check may carry a reason, printed by `/readyz`, so an
+//! operator reading a 503 learns why without searching the logs.
 
 use axum::Router;
 use axum::extract::State;
@@ -17,14 +19,46 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// One readiness condition, owned by the component that knows it.
 #[derive(Debug, Clone)]
-pub struct Check(Arc<AtomicBool>);
+pub struct Check(Arc<CheckState>);
+
+#[derive(Debug)]
+struct CheckState {
+    ok: AtomicBool,
+    /// Why the check fails (empty: no reason given). A mutex rather than an
+    /// atomic pointer: written when the state changes, read per `/readyz`.
+    reason: Mutex<String>,
+}
 
 impl Check {
+    /// Passes (`true`) or fails without a reason (`false`).
     pub fn set(&self, ok: bool) {
-        self.0.store(ok, Ordering::Relaxed);
+        if ok {
+            self.pass();
+        } else {
+            self.fail("");
+        }
     }
+
+    /// Passes; any earlier reason is forgotten.
+    pub fn pass(&self) {
+        self.0.ok.store(true, Ordering::Relaxed);
+        self.0.reason.lock().clear();
+    }
+
+    /// Fails, saying why (`/readyz` prints it after the check's name).
+    pub fn fail(&self, reason: impl Into<String>) {
+        let reason = reason.into();
+        *self.0.reason.lock() = reason;
+        self.0.ok.store(false, Ordering::Relaxed);
+    }
+
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0.ok.load(Ordering::Relaxed)
+    }
+
+    /// The reason given with the last [`Check::fail`] (empty when passing).
+    pub fn reason(&self) -> String {
+        self.0.reason.lock().clone()
     }
 }
 
@@ -37,7 +71,10 @@ pub struct Readiness {
 impl Readiness {
     /// Registers a check, initially failing.
     pub fn check(&self, name: &'static str) -> Check {
-        let c = Check(Arc::new(AtomicBool::new(false)));
+        let c = Check(Arc::new(CheckState {
+            ok: AtomicBool::new(false),
+            reason: Mutex::new(String::new()),
+        }));
         self.checks.lock().push((name, c.clone()));
         c
     }
@@ -51,7 +88,18 @@ impl Readiness {
             let pass = c.get();
             ok &= pass;
             text.push_str(name);
-            text.push_str(if pass { ": ok\n" } else { ": failing\n" });
+            if pass {
+                text.push_str(": ok\n");
+            } else {
+                let reason = c.reason();
+                if reason.is_empty() {
+                    text.push_str(": failing\n");
+                } else {
+                    text.push_str(": failing: ");
+                    text.push_str(&reason);
+                    text.push('\n');
+                }
+            }
         }
         (ok, text)
     }
@@ -108,5 +156,14 @@ mod tests {
         let (ok, text) = r.report();
         assert!(ok);
         assert_eq!(text, "redis: ok\nsockets: ok\n");
+        redis.fail("3 writes in a row failed");
+        let (ok, text) = r.report();
+        assert!(!ok);
+        assert_eq!(
+            text,
+            "redis: failing: 3 writes in a row failed\nsockets: ok\n"
+        );
+        redis.pass();
+        assert_eq!(r.report(), (true, "redis: ok\nsockets: ok\n".into()));
     }
 }

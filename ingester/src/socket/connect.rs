@@ -20,7 +20,7 @@
 //! the endpoint set (see `crate::targets`) then removes it.
 
 use super::intake::{Intake, Stop};
-use super::stats::{Gauge, GaugeGuard, SocketStats};
+use super::stats::{ConnectedGuard, Gauge, GaugeGuard, SocketStats};
 use super::{RawBatch, SocketError, SubOptions};
 use futures::StreamExt;
 use std::collections::{BTreeSet, HashMap};
@@ -190,6 +190,7 @@ impl Endpoint {
             failures = 0;
             let lost = {
                 let _peer = GaugeGuard::new(&self.stats, Gauge::ConnectPeers);
+                let _up = ConnectedGuard::new(&self.stats, &self.endpoint);
                 self.receive(&mut socket, &mut monitor, &mut intake).await
             };
             // Dropping the socket also stops the crate's own reconnect task.

@@ -3,7 +3,7 @@
 //!
 //! | file | purpose |
 //! |---|---|
-//! | `mod.rs` | [`RawBatch`], [`SubOptions`], [`SocketError`], [`run`] (both modes) |
+//! | `mod.rs` | [`RawBatch`], [`SubOptions`], [`SocketError`], [`run`] (both modes), [`run_with`] |
 //! | `bind.rs` | [`BoundSub`]: one SUB bound to every `--zmq-bind` address; pods connect |
 //! | `connect.rs` | [`run_connect`]: one supervised SUB per publisher endpoint |
 //! | `intake.rs` | frames -> [`RawBatch`], the topic check, backpressure |
@@ -130,6 +130,18 @@ pub async fn run(
     stats: Arc<SocketStats>,
     shutdown: CancellationToken,
 ) -> Result<(), SocketError> {
+    run_with(config, out, stats, shutdown, || {}).await
+}
+
+/// [`run`], calling `up` once every bind succeeded and receiving starts: the
+/// service's readiness says "sockets up" from then on, not before.
+pub async fn run_with(
+    config: SocketConfig,
+    out: mpsc::Sender<RawBatch>,
+    stats: Arc<SocketStats>,
+    shutdown: CancellationToken,
+    up: impl FnOnce(),
+) -> Result<(), SocketError> {
     if config.bind.is_empty() && config.connect.is_none() {
         return Err(SocketError::NothingToDo);
     }
@@ -140,6 +152,7 @@ pub async fn run(
         tracing::info!(endpoints = ?b.endpoints(), filter = %config.options.topic_filter, "SUB bound; publishers connect here");
         Some(b)
     };
+    up();
     let bind_task = async {
         match bound {
             Some(b) => b.run(out.clone(), stats.clone(), shutdown.clone()).await,

@@ -2,7 +2,9 @@
 //! relaxed add per message and the metrics module (or a test) reads them
 //! whenever it likes through [`SocketStats::snapshot`].
 
+use parking_lot::Mutex;
 use shared::events::FrameError;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Why a message was skipped before decoding; a metric label.
@@ -58,6 +60,13 @@ pub struct SocketStats {
     bind_peers: AtomicU64,
     connect_peers: AtomicU64,
     connect_endpoints: AtomicU64,
+    /// Connect-mode endpoints with a live connection right now. Read by the
+    /// purge sweeper: a connection is the only sign of life an idle vLLM
+    /// gives (it publishes nothing while its cache does not change). A
+    /// mutex: changed per connect and disconnect, read per sweep. Counted,
+    /// because an endpoint that leaves and re-enters the set may briefly
+    /// have an old and a new connection.
+    connected: Mutex<HashMap<String, usize>>,
 }
 
 /// A point-in-time copy of [`SocketStats`].
@@ -129,6 +138,11 @@ impl SocketStats {
         }
     }
 
+    /// Whether the connect-mode socket to `endpoint` is connected now.
+    pub fn is_connected(&self, endpoint: &str) -> bool {
+        self.connected.lock().get(endpoint).is_some_and(|n| *n > 0)
+    }
+
     pub(super) fn connect_failed(&self) {
         self.connect_failures.fetch_add(1, Relaxed);
     }
@@ -164,6 +178,35 @@ impl<'a> GaugeGuard<'a> {
 impl Drop for GaugeGuard<'_> {
     fn drop(&mut self) {
         decrement(self.0);
+    }
+}
+
+/// Marks a connect-mode endpoint connected while held (every exit path).
+pub(super) struct ConnectedGuard<'a> {
+    stats: &'a SocketStats,
+    endpoint: &'a str,
+}
+
+impl<'a> ConnectedGuard<'a> {
+    pub(super) fn new(stats: &'a SocketStats, endpoint: &'a str) -> Self {
+        *stats
+            .connected
+            .lock()
+            .entry(endpoint.to_owned())
+            .or_default() += 1;
+        ConnectedGuard { stats, endpoint }
+    }
+}
+
+impl Drop for ConnectedGuard<'_> {
+    fn drop(&mut self) {
+        let mut connected = self.stats.connected.lock();
+        if let Some(n) = connected.get_mut(self.endpoint) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                connected.remove(self.endpoint);
+            }
+        }
     }
 }
 

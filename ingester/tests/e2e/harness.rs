@@ -174,6 +174,17 @@ impl Index {
             .map_err(|e| e.to_string())
     }
 
+    /// Any command, for tests that change the server under the ingester
+    /// (`CONFIG SET maxmemory 1`).
+    pub async fn command(&self, args: &[&str]) -> Result<redis::Value, String> {
+        let mut c = self.conn().await?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query_async(&mut c).await.map_err(|e| e.to_string())
+    }
+
     /// `Ok` when every key's holders are exactly `fields`.
     pub async fn check(&self, keys: &[BlockKey], fields: &[&str]) -> Result<(), String> {
         let want: BTreeSet<String> = fields.iter().map(|f| f.to_string()).collect();
@@ -231,6 +242,13 @@ impl Ingester {
 
     /// Starts the binary with exactly `args` (plus Redis, HTTP and keys).
     pub async fn start_raw(redis_url: &str, args: &[&str], zmq: String) -> Ingester {
+        let ing = Self::spawn(redis_url, args, zmq);
+        ing.wait_ready(true).await;
+        ing
+    }
+
+    /// [`Ingester::start_raw`] without waiting for readiness.
+    pub fn spawn(redis_url: &str, args: &[&str], zmq: String) -> Ingester {
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let child = Command::new(env!("CARGO_BIN_EXE_kvroute-ingester"))
             .args(["--redis-url", redis_url, "--http-addr", &http.to_string()])
@@ -243,9 +261,7 @@ impl Ingester {
             .kill_on_drop(true)
             .spawn()
             .expect("start kvroute-ingester");
-        let ing = Ingester { child, http, zmq };
-        ing.wait_ready(true).await;
-        ing
+        Ingester { child, http, zmq }
     }
 
     /// Waits until `/readyz` is 200 (`true`) or 503 (`false`).
@@ -256,6 +272,20 @@ impl Ingester {
             match http(addr, "GET", "/readyz").await {
                 Ok((code, _)) if code == want => Ok(()),
                 Ok((code, body)) => Err(format!("{code} {body}")),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+    }
+
+    /// Waits until `/readyz` answers `code` with a body containing every
+    /// one of `parts` (the failing checks' reasons); returns the body.
+    pub async fn wait_readyz(&self, code: u16, parts: &[&str]) -> String {
+        let addr = self.http;
+        until(&format!("/readyz {code} with {parts:?}"), || async move {
+            match http(addr, "GET", "/readyz").await {
+                Ok((c, body)) if c == code && parts.iter().all(|p| body.contains(p)) => Ok(body),
+                Ok((c, body)) => Err(format!("{c} {body}")),
                 Err(e) => Err(e),
             }
         })

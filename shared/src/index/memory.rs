@@ -206,6 +206,19 @@ impl MemoryIndex {
         }
     }
 
+    /// Every pod holding at least one block, sorted (the memory twin of the
+    /// Redis registry, [`crate::index::redis::RedisIndex::known_pods`]).
+    pub fn known_pods(&self) -> Vec<PodId> {
+        let mut pods: Vec<PodId> = self
+            .shards
+            .iter()
+            .flat_map(|s| s.read().pods.keys().cloned().collect::<Vec<_>>())
+            .collect();
+        pods.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        pods.dedup();
+        pods
+    }
+
     /// How lookups find prefixes from now on.
     pub fn set_lookup_mode(&self, mode: LookupMode) {
         self.lookup.set_mode(mode);

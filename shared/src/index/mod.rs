@@ -80,6 +80,16 @@ impl AnyIndex {
             AnyIndex::Redis(r) => r.set_lookup_mode(mode),
         }
     }
+
+    /// Every pod id the index knows of (Redis: the `kvroute:pods` registry,
+    /// which keeps pods that no longer hold anything; memory: pods holding
+    /// blocks), sorted.
+    pub async fn known_pods(&self) -> Result<Vec<PodId>, IndexError> {
+        match self {
+            AnyIndex::Memory(m) => Ok(m.known_pods()),
+            AnyIndex::Redis(r) => r.known_pods().await,
+        }
+    }
 }
 
 impl Index for AnyIndex {

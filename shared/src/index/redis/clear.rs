@@ -130,3 +130,44 @@ pub(super) async fn clear_pod(
     }
     Ok(())
 }
+
+impl RedisIndex {
+    /// Every pod id in the registry `kvroute:pods` (every pod that ever
+    /// stored a block, by any ingester, in any process lifetime), sorted.
+    /// An operator's purge of an endpoint reads it to find data-parallel
+    /// ranks (`ip:port#dpN`) that the purging process never heard.
+    pub async fn known_pods(&self) -> Result<Vec<PodId>, IndexError> {
+        let wave = self
+            .conns
+            .run(vec![Call {
+                slot: slots::key_slot(layout::PODS_KEY.as_bytes()),
+                cmd: redis::cmd("SMEMBERS").arg(layout::PODS_KEY).clone(),
+            }])
+            .await?;
+        let mut pods: Vec<PodId> = match wave.replies.into_iter().next() {
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .filter_map(|v| match v {
+                    Value::BulkString(b) => String::from_utf8(b).ok().map(PodId::new),
+                    _ => None,
+                })
+                .collect(),
+            // RESP3 servers answer SMEMBERS with a set.
+            Some(Value::Set(items)) => items
+                .into_iter()
+                .filter_map(|v| match v {
+                    Value::BulkString(b) => String::from_utf8(b).ok().map(PodId::new),
+                    _ => None,
+                })
+                .collect(),
+            other => {
+                return Err(IndexError::Reply(format!(
+                    "SMEMBERS {} returned {other:?}",
+                    layout::PODS_KEY
+                )));
+            }
+        };
+        pods.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        Ok(pods)
+    }
+}

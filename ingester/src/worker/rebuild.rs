@@ -1,0 +1,325 @@
+//! Clear-and-rebuild from replay: a pod whose operations were shed during a
+//! Redis outage is cleared at the next successful write (see the worker's
+//! module doc); that leaves the index without the blocks the pod still holds
+//! until it stores them again. vLLM keeps its last batches (`buffer_steps`)
+//! for its replay socket, so once the clear is written the worker asks for
+//! all of them (from sequence 0: vLLM answers from its oldest buffered batch)
+//! and applies, in order, those up to the last batch it has seen live. The
+//! later ones arrive live, in order; applying them here too could apply a
+//! store after the removal that follows it.
+//!
+//! Correctness does not depend on how far back the buffer reaches: every
+//! replayed batch is applied in publication order after the clear, so a
+//! removal in the buffer always follows the stores before it; a block stored
+//! before the buffer's start stays missing (a miss, never a stale entry).
+//!
+//! The rebuild is all or nothing per pod: if a write fails midway, the pod's
+//! replayed operations are dropped and it is marked again for a clear and a
+//! later rebuild, because a prefix of the buffer alone could hold a store
+//! whose removal is in the part not written.
+
+use super::{Replayer, Worker};
+use crate::metrics as m;
+use shared::events::{Topic, decode_batch};
+use shared::ids::PodId;
+use shared::index::Index;
+
+/// One publisher stream of a pod: its topic, data-parallel rank and the key
+/// the sequence tracker knows it by.
+#[derive(Debug, Clone)]
+pub(super) struct Stream {
+    topic: Topic,
+    rank: Option<u32>,
+    key: String,
+}
+
+impl<I: Index, R: Replayer> Worker<I, R> {
+    /// Remembers a stream of `pod` (a pod publishes one per topic and rank).
+    pub(super) fn note_stream(&mut self, pod: &PodId, topic: &Topic, rank: Option<u32>, key: &str) {
+        let streams = self.streams.entry(pod.clone()).or_default();
+        if !streams.iter().any(|s| s.key == key) {
+            streams.push(Stream {
+                topic: topic.clone(),
+                rank,
+                key: key.to_owned(),
+            });
+        }
+    }
+
+    /// Whether a shed pod waits for its rebuild and its clear has been
+    /// written (nothing is pending any more).
+    pub fn rebuild_due(&self) -> bool {
+        !self.rebuild.is_empty() && self.pending.is_empty() && self.dirty.is_empty()
+    }
+
+    /// Rebuilds every shed pod whose clear has been written from its replay
+    /// buffer; returns the batches applied (pending until the next flush).
+    pub async fn rebuild_from_replay(&mut self) -> u64 {
+        if !self.rebuild_due() {
+            return 0;
+        }
+        let pods: Vec<PodId> = self.rebuild.drain().collect();
+        if !self.replayer.can_replay() {
+            return 0;
+        }
+        let mut total = 0;
+        for pod in pods {
+            total += self.rebuild_pod(&pod).await;
+        }
+        total
+    }
+
+    async fn rebuild_pod(&mut self, pod: &PodId) -> u64 {
+        let streams = self.streams.get(pod).cloned().unwrap_or_default();
+        let mut applied = 0u64;
+        for s in streams {
+            let Some(last) = self.seqs.last(&s.key) else {
+                continue;
+            };
+            let batches = match self.replayer.fetch_rank(&s.topic, s.rank, 0).await {
+                Ok(b) => b,
+                Err(e) => {
+                    metrics::counter!(m::REBUILDS, "outcome" => "error").increment(1);
+                    tracing::warn!(%pod, error = %e, "pod cleared but not rebuilt: replay failed");
+                    continue;
+                }
+            };
+            for (seq, payload) in batches {
+                if seq > last {
+                    continue;
+                }
+                match decode_batch(&payload) {
+                    Ok(b) if b.data_parallel_rank == s.rank => {
+                        // Keep the bound: write what is pending before it
+                        // fills, rather than shed the rebuild itself.
+                        if self.pending.len() >= self.config.max_pending_ops / 2
+                            && !self.flush().await
+                        {
+                            self.abandon_rebuild(pod);
+                            return 0;
+                        }
+                        self.apply_batch(&s.topic, pod, b);
+                        applied += 1;
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        metrics::counter!(m::MALFORMED, "reason" => "bad_replay_payload")
+                            .increment(1);
+                    }
+                }
+            }
+            metrics::counter!(m::REBUILDS, "outcome" => "ok").increment(1);
+            tracing::info!(%pod, up_to = last, "pod rebuilt from its replay buffer");
+        }
+        metrics::counter!(m::REBUILT_BATCHES).increment(applied);
+        applied
+    }
+
+    /// A write failed midway through a rebuild: drop the pod's replayed
+    /// operations and mark it for another clear and rebuild.
+    fn abandon_rebuild(&mut self, pod: &PodId) {
+        self.pending.retain(|(p, _)| p != pod);
+        self.dirty.insert(pod.clone());
+        self.rebuild.insert(pod.clone());
+        metrics::counter!(m::REBUILDS, "outcome" => "error").increment(1);
+        tracing::warn!(%pod, "rebuild interrupted by a failed write; the pod will be cleared and rebuilt again");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Incoming, Worker, WorkerConfig};
+    use super::*;
+    use crate::keys::Keyer;
+    use shared::events::{
+        BlockHash, BlockRemoved, BlockStored, Encoding, EventBatch, KvEvent, Topic, encode_batch,
+    };
+    use shared::ids::{BlockKey, ModelName};
+    use shared::index::memory::MemoryIndex;
+    use shared::index::{IndexError, IndexOp, Lookup};
+    use shared::keys::{ExtraKeys, HashScheme, KeyScheme};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    use std::time::Duration;
+
+    const TOPIC: &str = "kv@127.0.0.11:8000@m";
+
+    fn scheme() -> KeyScheme {
+        KeyScheme::new(HashScheme::Sha256Cbor64, "42", 4).expect("scheme")
+    }
+
+    /// A store of `tokens` (full blocks) from the root, hashed as vLLM would.
+    fn stored(tokens: &[u32]) -> KvEvent {
+        let keys = scheme().block_keys(tokens, ExtraKeys::NONE);
+        KvEvent::BlockStored(BlockStored {
+            block_hashes: keys.iter().map(|k| BlockHash::U64(k.0)).collect(),
+            token_ids: tokens.to_vec(),
+            block_size: 4,
+            ..Default::default()
+        })
+    }
+
+    /// The memory index behind a switch: while `down`, writes fail.
+    struct Flaky {
+        inner: MemoryIndex,
+        down: AtomicBool,
+    }
+
+    impl Index for Flaky {
+        async fn apply(&self, ops: &[IndexOp]) -> Result<(), IndexError> {
+            if self.down.load(Relaxed) {
+                return Err(IndexError::Topology("down".into()));
+            }
+            self.inner.apply(ops).await
+        }
+        async fn lookup(
+            &self,
+            model: &ModelName,
+            keys: &[BlockKey],
+            candidates: Option<&[PodId]>,
+        ) -> Result<Lookup, IndexError> {
+            self.inner.lookup(model, keys, candidates).await
+        }
+    }
+
+    /// A replay buffer: every batch published, as vLLM's ring holds them.
+    #[derive(Default)]
+    struct Buffer(parking_lot::Mutex<Vec<(u64, Vec<u8>)>>);
+
+    impl Replayer for Arc<Buffer> {
+        async fn fetch(&self, _: &Topic, from: u64) -> Result<Vec<(u64, Vec<u8>)>, String> {
+            Ok(self
+                .0
+                .lock()
+                .iter()
+                .filter(|(s, _)| *s >= from)
+                .cloned()
+                .collect())
+        }
+    }
+
+    fn publish(buffer: &Buffer, seq: u64, events: Vec<KvEvent>) -> Incoming {
+        let payload = encode_batch(
+            &EventBatch {
+                ts: 1.0,
+                events,
+                data_parallel_rank: None,
+            },
+            Encoding::Map,
+        );
+        buffer.0.lock().push((seq, payload.clone()));
+        Incoming {
+            topic: TOPIC.into(),
+            seq,
+            payload: payload.into(),
+        }
+    }
+
+    fn held(index: &Flaky, tokens: &[u32]) -> bool {
+        let keys = scheme().block_keys(tokens, ExtraKeys::NONE);
+        index
+            .inner
+            .lookup_sync(&ModelName::new("m"), &keys, None)
+            .max_depth()
+            > 0
+    }
+
+    #[tokio::test]
+    async fn a_shed_pod_is_rebuilt_from_its_replay_buffer_in_order() {
+        let index = Arc::new(Flaky {
+            inner: MemoryIndex::new(10_000),
+            down: false.into(),
+        });
+        let buffer = Arc::new(Buffer::default());
+        let config = WorkerConfig {
+            max_pending_ops: 3,
+            retry_min: Duration::ZERO,
+            ..WorkerConfig::default()
+        };
+        let mut w = Worker::new(
+            index.clone(),
+            Keyer::new(scheme(), 10_000),
+            buffer.clone(),
+            config,
+        );
+        let t: Vec<Vec<u32>> = (0..8u32).map(|i| (i * 4..i * 4 + 4).collect()).collect();
+        w.handle(publish(&buffer, 0, vec![stored(&t[0])])).await;
+        w.handle(publish(&buffer, 1, vec![stored(&t[1])])).await;
+        assert!(w.flush().await);
+        // Outage: the removal of t1 and the stores of t2.. overflow the bound.
+        index.down.store(true, Relaxed);
+        let key1 = scheme().block_keys(&t[1], ExtraKeys::NONE)[0];
+        let removed = KvEvent::BlockRemoved(BlockRemoved {
+            block_hashes: vec![BlockHash::U64(key1.0)],
+            medium: None,
+        });
+        w.handle(publish(&buffer, 2, vec![removed])).await;
+        for (i, tokens) in t.iter().enumerate().skip(2) {
+            w.handle(publish(&buffer, i as u64 + 1, vec![stored(tokens)]))
+                .await;
+            assert!(!w.flush().await);
+        }
+        assert!(w.rebuild.contains(&PodId::new("127.0.0.11:8000")));
+        // A batch the pod published that has not arrived live yet.
+        let late: Vec<u32> = (900..904).collect();
+        let _ = publish(&buffer, 9, vec![stored(&late)]);
+        // Redis back (empty, as after a restart without persistence).
+        index.down.store(false, Relaxed);
+        index.inner.apply_sync(&[IndexOp::ClearPod {
+            pod: PodId::new("127.0.0.11:8000"),
+        }]);
+        assert!(w.flush().await);
+        assert!(w.rebuild_due());
+        assert_eq!(w.rebuild_from_replay().await, 9);
+        assert!(w.flush().await);
+        assert!(held(&index, &t[0]), "t0 rebuilt");
+        assert!(
+            !held(&index, &t[1]),
+            "t1's removal replayed after its store"
+        );
+        for tokens in &t[2..] {
+            assert!(held(&index, tokens), "{tokens:?} rebuilt");
+        }
+        assert!(
+            !held(&index, &late),
+            "a batch not seen live is left to arrive live"
+        );
+        assert!(!w.rebuild_due());
+    }
+
+    #[tokio::test]
+    async fn without_a_replay_endpoint_nothing_is_asked() {
+        let index = Arc::new(MemoryIndex::new(100));
+        let config = WorkerConfig {
+            max_pending_ops: 1,
+            ..WorkerConfig::default()
+        };
+        let mut w = Worker::new(
+            index,
+            Keyer::new(scheme(), 100),
+            super::super::NoReplay,
+            config,
+        );
+        let a: Vec<u32> = (0..4).collect();
+        let b: Vec<u32> = (4..8).collect();
+        let m = |seq, t: &[u32]| Incoming {
+            topic: TOPIC.into(),
+            seq,
+            payload: encode_batch(
+                &EventBatch {
+                    ts: 1.0,
+                    events: vec![stored(t)],
+                    data_parallel_rank: None,
+                },
+                Encoding::Map,
+            )
+            .into(),
+        };
+        w.handle(m(0, &a)).await;
+        w.handle(m(1, &b)).await;
+        assert!(w.flush().await);
+        assert!(w.rebuild_due());
+        assert_eq!(w.rebuild_from_replay().await, 0);
+        assert!(!w.rebuild_due());
+    }
+}
