@@ -256,6 +256,14 @@ impl<I: Index, R: Replayer> Worker<I, R> {
             health.disagree += outcome.disagree;
             metrics::counter!(m::HASH_AGREEMENT, "agree" => "true").increment(outcome.agree);
             metrics::counter!(m::HASH_AGREEMENT, "agree" => "false").increment(outcome.disagree);
+            if outcome.removals_cached > 0 {
+                metrics::counter!(m::REMOVAL_RESOLUTION, "source" => "chain_cache")
+                    .increment(outcome.removals_cached);
+            }
+            if outcome.removals_uncached > 0 {
+                metrics::counter!(m::REMOVAL_RESOLUTION, "source" => "index")
+                    .increment(outcome.removals_uncached);
+            }
             if outcome.disagree > 0 && !health.warned {
                 health.warned = true;
                 self.warn_disagreement(pod, event);
