@@ -2,7 +2,8 @@
 //! leave as index operations, in per-pod publication order:
 //!
 //! socket (frames) -> `shared::events` (decode) -> [`order`] (sequence: gap,
-//! restart, duplicate) -> [`keys`] (router keys from token ids) -> index.
+//! restart, duplicate) -> [`keys`] (router keys from token ids) -> [`writes`]
+//! (index writes, several in flight, one per pod at a time) -> index.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -16,3 +17,4 @@ pub mod service;
 pub mod socket;
 pub mod targets;
 pub mod worker;
+pub mod writes;

@@ -1,12 +1,16 @@
 //! Stage wiring after the sockets: a dispatcher shards messages by FNV-1a of
 //! their topic onto ordering workers (so one pod's batches stay in order
-//! without cross-worker locks), each worker drains what has queued up into one
-//! index write, and shutdown drains the queues within a grace period.
+//! without cross-worker locks), each worker drains what has queued up into
+//! index writes (several in flight, never two for one pod: `writes.rs`) and
+//! keeps keying the next batches meanwhile, and shutdown drains the queues
+//! within a grace period.
 //!
-//! Every queue is bounded: when Redis is slow the workers fall behind, their
-//! queues fill, the dispatcher waits, the socket stops reading and ZeroMQ's
-//! high-water mark applies; the sequence numbers then show any loss as a gap,
-//! which replay refills.
+//! Every queue is bounded: when Redis is slow the workers fall behind (their
+//! writes in flight and the operations waiting behind them reach their
+//! bounds, and a worker stops taking batches), their queues fill, the
+//! dispatcher waits, the socket stops reading and ZeroMQ's high-water mark
+//! applies; the sequence numbers then show any loss as a gap, which replay
+//! refills.
 
 use crate::worker::{Incoming, Replayer, Worker};
 use shared::ids::PodId;
@@ -109,7 +113,7 @@ impl Purger {
     }
 }
 
-async fn run_worker<I: Index, R: Replayer>(
+async fn run_worker<I: Index + 'static, R: Replayer>(
     id: usize,
     mut w: Worker<I, R>,
     mut rx: mpsc::Receiver<Command>,
@@ -117,29 +121,39 @@ async fn run_worker<I: Index, R: Replayer>(
 ) {
     loop {
         let retry = w.retry_at().map(Instant::from_std);
+        let idle = w.in_flight() == 0;
         tokio::select! {
-            cmd = rx.recv() => {
+            cmd = rx.recv(), if w.can_accept() => {
                 let Some(cmd) = cmd else { break };
                 apply(&mut w, cmd).await;
                 // Opportunistic batching: whatever queued meanwhile goes into
-                // the same index write.
+                // the same index writes.
                 for _ in 0..DRAIN_BATCHES {
                     match rx.try_recv() {
                         Ok(cmd) => apply(&mut w, cmd).await,
                         Err(_) => break,
                     }
                 }
-                w.flush().await;
+                w.launch();
             }
-            _ = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() => {
-                w.flush().await;
+            Some(done) = w.next_done(), if !idle => {
+                w.complete(done);
+                w.launch();
+            }
+            _ = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() && idle => {
+                w.launch();
             }
         }
     }
     // Queue closed (shutdown): write what is left, retrying until the grace period ends.
     let deadline = Instant::now() + drain_timeout;
     while w.pending_ops() > 0 && Instant::now() < deadline {
-        if !w.flush().await {
+        w.launch();
+        if w.in_flight() > 0 {
+            if let Ok(Some(done)) = tokio::time::timeout_at(deadline, w.next_done()).await {
+                w.complete(done);
+            }
+        } else {
             let next = w
                 .retry_at()
                 .map(Instant::from_std)
@@ -158,7 +172,7 @@ async fn run_worker<I: Index, R: Replayer>(
     }
 }
 
-async fn apply<I: Index, R: Replayer>(w: &mut Worker<I, R>, cmd: Command) {
+async fn apply<I: Index + 'static, R: Replayer>(w: &mut Worker<I, R>, cmd: Command) {
     match cmd {
         Command::Batch(msg) => w.handle(msg).await,
         Command::Purge(pod) => w.purge(&pod),

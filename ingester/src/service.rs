@@ -99,6 +99,7 @@ pub async fn run(
             .unwrap_or("kv")
             .to_string(),
         max_pending_ops: args.max_pending_ops,
+        max_inflight_writes: args.max_inflight_writes,
         ..WorkerConfig::default()
     };
     let workers: Vec<_> = (0..args.workers)

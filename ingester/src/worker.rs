@@ -2,8 +2,9 @@
 //! by FNV-1a of the topic), which applies them in publication order:
 //!
 //! decode -> sequence verdict (replay a gap, clear on restart, drop a
-//! duplicate) -> keys -> pending operations -> one index write per drained
-//! burst of batches.
+//! duplicate) -> keys -> pending operations -> index writes, several in
+//! flight but at most one per pod (`writes.rs`: why that keeps each pod's
+//! order on every backend, and what an outage does).
 //!
 //! Redis outages: a failed write keeps its operations and is retried on an
 //! exponential backoff while batches keep arriving. Pending operations are
@@ -17,13 +18,14 @@
 use crate::keys::Keyer;
 use crate::metrics as m;
 use crate::order::{SeqTracker, SeqVerdict};
+use crate::writes::{Done, WriteConfig, Writes};
 use shared::events::{DecodedBatch, KvEvent, Topic, decode_batch, parse_topic_with_prefix};
 use shared::ids::PodId;
 use shared::index::{Index, IndexOp};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// A message as the sockets deliver it.
 #[derive(Debug, Clone)]
@@ -72,6 +74,9 @@ pub struct WorkerConfig {
     pub topic_prefix: String,
     /// Bound on operations held while the index is unreachable.
     pub max_pending_ops: usize,
+    /// Index writes in flight at once per worker, each carrying other pods
+    /// than the rest (one pod never has two: `writes.rs`).
+    pub max_inflight_writes: usize,
     /// First and maximum retry delay of a failed write.
     pub retry_min: Duration,
     pub retry_max: Duration,
@@ -82,8 +87,20 @@ impl Default for WorkerConfig {
         WorkerConfig {
             topic_prefix: "kv".into(),
             max_pending_ops: 100_000,
+            max_inflight_writes: 4,
             retry_min: Duration::from_millis(50),
             retry_max: Duration::from_secs(5),
+        }
+    }
+}
+
+impl WorkerConfig {
+    fn writes(&self) -> WriteConfig {
+        WriteConfig {
+            max_pending_ops: self.max_pending_ops,
+            max_inflight_writes: self.max_inflight_writes,
+            retry_min: self.retry_min,
+            retry_max: self.retry_max,
         }
     }
 }
@@ -97,56 +114,67 @@ struct PodHealth {
 }
 
 pub struct Worker<I, R = NoReplay> {
-    index: Arc<I>,
     keyer: Keyer,
     replayer: R,
     config: WorkerConfig,
     seqs: SeqTracker,
     pods: HashMap<PodId, PodHealth>,
-    /// Operations not yet written, in order, with the pod each belongs to.
-    pending: Vec<(PodId, IndexOp)>,
-    /// Publisher timestamps of the batches in `pending`: their lag to
-    /// "applied" is recorded when the write succeeds. Capped at
-    /// `max_pending_ops` (oldest dropped) like the ops themselves, so a long
-    /// outage cannot grow it; a dropped sample only thins the lag histogram.
-    pending_ts: VecDeque<f64>,
-    /// Pods whose operations were dropped: cleared before their next write.
-    dirty: HashSet<PodId>,
-    retry_at: Option<Instant>,
-    retry_delay: Duration,
+    /// Pending operations and the writes in flight.
+    pub(crate) writes: Writes<I>,
 }
 
-impl<I: Index, R: Replayer> Worker<I, R> {
+impl<I: Index + 'static, R: Replayer> Worker<I, R> {
     pub fn new(index: Arc<I>, keyer: Keyer, replayer: R, config: WorkerConfig) -> Self {
-        let retry_delay = config.retry_min;
         Worker {
-            index,
             keyer,
             replayer,
-            config,
             seqs: SeqTracker::default(),
             pods: HashMap::new(),
-            pending: Vec::new(),
-            pending_ts: VecDeque::new(),
-            dirty: HashSet::new(),
-            retry_at: None,
-            retry_delay,
+            writes: Writes::new(index, config.writes()),
+            config,
         }
     }
 
-    /// Operations waiting for the index, the clears of shed pods included.
+    /// Operations not yet acknowledged by the index (pending, in flight, and
+    /// the clears of shed pods).
     pub fn pending_ops(&self) -> usize {
-        self.pending.len() + self.dirty.len()
+        self.writes.unwritten()
     }
 
     /// Pods marked for clear-and-rebuild.
     pub fn dirty_pods(&self) -> impl Iterator<Item = &PodId> {
-        self.dirty.iter()
+        self.writes.dirty_pods()
     }
 
     /// When the next write retry is due (None: nothing failed).
     pub fn retry_at(&self) -> Option<Instant> {
-        self.retry_at
+        self.writes.retry_at()
+    }
+
+    /// Index writes in flight.
+    pub fn in_flight(&self) -> usize {
+        self.writes.in_flight()
+    }
+
+    /// Whether to take more batches from the queue now (see `writes.rs`).
+    pub fn can_accept(&self) -> bool {
+        self.writes.can_accept()
+    }
+
+    /// Starts writes for the pending operations of every pod without a
+    /// write in flight, as far as free write slots allow.
+    pub fn launch(&mut self) {
+        self.writes.launch();
+    }
+
+    /// The next write to finish (`None` at once when none is in flight).
+    pub async fn next_done(&mut self) -> Option<Done> {
+        self.writes.next_done().await
+    }
+
+    /// Takes a finished write's outcome; whether it succeeded.
+    pub fn complete(&mut self, done: Done) -> bool {
+        self.writes.complete(done)
     }
 
     /// Turns one message into pending operations.
@@ -180,7 +208,8 @@ impl<I: Index, R: Replayer> Worker<I, R> {
             SeqVerdict::Restart { missed } => {
                 metrics::counter!(m::RESTARTS).increment(1);
                 tracing::info!(%pod, seq = msg.seq, "sequence went backwards: engine restarted, clearing its entries");
-                self.push(&pod, IndexOp::ClearPod { pod: pod.clone() });
+                self.writes
+                    .push(&pod, IndexOp::ClearPod { pod: pod.clone() });
                 if !missed.is_empty() {
                     self.fill_gap(&topic, &pod, batch.data_parallel_rank, missed.clone())
                         .await;
@@ -243,10 +272,7 @@ impl<I: Index, R: Replayer> Worker<I, R> {
             metrics::counter!(m::SKIPPED, "reason" => skip.as_label()).increment(1);
         }
         if batch.ts > 0.0 {
-            if self.pending_ts.len() >= self.config.max_pending_ops.max(1) {
-                self.pending_ts.pop_front();
-            }
-            self.pending_ts.push_back(batch.ts);
+            self.writes.push_ts(pod, batch.ts);
         }
         for event in &batch.events {
             let health = self.pods.entry(pod.clone()).or_default();
@@ -277,7 +303,7 @@ impl<I: Index, R: Replayer> Worker<I, R> {
             if let Some(op) = op {
                 metrics::counter!(m::EVENTS, "type" => event.kind(), "outcome" => "applied")
                     .increment(1);
-                self.push(pod, op);
+                self.writes.push(pod, op);
             }
         }
     }
@@ -307,81 +333,10 @@ impl<I: Index, R: Replayer> Worker<I, R> {
         }
     }
 
-    fn push(&mut self, pod: &PodId, op: IndexOp) {
-        if self.dirty.remove(pod) {
-            // First write after a loss: clear before anything else applies.
-            self.pending
-                .push((pod.clone(), IndexOp::ClearPod { pod: pod.clone() }));
-        }
-        self.pending.push((pod.clone(), op));
-        if self.pending.len() > self.config.max_pending_ops {
-            self.shed();
-        }
-        metrics::gauge!(m::PENDING_OPS).set(self.pending.len() as f64);
-    }
-
-    /// Drops every pending operation of the pod with the oldest one and marks
-    /// it for clear-and-rebuild.
-    fn shed(&mut self) {
-        let Some((victim, _)) = self.pending.first().cloned() else {
-            return;
-        };
-        let before = self.pending.len();
-        self.pending.retain(|(p, _)| *p != victim);
-        metrics::counter!(m::DROPPED_OPS).increment((before - self.pending.len()) as u64);
-        tracing::warn!(pod = %victim, dropped = before - self.pending.len(), "index unreachable too long: pod marked for clear-and-rebuild");
-        self.dirty.insert(victim);
-    }
-
-    /// Writes pending operations in one call. On failure they stay pending
-    /// and the next attempt waits for the backoff (see [`Worker::retry_at`]).
+    /// Writes everything that can be written now and waits for it; true
+    /// when nothing is left unwritten (see [`Writes::flush`]).
     pub async fn flush(&mut self) -> bool {
-        if self.pending.is_empty() && self.dirty.is_empty() {
-            self.pending_ts.clear();
-            return true;
-        }
-        if let Some(at) = self.retry_at
-            && Instant::now() < at
-        {
-            return false;
-        }
-        let mut ops: Vec<IndexOp> = self.pending.iter().map(|(_, op)| op.clone()).collect();
-        // Shed pods still marked have had no operation since (the next one
-        // would have taken the mark): clear them now, or what they removed
-        // in the dropped operations would outlive their cache for as long as
-        // they stay quiet. No pending op of theirs, so the order is free.
-        ops.extend(
-            self.dirty
-                .iter()
-                .map(|p| IndexOp::ClearPod { pod: p.clone() }),
-        );
-        let start = Instant::now();
-        let result = self.index.apply(&ops).await;
-        metrics::histogram!(m::WRITE_SECONDS).record(start.elapsed().as_secs_f64());
-        match result {
-            Ok(()) => {
-                metrics::counter!(m::WRITES, "outcome" => "ok").increment(1);
-                self.pending.clear();
-                self.dirty.clear();
-                if let Ok(now) = SystemTime::now().duration_since(UNIX_EPOCH) {
-                    let now = now.as_secs_f64();
-                    for ts in self.pending_ts.drain(..) {
-                        metrics::histogram!(m::LAG_SECONDS).record((now - ts).max(0.0));
-                    }
-                }
-                self.retry_at = None;
-                self.retry_delay = self.config.retry_min;
-                metrics::gauge!(m::PENDING_OPS).set(0.0);
-                true
-            }
-            Err(e) => {
-                metrics::counter!(m::WRITES, "outcome" => "error").increment(1);
-                tracing::warn!(error = %e, pending = self.pending.len(), retry_in = ?self.retry_delay, "index write failed");
-                self.retry_at = Some(Instant::now() + self.retry_delay);
-                self.retry_delay = (self.retry_delay * 2).min(self.config.retry_max);
-                false
-            }
-        }
+        self.writes.flush().await
     }
 
     /// Purges a pod: drops its pending operations and clears it in the index
@@ -401,10 +356,8 @@ impl<I: Index, R: Replayer> Worker<I, R> {
             );
         }
         for t in targets {
-            self.pending.retain(|(p, _)| *p != t);
-            self.dirty.remove(&t);
             self.pods.remove(&t);
-            self.pending.push((t.clone(), IndexOp::ClearPod { pod: t }));
+            self.writes.purge(&t);
         }
     }
 }
@@ -461,7 +414,8 @@ mod tests {
 
     fn depth(w: &Worker<MemoryIndex>, tokens: &[u32]) -> u32 {
         let keys: Vec<BlockKey> = scheme().block_keys(tokens, ExtraKeys::NONE);
-        w.index
+        w.writes
+            .index()
             .lookup_sync(&ModelName::new("m"), &keys, None)
             .max_depth()
     }
@@ -529,12 +483,16 @@ mod tests {
         }
         assert!(w.flush().await);
         let keys = scheme().block_keys(&tokens, ExtraKeys::NONE);
-        let found = w.index.lookup_sync(&ModelName::new("m"), &keys, None);
+        let found = w
+            .writes
+            .index()
+            .lookup_sync(&ModelName::new("m"), &keys, None);
         assert_eq!(found.pods.len(), 2, "{found:?}");
         w.purge(&PodId::new("127.0.0.11:8000"));
         assert!(w.flush().await);
         assert!(
-            w.index
+            w.writes
+                .index()
                 .lookup_sync(&ModelName::new("m"), &keys, None)
                 .pods
                 .is_empty()
@@ -606,9 +564,9 @@ mod tests {
         assert!(w.pending_ops() <= 10);
         // One publisher timestamp per batch must not pile up either.
         assert!(
-            w.pending_ts.len() <= 8,
+            w.writes.pending_ts.len() <= 8,
             "{} timestamps held",
-            w.pending_ts.len()
+            w.writes.pending_ts.len()
         );
     }
 
@@ -704,7 +662,10 @@ mod tests {
                 .await;
         }
         // Either still marked, or its next operations already start with the clear.
-        let clears_first = matches!(w.pending.first(), Some((_, IndexOp::ClearPod { .. })));
+        let clears_first = matches!(
+            w.writes.pending.first(),
+            Some((_, IndexOp::ClearPod { .. }))
+        );
         assert!(w.dirty_pods().any(|p| *p == pod) || clears_first);
         assert!(w.pending_ops() <= 3);
         let t: Vec<u32> = (90..94).collect();
@@ -713,5 +674,210 @@ mod tests {
         // The clear-and-rebuild removed what the index held before the loss.
         assert_eq!(depth(&w, &old), 0);
         assert_eq!(depth(&w, &t), 1);
+    }
+
+    /// The memory index behind a gate: each write waits for a permit, so a
+    /// test decides when writes finish; writes are recorded as they start.
+    struct Gated {
+        inner: MemoryIndex,
+        gate: tokio::sync::Semaphore,
+        started: parking_lot::Mutex<Vec<Vec<IndexOp>>>,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl Gated {
+        fn new() -> Arc<Gated> {
+            Arc::new(Gated {
+                inner: MemoryIndex::new(10_000),
+                gate: tokio::sync::Semaphore::new(0),
+                started: Default::default(),
+                fail: false.into(),
+            })
+        }
+        fn pods_of_write(&self, i: usize) -> Vec<String> {
+            let mut pods: Vec<String> = self.started.lock()[i]
+                .iter()
+                .map(|op| match op {
+                    IndexOp::Store { pod, .. } | IndexOp::Remove { pod, .. } => pod.to_string(),
+                    IndexOp::ClearPod { pod } => pod.to_string(),
+                })
+                .collect();
+            pods.dedup();
+            pods
+        }
+    }
+
+    impl Index for Gated {
+        async fn apply(&self, ops: &[IndexOp]) -> Result<(), shared::index::IndexError> {
+            self.started.lock().push(ops.to_vec());
+            self.gate.acquire().await.expect("gate open").forget();
+            if self.fail.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(shared::index::IndexError::Topology("down".into()));
+            }
+            self.inner.apply(ops).await
+        }
+        async fn lookup(
+            &self,
+            model: &ModelName,
+            keys: &[BlockKey],
+            candidates: Option<&[PodId]>,
+        ) -> Result<shared::index::Lookup, shared::index::IndexError> {
+            self.inner.lookup(model, keys, candidates).await
+        }
+    }
+
+    fn on_pod(mut m: Incoming, pod: &str) -> Incoming {
+        m.topic = format!("kv@{pod}@m");
+        m
+    }
+
+    fn removed(tokens: &[u32]) -> KvEvent {
+        let keys = scheme().block_keys(tokens, ExtraKeys::NONE);
+        KvEvent::BlockRemoved(BlockRemoved {
+            block_hashes: keys.iter().map(|k| BlockHash::U64(k.0)).collect(),
+            medium: None,
+        })
+    }
+
+    fn holders(index: &MemoryIndex, tokens: &[u32]) -> Vec<String> {
+        let keys = scheme().block_keys(tokens, ExtraKeys::NONE);
+        index
+            .lookup_sync(&ModelName::new("m"), &keys[..1], None)
+            .pods
+            .into_iter()
+            .map(|p| p.pod.to_string())
+            .collect()
+    }
+
+    /// Lets the in-flight writes make progress until they wait at the gate.
+    async fn settle<I: Index + 'static>(w: &mut Worker<I>) {
+        for _ in 0..3 {
+            let _ = tokio::time::timeout(Duration::from_millis(5), w.next_done()).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_overlap_across_pods_but_never_within_one() {
+        let index = Gated::new();
+        let mut w = Worker::new(
+            index.clone(),
+            Keyer::new(scheme(), 10_000),
+            NoReplay,
+            WorkerConfig::default(),
+        );
+        let (a, b) = ("127.0.0.11:8000", "127.0.0.12:8000");
+        let t: Vec<u32> = (0..4).collect();
+        let u: Vec<u32> = (50..54).collect();
+        w.handle(on_pod(msg(0, vec![stored(&t)], Encoding::Map), a))
+            .await;
+        w.launch();
+        settle(&mut w).await;
+        assert_eq!(w.in_flight(), 1);
+        // Pod a removes what its write in flight stores: that must wait.
+        w.handle(on_pod(msg(1, vec![removed(&t)], Encoding::Map), a))
+            .await;
+        w.handle(on_pod(msg(0, vec![stored(&u)], Encoding::Map), b))
+            .await;
+        w.launch();
+        settle(&mut w).await;
+        assert_eq!(w.in_flight(), 2, "pod b's write runs beside pod a's");
+        assert_eq!(index.started.lock().len(), 2);
+        assert_eq!(index.pods_of_write(1), vec![b.to_string()]);
+        assert_eq!(w.writes.pending.len(), 1, "pod a's removal waits");
+        // Both finish; only then does pod a's removal go, in a write of its own.
+        index.gate.add_permits(2);
+        for _ in 0..2 {
+            let done = w.next_done().await.expect("a write in flight");
+            assert!(w.complete(done));
+        }
+        assert_eq!(holders(&index.inner, &t), vec![a.to_string()]);
+        w.launch();
+        index.gate.add_permits(1);
+        let done = w.next_done().await.expect("the removal");
+        assert!(w.complete(done));
+        assert!(
+            holders(&index.inner, &t).is_empty(),
+            "store then remove ends absent"
+        );
+        assert_eq!(holders(&index.inner, &u), vec![b.to_string()]);
+        assert_eq!(w.pending_ops(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_goes_back_before_the_pods_later_operations() {
+        let index = Gated::new();
+        let config = WorkerConfig {
+            retry_min: Duration::ZERO,
+            ..WorkerConfig::default()
+        };
+        let mut w = Worker::new(
+            index.clone(),
+            Keyer::new(scheme(), 10_000),
+            NoReplay,
+            config,
+        );
+        let pod = "127.0.0.11:8000";
+        let t: Vec<u32> = (0..4).collect();
+        w.handle(on_pod(msg(0, vec![stored(&t)], Encoding::Map), pod))
+            .await;
+        w.launch();
+        settle(&mut w).await;
+        // The removal arrives while the store is in flight; the store fails.
+        w.handle(on_pod(msg(1, vec![removed(&t)], Encoding::Map), pod))
+            .await;
+        index.fail.store(true, std::sync::atomic::Ordering::Relaxed);
+        index.gate.add_permits(1);
+        let done = w.next_done().await.expect("in flight");
+        assert!(!w.complete(done));
+        assert!(w.retry_at().is_some());
+        // Retried: store and removal in one write, in publication order.
+        index
+            .fail
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        index.gate.add_permits(1);
+        assert!(w.flush().await);
+        let retried = index.started.lock().last().cloned().expect("a retry");
+        assert!(
+            matches!(
+                retried.as_slice(),
+                [IndexOp::Store { .. }, IndexOp::Remove { .. }]
+            ),
+            "{retried:?}"
+        );
+        assert!(holders(&index.inner, &t).is_empty());
+    }
+
+    #[tokio::test]
+    async fn writes_in_flight_are_bounded_and_spread_pods() {
+        let index = Gated::new();
+        let config = WorkerConfig {
+            max_inflight_writes: 2,
+            ..WorkerConfig::default()
+        };
+        let mut w = Worker::new(
+            index.clone(),
+            Keyer::new(scheme(), 10_000),
+            NoReplay,
+            config,
+        );
+        for i in 0..6u32 {
+            let t: Vec<u32> = (i * 8..i * 8 + 4).collect();
+            let pod = format!("127.0.0.{}:8000", 20 + i);
+            w.handle(on_pod(msg(0, vec![stored(&t)], Encoding::Map), &pod))
+                .await;
+        }
+        w.launch();
+        settle(&mut w).await;
+        assert_eq!(w.in_flight(), 2);
+        // Six pods over two writes, three each, none in both.
+        let (first, second) = (index.pods_of_write(0), index.pods_of_write(1));
+        assert_eq!((first.len(), second.len()), (3, 3));
+        assert!(first.iter().all(|p| !second.contains(p)));
+        index.gate.add_permits(2);
+        assert!(w.flush().await);
+        for i in 0..6u32 {
+            let t: Vec<u32> = (i * 8..i * 8 + 4).collect();
+            assert_eq!(holders(&index.inner, &t).len(), 1);
+        }
     }
 }
