@@ -24,7 +24,7 @@ pub const HASH_AGREEMENT: &str = "kvroute_ingester_hash_agreement_total";
 /// `chain_cache` (the keying stage knew it; no `engine:` read) or `index`
 /// (resolved by the index from its `engine:` mapping).
 pub const REMOVAL_RESOLUTION: &str = "kvroute_ingester_removal_resolution_total";
-/// Index writes in flight, per worker (see `--max-inflight-writes`).
+/// Index writes in flight, all workers (each at most `--max-inflight-writes`).
 pub const WRITES_IN_FLIGHT: &str = "kvroute_ingester_index_writes_in_flight";
 /// Index writes, by `outcome` (ok, error).
 pub const WRITES: &str = "kvroute_ingester_index_writes_total";

@@ -287,6 +287,7 @@ impl<I: Index + 'static> Writes<I> {
             holds.dedup();
             self.busy.extend(holds.iter().cloned());
             self.in_flight_ops += ops.len();
+            metrics::gauge!(m::WRITES_IN_FLIGHT).increment(1.0);
             let index = self.index.clone();
             self.in_flight.push(Box::pin(async move {
                 let start = Instant::now();
@@ -301,7 +302,6 @@ impl<I: Index + 'static> Writes<I> {
                 }
             }));
         }
-        metrics::gauge!(m::WRITES_IN_FLIGHT).set(self.in_flight.len() as f64);
     }
 
     /// The next write to finish; `None` at once when none is in flight.
@@ -312,7 +312,7 @@ impl<I: Index + 'static> Writes<I> {
     /// Takes a finished write's outcome. Returns whether it succeeded.
     pub fn complete(&mut self, done: Done) -> bool {
         metrics::histogram!(m::WRITE_SECONDS).record(done.elapsed.as_secs_f64());
-        metrics::gauge!(m::WRITES_IN_FLIGHT).set(self.in_flight.len() as f64);
+        metrics::gauge!(m::WRITES_IN_FLIGHT).decrement(1.0);
         self.in_flight_ops -= done.ops.len();
         for pod in &done.holds {
             self.busy.remove(pod);
