@@ -327,6 +327,10 @@ impl Plan {
     fn follow_up(&self, replies: &[Value]) -> Result<(Vec<Call>, Vec<PodSlot>), IndexError> {
         let mut desired: FnvHashMap<&str, Option<&str>> = FnvHashMap::default();
         let mut fresh: Vec<PodSlot> = Vec::new();
+        // Dedup in a set: a large batch can find thousands of slots fresh (a
+        // slot whose last block the pod removed is fresh again at its next
+        // store), and a linear search made this quadratic.
+        let mut seen: FnvHashSet<PodSlot> = FnvHashSet::default();
         let mut released: Vec<Vec<String>> = Vec::new();
         for (expect, reply) in self.expects.iter().zip(replies) {
             match expect {
@@ -335,7 +339,7 @@ impl Plan {
                     let (flags, names) = parse_store_reply(reply, slots.len())?;
                     for (&slot, is_fresh) in slots.iter().zip(flags) {
                         let key = (pod.clone(), slot);
-                        if is_fresh && !self.queued.contains(&key) && !fresh.contains(&key) {
+                        if is_fresh && !self.queued.contains(&key) && seen.insert(key.clone()) {
                             fresh.push(key);
                         }
                     }
@@ -396,7 +400,8 @@ impl Plan {
             calls.extend(registration_calls(per_pod));
             let mut cmd = redis::cmd("SADD");
             cmd.arg(layout::PODS_KEY);
-            for (pod, _) in &fresh {
+            let pods: FnvHashSet<&PodId> = fresh.iter().map(|(pod, _)| pod).collect();
+            for pod in pods {
                 cmd.arg(pod.as_str());
             }
             calls.push(Call {
