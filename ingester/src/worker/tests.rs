@@ -517,3 +517,44 @@ async fn writes_in_flight_are_bounded_and_spread_pods() {
         assert_eq!(holders(&index.inner, &t).len(), 1);
     }
 }
+
+#[tokio::test]
+async fn shedding_behind_a_write_in_flight_clears_before_what_survives() {
+    let index = Gated::new();
+    let config = WorkerConfig {
+        max_pending_ops: 8,
+        ..WorkerConfig::default()
+    };
+    let mut w = Worker::new(
+        index.clone(),
+        Keyer::new(scheme(), 10_000),
+        NoReplay,
+        config,
+    );
+    let chain = |i: u32| -> Vec<u32> { (i * 8..i * 8 + 4).collect() };
+    // B1's write goes in flight (Redis unreachable: it waits), then B2..B12.
+    w.handle(msg(1, vec![stored(&chain(1))], Encoding::Map))
+        .await;
+    w.launch();
+    settle(&mut w).await;
+    for i in 2..=12u32 {
+        w.handle(msg(u64::from(i), vec![stored(&chain(i))], Encoding::Map))
+            .await;
+        w.launch();
+    }
+    // B2..B10 shed (nine pending ops over the bound of 8); B is dirty, and its
+    // next operations start with its clear.
+    assert_eq!(w.pending_ops(), 4, "B1 in flight + ClearPod, B11, B12");
+    assert!(matches!(
+        w.writes.pending.first(),
+        Some((_, IndexOp::ClearPod { .. }))
+    ));
+    index.gate.add_permits(10);
+    assert!(w.flush().await);
+    for i in 1..=10u32 {
+        assert!(holders(&index.inner, &chain(i)).is_empty(), "B{i}");
+    }
+    for i in 11..=12u32 {
+        assert_eq!(holders(&index.inner, &chain(i)).len(), 1, "B{i}");
+    }
+}
