@@ -36,7 +36,8 @@ pub const DROPPED_OPS: &str = "kvroute_ingester_dropped_ops_total";
 pub const LAG_SECONDS: &str = "kvroute_ingester_lag_seconds";
 /// Batches queued for the ordering workers (all workers).
 pub const QUEUE_DEPTH: &str = "kvroute_ingester_queue_depth";
-/// Operations waiting to be written, per worker.
+/// Operations not yet acknowledged by the index (pending, in flight, and the
+/// clears of shed pods), as last set by any worker.
 pub const PENDING_OPS: &str = "kvroute_ingester_pending_ops";
 /// Pods purged (admin call, CLI, or gone from the candidate set), by `reason`.
 pub const PURGES: &str = "kvroute_ingester_purges_total";

@@ -24,6 +24,12 @@
 //! keeps taking batches from its queue while writes are in flight, up to
 //! [`BACKLOG_OPS`] operations waiting.
 //!
+//! Writes are futures that the worker's own task polls (between batches and
+//! while it waits for its queue), not tasks of their own: the connection's
+//! driver task carries the round trips, and a write's next wave is sent when
+//! the worker next polls it. Spawning them would let building commands and
+//! reading replies use the other core; not done yet.
+//!
 //! # Failures
 //!
 //! A failed write puts its operations back in front of the pending ones (they
