@@ -558,3 +558,58 @@ async fn shedding_behind_a_write_in_flight_clears_before_what_survives() {
         assert_eq!(holders(&index.inner, &chain(i)).len(), 1, "B{i}");
     }
 }
+
+/// The memory index, except that the first write panics (a bug in a write
+/// task must not leave the index wrong).
+struct PanicsOnce {
+    inner: MemoryIndex,
+    panicked: std::sync::atomic::AtomicBool,
+}
+
+impl Index for PanicsOnce {
+    async fn apply(&self, ops: &[IndexOp]) -> Result<(), shared::index::IndexError> {
+        if !self
+            .panicked
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            // Half applied, then the task dies.
+            self.inner.apply(&ops[..1]).await?;
+            panic!("write task bug");
+        }
+        self.inner.apply(ops).await
+    }
+    async fn lookup(
+        &self,
+        model: &ModelName,
+        keys: &[BlockKey],
+        candidates: Option<&[PodId]>,
+    ) -> Result<shared::index::Lookup, shared::index::IndexError> {
+        self.inner.lookup(model, keys, candidates).await
+    }
+}
+
+#[tokio::test]
+async fn a_write_task_that_panics_clears_its_pods_before_their_next_operations() {
+    let index = Arc::new(PanicsOnce {
+        inner: MemoryIndex::new(10_000),
+        panicked: false.into(),
+    });
+    let mut w = Worker::new(
+        index.clone(),
+        Keyer::new(scheme(), 10_000),
+        NoReplay,
+        WorkerConfig::default(),
+    );
+    let (stale, kept): (Vec<u32>, Vec<u32>) = ((0..4).collect(), (40..44).collect());
+    // The store lands, the removal after it is lost with the task.
+    w.handle(msg(0, vec![stored(&stale), removed(&stale)], Encoding::Map))
+        .await;
+    assert!(!w.flush().await, "the lost write counts as failed");
+    w.handle(msg(1, vec![stored(&kept)], Encoding::Map)).await;
+    assert!(w.flush().await);
+    assert!(
+        holders(&index.inner, &stale).is_empty(),
+        "a block whose removal was lost outlived the clear"
+    );
+    assert_eq!(holders(&index.inner, &kept).len(), 1);
+}
