@@ -24,10 +24,11 @@
 //! keeps taking batches from its queue while writes are in flight, up to
 //! [`BACKLOG_OPS`] operations waiting.
 //!
-//! Each write runs as a task of its own, so that building its commands and
-//! reading its replies use another core than the worker keying the next
-//! batches. A write task that panics loses its operations: its pods are
-//! cleared before their next operations (a miss, never a stale entry).
+//! Writes are futures that the worker's own task polls (between batches and
+//! while it waits for its queue), not tasks of their own: the connection's
+//! driver task carries the round trips, and a write's next wave is sent when
+//! the worker next polls it. Spawning them would let building commands and
+//! reading replies use the other core; not done yet.
 //!
 //! # Failures
 //!
@@ -78,11 +79,7 @@ pub struct Done {
     ts: Vec<(PodId, f64)>,
     /// The pods this write holds (no other write may carry them meanwhile).
     holds: Vec<PodId>,
-    /// Operations the write carried (`ops` is empty when they were lost).
-    count: usize,
     result: Result<(), IndexError>,
-    /// The write's task panicked: its operations are gone with it.
-    lost: bool,
     elapsed: Duration,
 }
 
@@ -298,9 +295,7 @@ impl<I: Index + 'static> Writes<I> {
             self.in_flight_ops += ops.len();
             metrics::gauge!(m::WRITES_IN_FLIGHT).increment(1.0);
             let index = self.index.clone();
-            let count = ops.len();
-            let held = holds.clone();
-            let task = tokio::spawn(async move {
+            self.in_flight.push(Box::pin(async move {
                 let start = Instant::now();
                 let result = index.apply(&ops).await;
                 Done {
@@ -308,26 +303,9 @@ impl<I: Index + 'static> Writes<I> {
                     ops,
                     ts,
                     holds,
-                    count,
                     result,
-                    lost: false,
                     elapsed: start.elapsed(),
                 }
-            });
-            self.in_flight.push(Box::pin(async move {
-                task.await.unwrap_or_else(|e| {
-                    tracing::error!(error = %e, "index write task failed");
-                    Done {
-                        pods: Vec::new(),
-                        ops: Vec::new(),
-                        ts: Vec::new(),
-                        holds: held,
-                        count,
-                        result: Ok(()),
-                        lost: true,
-                        elapsed: Duration::ZERO,
-                    }
-                })
             }));
         }
     }
@@ -341,24 +319,9 @@ impl<I: Index + 'static> Writes<I> {
     pub fn complete(&mut self, done: Done) -> bool {
         metrics::histogram!(m::WRITE_SECONDS).record(done.elapsed.as_secs_f64());
         metrics::gauge!(m::WRITES_IN_FLIGHT).decrement(1.0);
-        self.in_flight_ops -= done.count;
+        self.in_flight_ops -= done.ops.len();
         for pod in &done.holds {
             self.busy.remove(pod);
-        }
-        if done.lost {
-            // Whatever the lost operations did or did not write, clearing
-            // their pods before anything newer makes the index right again.
-            metrics::counter!(m::WRITES, "outcome" => "error").increment(1);
-            metrics::counter!(m::DROPPED_OPS).increment(done.count as u64);
-            let mut back: Vec<(PodId, IndexOp)> = done
-                .holds
-                .into_iter()
-                .map(|pod| (pod.clone(), IndexOp::ClearPod { pod }))
-                .collect();
-            back.append(&mut self.pending);
-            self.pending = back;
-            metrics::gauge!(m::PENDING_OPS).set(self.unwritten() as f64);
-            return false;
         }
         let ok = match done.result {
             Ok(()) => {
