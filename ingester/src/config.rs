@@ -93,6 +93,12 @@ pub struct RunArgs {
     /// the oldest pod's operations are dropped and the pod is rebuilt later.
     #[arg(long, env = "KVROUTE_MAX_PENDING_OPS", default_value_t = 100_000)]
     pub max_pending_ops: usize,
+    /// Index writes in flight per worker. Writes in flight carry different
+    /// pods (one pod's operations are written one write after the other, so
+    /// they apply in publication order on any backend), and the worker keeps
+    /// keying batches while they run.
+    #[arg(long, env = "KVROUTE_MAX_INFLIGHT_WRITES", default_value_t = 4)]
+    pub max_inflight_writes: usize,
     /// Chain states remembered to continue chains from `parent_block_hash`.
     #[arg(long, env = "KVROUTE_CHAIN_CACHE", default_value_t = 2_000_000)]
     pub chain_cache: u64,
@@ -131,8 +137,8 @@ impl RunArgs {
         if self.zmq_bind.is_empty() && self.zmq_connect.is_empty() {
             return Err("nothing to receive from: give --zmq-bind and/or --zmq-connect".into());
         }
-        if self.workers == 0 || self.queue == 0 {
-            return Err("--workers and --queue must be at least 1".into());
+        if self.workers == 0 || self.queue == 0 || self.max_inflight_writes == 0 {
+            return Err("--workers, --queue and --max-inflight-writes must be at least 1".into());
         }
         if self.replicas == 0 {
             return Err("--replicas must be at least 1".into());

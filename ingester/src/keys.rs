@@ -14,6 +14,14 @@
 //! hashes have been agreeing with our keys and the hash carries the full state
 //! (an int under `sha256_cbor_64bit`, a 32-byte digest under `sha256_cbor`);
 //! otherwise the blocks cannot be keyed and are counted as orphans.
+//!
+//! The same cache resolves `BlockRemoved`: a removed engine hash whose chain
+//! state is remembered becomes a removal by block key, so the index need not
+//! read the `engine:` mapping (one GET wave per write saved). Only hashes the
+//! cache has forgotten go to the index by engine hash. Both ways name the
+//! same block: the cache and the `engine:` mapping are written from the same
+//! store, and when the index has since dropped its mapping (the block lost its
+//! last holder) the removal is a no-op either way.
 
 use moka::sync::Cache;
 use shared::events::{BlockHash, BlockStored, KvEvent};
@@ -51,6 +59,10 @@ pub struct KeyOutcome {
     pub disagree: u64,
     /// Blocks that could not be keyed, and why.
     pub unkeyed: Option<(Unkeyed, u64)>,
+    /// Removed blocks whose key the chain cache knew (removed by key).
+    pub removals_cached: u64,
+    /// Removed blocks left for the index to resolve by engine hash.
+    pub removals_uncached: u64,
 }
 
 /// The keying stage: a key scheme plus the shared chain-state cache.
@@ -85,15 +97,29 @@ impl Keyer {
     ) -> (Option<IndexOp>, KeyOutcome) {
         match event {
             KvEvent::BlockStored(ev) => self.key_stored(pod, model, ev, trust_engine_hashes),
-            KvEvent::BlockRemoved(ev) => (
-                Some(IndexOp::Remove {
+            KvEvent::BlockRemoved(ev) => {
+                let mut outcome = KeyOutcome::default();
+                let blocks = ev
+                    .engine_hashes()
+                    .map(|e| match self.chains.get(&(model.clone(), e)) {
+                        Some(state) => {
+                            outcome.removals_cached += 1;
+                            BlockRef::Key(state.key())
+                        }
+                        None => {
+                            outcome.removals_uncached += 1;
+                            BlockRef::Engine(e)
+                        }
+                    })
+                    .collect();
+                let op = IndexOp::Remove {
                     model: model.clone(),
                     pod: pod.clone(),
                     tier: ev.medium.clone().unwrap_or_default(),
-                    blocks: ev.engine_hashes().map(BlockRef::Engine).collect(),
-                }),
-                KeyOutcome::default(),
-            ),
+                    blocks,
+                };
+                (Some(op), outcome)
+            }
             // A medium-specific clear is rare (one offloading tier reset);
             // clearing the whole pod is the safe superset: a missing entry
             // costs a miss, a stale one misroutes.
@@ -332,6 +358,40 @@ mod tests {
         let cleared = payload("vllm-0.33.0.json", "cleared");
         let (op, _) = k.key_event(&pod, &model, &cleared[0], false);
         assert_eq!(op, Some(IndexOp::ClearPod { pod }));
+    }
+
+    #[test]
+    fn removals_resolve_through_the_chain_cache_when_it_knows_the_hash() {
+        let (pod, model) = (PodId::new("127.0.0.11:8000"), ModelName::new("m"));
+        let k = keyer(HashScheme::Sha256Cbor);
+        // LoRA blocks: engine hashes differ from keys, so only a mapping
+        // (cache or index) can turn them into keys.
+        let lora = payload("vllm-0.33.0.json", "stored_lora_extra_keys");
+        let KvEvent::BlockStored(stored) = &lora[0] else {
+            panic!("stored")
+        };
+        let (op, _) = k.key_event(&pod, &model, &lora[0], false);
+        let keys = stored_keys(&op);
+        let mut hashes = stored.block_hashes.clone();
+        hashes.push(BlockHash::U64(7)); // never stored: left to the index
+        let removed = KvEvent::BlockRemoved(shared::events::BlockRemoved {
+            block_hashes: hashes,
+            medium: None,
+        });
+        let (op, out) = k.key_event(&pod, &model, &removed, false);
+        assert_eq!((out.removals_cached, out.removals_uncached), (3, 1));
+        let Some(IndexOp::Remove { blocks, .. }) = op else {
+            panic!("remove expected, got {op:?}")
+        };
+        let mut expect: Vec<BlockRef> = keys
+            .iter()
+            .map(|&key| BlockRef::Key(shared::ids::BlockKey(key)))
+            .collect();
+        expect.push(BlockRef::Engine(EngineHash(7)));
+        assert_eq!(blocks, expect);
+        // Another model's removal of the same hashes: not this model's chain.
+        let (_, out) = k.key_event(&pod, &ModelName::new("other"), &removed, false);
+        assert_eq!((out.removals_cached, out.removals_uncached), (0, 4));
     }
 
     #[test]

@@ -2,11 +2,12 @@
 //! leave as index operations, in per-pod publication order:
 //!
 //! socket (frames) -> `shared::events` (decode) -> [`order`] (sequence: gap,
-//! restart, duplicate) -> [`keys`] (router keys from token ids) -> index.
+//! restart, duplicate) -> [`keys`] (router keys from token ids) -> [`writes`]
+//! (index writes, several in flight, one per pod at a time) -> index.
 //!
-//! Around it: [`service`] wires the stages, [`writes`] turns write outcomes
-//! into readiness, [`purge`] removes pods that went away without saying so,
-//! [`admin`] serves health, metrics and the operator's purge.
+//! Around it: [`service`] wires the stages, [`write_health`] turns write
+//! outcomes into readiness, [`purge`] removes pods that went away without
+//! saying so, [`admin`] serves health, metrics and the operator's purge.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -21,4 +22,5 @@ pub mod service;
 pub mod socket;
 pub mod targets;
 pub mod worker;
+pub mod write_health;
 pub mod writes;

@@ -20,6 +20,12 @@ pub const REPLAYS: &str = "kvroute_ingester_replays_total";
 pub const RESTARTS: &str = "kvroute_ingester_restarts_total";
 /// Blocks whose engine hash equals (`agree=true`) or differs from the computed key.
 pub const HASH_AGREEMENT: &str = "kvroute_ingester_hash_agreement_total";
+/// Removed blocks by how their engine hash became a block key: `source` =
+/// `chain_cache` (the keying stage knew it; no `engine:` read) or `index`
+/// (resolved by the index from its `engine:` mapping).
+pub const REMOVAL_RESOLUTION: &str = "kvroute_ingester_removal_resolution_total";
+/// Index writes in flight, all workers (each at most `--max-inflight-writes`).
+pub const WRITES_IN_FLIGHT: &str = "kvroute_ingester_index_writes_in_flight";
 /// Index writes, by `outcome` (ok, error).
 pub const WRITES: &str = "kvroute_ingester_index_writes_total";
 /// Index write latency in seconds.
@@ -30,7 +36,8 @@ pub const DROPPED_OPS: &str = "kvroute_ingester_dropped_ops_total";
 pub const LAG_SECONDS: &str = "kvroute_ingester_lag_seconds";
 /// Batches queued for the ordering workers (all workers).
 pub const QUEUE_DEPTH: &str = "kvroute_ingester_queue_depth";
-/// Operations waiting to be written, per worker.
+/// Operations not yet acknowledged by the index (pending, in flight, and the
+/// clears of shed pods), as last set by any worker.
 pub const PENDING_OPS: &str = "kvroute_ingester_pending_ops";
 /// Pods purged (admin call, CLI, or gone from the candidate set), by `reason`.
 pub const PURGES: &str = "kvroute_ingester_purges_total";

@@ -1,12 +1,16 @@
 //! Stage wiring after the sockets: a dispatcher shards messages by FNV-1a of
 //! their topic onto ordering workers (so one pod's batches stay in order
-//! without cross-worker locks), each worker drains what has queued up into one
-//! index write, and shutdown drains the queues within a grace period.
+//! without cross-worker locks), each worker drains what has queued up into
+//! index writes (several in flight, never two for one pod: `writes.rs`) and
+//! keeps keying the next batches meanwhile, and shutdown drains the queues
+//! within a grace period.
 //!
-//! Every queue is bounded: when Redis is slow the workers fall behind, their
-//! queues fill, the dispatcher waits, the socket stops reading and ZeroMQ's
-//! high-water mark applies; the sequence numbers then show any loss as a gap,
-//! which replay refills.
+//! Every queue is bounded: when Redis is slow the workers fall behind (their
+//! writes in flight and the operations waiting behind them reach their
+//! bounds, and a worker stops taking batches), their queues fill, the
+//! dispatcher waits, the socket stops reading and ZeroMQ's high-water mark
+//! applies; the sequence numbers then show any loss as a gap, which replay
+//! refills.
 
 use crate::worker::{Incoming, Replayer, Worker};
 use shared::ids::PodId;
@@ -114,7 +118,7 @@ impl Purger {
     }
 }
 
-async fn run_worker<I: Index, R: Replayer>(
+async fn run_worker<I: Index + 'static, R: Replayer>(
     id: usize,
     mut w: Worker<I, R>,
     mut rx: mpsc::Receiver<Command>,
@@ -122,29 +126,39 @@ async fn run_worker<I: Index, R: Replayer>(
 ) {
     loop {
         let retry = w.retry_at().map(Instant::from_std);
+        let idle = w.in_flight() == 0;
         tokio::select! {
-            cmd = rx.recv() => {
+            cmd = rx.recv(), if w.can_accept() => {
                 let Some(cmd) = cmd else { break };
                 apply(&mut w, cmd).await;
                 // Opportunistic batching: whatever queued meanwhile goes into
-                // the same index write.
+                // the same index writes.
                 for _ in 0..DRAIN_BATCHES {
                     match rx.try_recv() {
                         Ok(cmd) => apply(&mut w, cmd).await,
                         Err(_) => break,
                     }
                 }
-                flush_and_rebuild(&mut w).await;
+                launch(&mut w).await;
             }
-            _ = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() => {
-                flush_and_rebuild(&mut w).await;
+            Some(done) = w.next_done(), if !idle => {
+                w.complete(done);
+                launch(&mut w).await;
+            }
+            _ = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() && idle => {
+                launch(&mut w).await;
             }
         }
     }
     // Queue closed (shutdown): write what is left, retrying until the grace period ends.
     let deadline = Instant::now() + drain_timeout;
     while w.pending_ops() > 0 && Instant::now() < deadline {
-        if !w.flush().await {
+        w.launch();
+        if w.in_flight() > 0 {
+            if let Ok(Some(done)) = tokio::time::timeout_at(deadline, w.next_done()).await {
+                w.complete(done);
+            }
+        } else {
             let next = w
                 .retry_at()
                 .map(Instant::from_std)
@@ -163,16 +177,17 @@ async fn run_worker<I: Index, R: Replayer>(
     }
 }
 
-/// Writes what is pending; once that includes the clear of a shed pod, asks
-/// the pod's replay socket for what it still buffers and writes that too
-/// (see `worker/rebuild.rs`).
-async fn flush_and_rebuild<I: Index, R: Replayer>(w: &mut Worker<I, R>) {
-    if w.flush().await && w.rebuild_due() && w.rebuild_from_replay().await > 0 {
-        w.flush().await;
+/// Starts the writes that can start; once every write is done and that
+/// included the clear of a shed pod, first asks the pod's replay socket for
+/// what it still buffers (see `worker/rebuild.rs`), which queues more.
+async fn launch<I: Index + 'static, R: Replayer>(w: &mut Worker<I, R>) {
+    if w.rebuild_due() {
+        w.rebuild_from_replay().await;
     }
+    w.launch();
 }
 
-async fn apply<I: Index, R: Replayer>(w: &mut Worker<I, R>, cmd: Command) {
+async fn apply<I: Index + 'static, R: Replayer>(w: &mut Worker<I, R>, cmd: Command) {
     match cmd {
         Command::Batch(msg) => w.handle(msg).await,
         Command::Purge(pod) => w.purge(&pod),

@@ -8,7 +8,7 @@
 //! Redis answers), then the workers, then the sockets.
 //!
 //! `/readyz` checks: `index` (every master answers PING), `writes` (the last
-//! index writes did not all fail, see [`crate::writes`]) and `sockets` (every
+//! index writes did not all fail, see [`crate::write_health`]) and `sockets` (every
 //! bind address bound and the sockets still running). A failing check prints
 //! its reason.
 
@@ -22,7 +22,7 @@ use crate::replay::{ReplayOptions, RouterReplayer};
 use crate::socket::{self, Malformed, RawBatch, SocketConfig, SocketStats, SubOptions};
 use crate::targets::{Discovery, Shard};
 use crate::worker::{Incoming, NoReplay, Replayer, Worker, WorkerConfig};
-use crate::writes::WatchedIndex;
+use crate::write_health::WatchedIndex;
 use anyhow::Context;
 use shared::events::{Topic, parse_topic_with_prefix};
 use shared::health::{Check, Readiness};
@@ -142,6 +142,7 @@ pub async fn run_with_targets(
             .unwrap_or("kv")
             .to_string(),
         max_pending_ops: args.max_pending_ops,
+        max_inflight_writes: args.max_inflight_writes,
         ..WorkerConfig::default()
     };
     let workers: Vec<_> = (0..args.workers)

@@ -2,8 +2,9 @@
 //! by FNV-1a of the topic), which applies them in publication order:
 //!
 //! decode -> sequence verdict (replay a gap, clear on restart, drop a
-//! duplicate) -> keys -> pending operations -> one index write per drained
-//! burst of batches.
+//! duplicate) -> keys -> pending operations -> index writes, several in
+//! flight but at most one per pod (`writes.rs`: why that keeps each pod's
+//! order on every backend, and what an outage does).
 //!
 //! Redis outages: a failed write keeps its operations and is retried on an
 //! exponential backoff while batches keep arriving. Pending operations are
@@ -18,13 +19,14 @@
 use crate::keys::Keyer;
 use crate::metrics as m;
 use crate::order::{SeqTracker, SeqVerdict};
+use crate::writes::{Done, WriteConfig, Writes};
 use shared::events::{DecodedBatch, KvEvent, Topic, decode_batch, parse_topic_with_prefix};
 use shared::ids::PodId;
 use shared::index::{Index, IndexOp};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 mod rebuild;
 
@@ -85,6 +87,9 @@ pub struct WorkerConfig {
     pub topic_prefix: String,
     /// Bound on operations held while the index is unreachable.
     pub max_pending_ops: usize,
+    /// Index writes in flight at once per worker, each carrying other pods
+    /// than the rest (one pod never has two: `writes.rs`).
+    pub max_inflight_writes: usize,
     /// First and maximum retry delay of a failed write.
     pub retry_min: Duration,
     pub retry_max: Duration,
@@ -95,8 +100,20 @@ impl Default for WorkerConfig {
         WorkerConfig {
             topic_prefix: "kv".into(),
             max_pending_ops: 100_000,
+            max_inflight_writes: 4,
             retry_min: Duration::from_millis(50),
             retry_max: Duration::from_secs(5),
+        }
+    }
+}
+
+impl WorkerConfig {
+    fn writes(&self) -> WriteConfig {
+        WriteConfig {
+            max_pending_ops: self.max_pending_ops,
+            max_inflight_writes: self.max_inflight_writes,
+            retry_min: self.retry_min,
+            retry_max: self.retry_max,
         }
     }
 }
@@ -110,63 +127,74 @@ struct PodHealth {
 }
 
 pub struct Worker<I, R = NoReplay> {
-    index: Arc<I>,
     keyer: Keyer,
     replayer: R,
     config: WorkerConfig,
     seqs: SeqTracker,
     pods: HashMap<PodId, PodHealth>,
-    /// Operations not yet written, in order, with the pod each belongs to.
-    pending: Vec<(PodId, IndexOp)>,
-    /// Publisher timestamps of the batches in `pending`: their lag to
-    /// "applied" is recorded when the write succeeds. Capped at
-    /// `max_pending_ops` (oldest dropped) like the ops themselves, so a long
-    /// outage cannot grow it; a dropped sample only thins the lag histogram.
-    pending_ts: VecDeque<f64>,
-    /// Pods whose operations were dropped: cleared before their next write.
-    dirty: HashSet<PodId>,
+    /// Pending operations and the writes in flight.
+    pub(crate) writes: Writes<I>,
     /// Each pod's streams (one per topic and data-parallel rank), so a shed
     /// pod can be asked for its replay buffer ([`rebuild`]).
     streams: HashMap<PodId, Vec<rebuild::Stream>>,
     /// Shed pods to rebuild from replay once their clear has been written.
     rebuild: HashSet<PodId>,
-    retry_at: Option<Instant>,
-    retry_delay: Duration,
 }
 
-impl<I: Index, R: Replayer> Worker<I, R> {
+impl<I: Index + 'static, R: Replayer> Worker<I, R> {
     pub fn new(index: Arc<I>, keyer: Keyer, replayer: R, config: WorkerConfig) -> Self {
-        let retry_delay = config.retry_min;
         Worker {
-            index,
             keyer,
             replayer,
-            config,
             seqs: SeqTracker::default(),
             pods: HashMap::new(),
-            pending: Vec::new(),
-            pending_ts: VecDeque::new(),
-            dirty: HashSet::new(),
+            writes: Writes::new(index, config.writes()),
+            config,
             streams: HashMap::new(),
             rebuild: HashSet::new(),
-            retry_at: None,
-            retry_delay,
         }
     }
 
-    /// Operations waiting for the index, the clears of shed pods included.
+    /// Operations not yet acknowledged by the index (pending, in flight, and
+    /// the clears of shed pods).
     pub fn pending_ops(&self) -> usize {
-        self.pending.len() + self.dirty.len()
+        self.writes.unwritten()
     }
 
     /// Pods marked for clear-and-rebuild.
     pub fn dirty_pods(&self) -> impl Iterator<Item = &PodId> {
-        self.dirty.iter()
+        self.writes.dirty_pods()
     }
 
     /// When the next write retry is due (None: nothing failed).
     pub fn retry_at(&self) -> Option<Instant> {
-        self.retry_at
+        self.writes.retry_at()
+    }
+
+    /// Index writes in flight.
+    pub fn in_flight(&self) -> usize {
+        self.writes.in_flight()
+    }
+
+    /// Whether to take more batches from the queue now (see `writes.rs`).
+    pub fn can_accept(&self) -> bool {
+        self.writes.can_accept()
+    }
+
+    /// Starts writes for the pending operations of every pod without a
+    /// write in flight, as far as free write slots allow.
+    pub fn launch(&mut self) {
+        self.writes.launch();
+    }
+
+    /// The next write to finish (`None` at once when none is in flight).
+    pub async fn next_done(&mut self) -> Option<Done> {
+        self.writes.next_done().await
+    }
+
+    /// Takes a finished write's outcome; whether it succeeded.
+    pub fn complete(&mut self, done: Done) -> bool {
+        self.writes.complete(done)
     }
 
     /// Turns one message into pending operations.
@@ -201,7 +229,8 @@ impl<I: Index, R: Replayer> Worker<I, R> {
             SeqVerdict::Restart { missed } => {
                 metrics::counter!(m::RESTARTS).increment(1);
                 tracing::info!(%pod, seq = msg.seq, "sequence went backwards: engine restarted, clearing its entries");
-                self.push(&pod, IndexOp::ClearPod { pod: pod.clone() });
+                self.writes
+                    .push(&pod, IndexOp::ClearPod { pod: pod.clone() });
                 if !missed.is_empty() {
                     self.fill_gap(&topic, &pod, batch.data_parallel_rank, missed.clone())
                         .await;
@@ -264,10 +293,7 @@ impl<I: Index, R: Replayer> Worker<I, R> {
             metrics::counter!(m::SKIPPED, "reason" => skip.as_label()).increment(1);
         }
         if batch.ts > 0.0 {
-            if self.pending_ts.len() >= self.config.max_pending_ops.max(1) {
-                self.pending_ts.pop_front();
-            }
-            self.pending_ts.push_back(batch.ts);
+            self.writes.push_ts(pod, batch.ts);
         }
         for event in &batch.events {
             let health = self.pods.entry(pod.clone()).or_default();
@@ -277,6 +303,14 @@ impl<I: Index, R: Replayer> Worker<I, R> {
             health.disagree += outcome.disagree;
             metrics::counter!(m::HASH_AGREEMENT, "agree" => "true").increment(outcome.agree);
             metrics::counter!(m::HASH_AGREEMENT, "agree" => "false").increment(outcome.disagree);
+            if outcome.removals_cached > 0 {
+                metrics::counter!(m::REMOVAL_RESOLUTION, "source" => "chain_cache")
+                    .increment(outcome.removals_cached);
+            }
+            if outcome.removals_uncached > 0 {
+                metrics::counter!(m::REMOVAL_RESOLUTION, "source" => "index")
+                    .increment(outcome.removals_uncached);
+            }
             if outcome.disagree > 0 && !health.warned {
                 health.warned = true;
                 self.warn_disagreement(pod, event);
@@ -290,7 +324,7 @@ impl<I: Index, R: Replayer> Worker<I, R> {
             if let Some(op) = op {
                 metrics::counter!(m::EVENTS, "type" => event.kind(), "outcome" => "applied")
                     .increment(1);
-                self.push(pod, op);
+                self.writes.push(pod, op);
             }
         }
     }
@@ -320,82 +354,10 @@ impl<I: Index, R: Replayer> Worker<I, R> {
         }
     }
 
-    fn push(&mut self, pod: &PodId, op: IndexOp) {
-        if self.dirty.remove(pod) {
-            // First write after a loss: clear before anything else applies.
-            self.pending
-                .push((pod.clone(), IndexOp::ClearPod { pod: pod.clone() }));
-        }
-        self.pending.push((pod.clone(), op));
-        if self.pending.len() > self.config.max_pending_ops {
-            self.shed();
-        }
-        metrics::gauge!(m::PENDING_OPS).set(self.pending.len() as f64);
-    }
-
-    /// Drops every pending operation of the pod with the oldest one and marks
-    /// it for clear-and-rebuild.
-    fn shed(&mut self) {
-        let Some((victim, _)) = self.pending.first().cloned() else {
-            return;
-        };
-        let before = self.pending.len();
-        self.pending.retain(|(p, _)| *p != victim);
-        metrics::counter!(m::DROPPED_OPS).increment((before - self.pending.len()) as u64);
-        tracing::warn!(pod = %victim, dropped = before - self.pending.len(), "index unreachable too long: pod marked for clear-and-rebuild");
-        self.rebuild.insert(victim.clone());
-        self.dirty.insert(victim);
-    }
-
-    /// Writes pending operations in one call. On failure they stay pending
-    /// and the next attempt waits for the backoff (see [`Worker::retry_at`]).
+    /// Writes everything that can be written now and waits for it; true
+    /// when nothing is left unwritten (see [`Writes::flush`]).
     pub async fn flush(&mut self) -> bool {
-        if self.pending.is_empty() && self.dirty.is_empty() {
-            self.pending_ts.clear();
-            return true;
-        }
-        if let Some(at) = self.retry_at
-            && Instant::now() < at
-        {
-            return false;
-        }
-        let mut ops: Vec<IndexOp> = self.pending.iter().map(|(_, op)| op.clone()).collect();
-        // Shed pods still marked have had no operation since (the next one
-        // would have taken the mark): clear them now, or what they removed
-        // in the dropped operations would outlive their cache for as long as
-        // they stay quiet. No pending op of theirs, so the order is free.
-        ops.extend(
-            self.dirty
-                .iter()
-                .map(|p| IndexOp::ClearPod { pod: p.clone() }),
-        );
-        let start = Instant::now();
-        let result = self.index.apply(&ops).await;
-        metrics::histogram!(m::WRITE_SECONDS).record(start.elapsed().as_secs_f64());
-        match result {
-            Ok(()) => {
-                metrics::counter!(m::WRITES, "outcome" => "ok").increment(1);
-                self.pending.clear();
-                self.dirty.clear();
-                if let Ok(now) = SystemTime::now().duration_since(UNIX_EPOCH) {
-                    let now = now.as_secs_f64();
-                    for ts in self.pending_ts.drain(..) {
-                        metrics::histogram!(m::LAG_SECONDS).record((now - ts).max(0.0));
-                    }
-                }
-                self.retry_at = None;
-                self.retry_delay = self.config.retry_min;
-                metrics::gauge!(m::PENDING_OPS).set(0.0);
-                true
-            }
-            Err(e) => {
-                metrics::counter!(m::WRITES, "outcome" => "error").increment(1);
-                tracing::warn!(error = %e, pending = self.pending.len(), retry_in = ?self.retry_delay, "index write failed");
-                self.retry_at = Some(Instant::now() + self.retry_delay);
-                self.retry_delay = (self.retry_delay * 2).min(self.config.retry_max);
-                false
-            }
-        }
+        self.writes.flush().await
     }
 
     /// Purges a pod: drops its pending operations and clears it in the index
@@ -415,319 +377,13 @@ impl<I: Index, R: Replayer> Worker<I, R> {
             );
         }
         for t in targets {
-            self.pending.retain(|(p, _)| *p != t);
-            self.dirty.remove(&t);
             self.rebuild.remove(&t);
             self.streams.remove(&t);
             self.pods.remove(&t);
-            self.pending.push((t.clone(), IndexOp::ClearPod { pod: t }));
+            self.writes.purge(&t);
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use shared::events::{
-        AllBlocksCleared, BlockHash, BlockRemoved, BlockStored, Encoding, EventBatch, encode_batch,
-    };
-    use shared::ids::{BlockKey, ModelName};
-    use shared::index::memory::MemoryIndex;
-    use shared::keys::{ExtraKeys, HashScheme, KeyScheme};
-
-    const TOPIC: &str = "kv@127.0.0.11:8000@m";
-
-    fn scheme() -> KeyScheme {
-        KeyScheme::new(HashScheme::Sha256Cbor64, "42", 4).expect("scheme")
-    }
-
-    fn worker() -> Worker<MemoryIndex> {
-        let index = Arc::new(MemoryIndex::new(10_000));
-        Worker::new(
-            index,
-            Keyer::new(scheme(), 10_000),
-            NoReplay,
-            WorkerConfig::default(),
-        )
-    }
-
-    /// A store of `tokens` (full blocks) from the root, hashed as vLLM would.
-    fn stored(tokens: &[u32]) -> KvEvent {
-        let keys = scheme().block_keys(tokens, ExtraKeys::NONE);
-        KvEvent::BlockStored(BlockStored {
-            block_hashes: keys.iter().map(|k| BlockHash::U64(k.0)).collect(),
-            token_ids: tokens.to_vec(),
-            block_size: 4,
-            ..Default::default()
-        })
-    }
-
-    fn msg(seq: u64, events: Vec<KvEvent>, encoding: Encoding) -> Incoming {
-        let batch = EventBatch {
-            ts: 1.0,
-            events,
-            data_parallel_rank: None,
-        };
-        Incoming {
-            topic: TOPIC.into(),
-            seq,
-            payload: encode_batch(&batch, encoding).into(),
-        }
-    }
-
-    fn depth(w: &Worker<MemoryIndex>, tokens: &[u32]) -> u32 {
-        let keys: Vec<BlockKey> = scheme().block_keys(tokens, ExtraKeys::NONE);
-        w.index
-            .lookup_sync(&ModelName::new("m"), &keys, None)
-            .max_depth()
-    }
-
-    #[tokio::test]
-    async fn applies_stores_removals_and_clears_in_order() {
-        let mut w = worker();
-        let tokens: Vec<u32> = (0..16).collect();
-        w.handle(msg(0, vec![stored(&tokens)], Encoding::Map)).await;
-        assert!(w.flush().await);
-        assert_eq!(depth(&w, &tokens), 4);
-        let last = scheme().block_keys(&tokens, ExtraKeys::NONE)[2];
-        let removed = KvEvent::BlockRemoved(BlockRemoved {
-            block_hashes: vec![BlockHash::U64(last.0)],
-            medium: None,
-        });
-        w.handle(msg(1, vec![removed], Encoding::Array)).await;
-        assert!(w.flush().await);
-        assert_eq!(depth(&w, &tokens), 2);
-        w.handle(msg(
-            2,
-            vec![KvEvent::AllBlocksCleared(AllBlocksCleared::default())],
-            Encoding::Map,
-        ))
-        .await;
-        assert!(w.flush().await);
-        assert_eq!(depth(&w, &tokens), 0);
-    }
-
-    #[tokio::test]
-    async fn restart_clears_before_new_events_and_duplicates_are_dropped() {
-        let mut w = worker();
-        let a: Vec<u32> = (0..8).collect();
-        let b: Vec<u32> = (100..108).collect();
-        w.handle(msg(5, vec![stored(&a)], Encoding::Map)).await;
-        w.handle(msg(6, vec![], Encoding::Map)).await;
-        // A duplicate of seq 6 carrying a clear must not apply.
-        let dup = KvEvent::AllBlocksCleared(AllBlocksCleared::default());
-        w.handle(msg(6, vec![dup], Encoding::Map)).await;
-        assert!(w.flush().await);
-        assert_eq!(depth(&w, &a), 2);
-        // Back to 0: the engine restarted, its old blocks are gone.
-        w.handle(msg(0, vec![stored(&b)], Encoding::Map)).await;
-        assert!(w.flush().await);
-        assert_eq!(depth(&w, &a), 0);
-        assert_eq!(depth(&w, &b), 2);
-    }
-
-    #[tokio::test]
-    async fn purge_clears_every_data_parallel_rank_of_the_endpoint() {
-        let mut w = worker();
-        let tokens: Vec<u32> = (0..8).collect();
-        for rank in [0u32, 1] {
-            let batch = EventBatch {
-                ts: 1.0,
-                events: vec![stored(&tokens)],
-                data_parallel_rank: Some(rank),
-            };
-            w.handle(Incoming {
-                topic: TOPIC.into(),
-                seq: 0,
-                payload: encode_batch(&batch, Encoding::Map).into(),
-            })
-            .await;
-        }
-        assert!(w.flush().await);
-        let keys = scheme().block_keys(&tokens, ExtraKeys::NONE);
-        let found = w.index.lookup_sync(&ModelName::new("m"), &keys, None);
-        assert_eq!(found.pods.len(), 2, "{found:?}");
-        w.purge(&PodId::new("127.0.0.11:8000"));
-        assert!(w.flush().await);
-        assert!(
-            w.index
-                .lookup_sync(&ModelName::new("m"), &keys, None)
-                .pods
-                .is_empty()
-        );
-    }
-
-    #[tokio::test]
-    async fn malformed_payloads_and_topics_are_skipped() {
-        let mut w = worker();
-        w.handle(Incoming {
-            topic: TOPIC.into(),
-            seq: 0,
-            payload: vec![0x93, 0xc1].into(),
-        })
-        .await;
-        w.handle(Incoming {
-            topic: "other@x".into(),
-            seq: 0,
-            payload: Default::default(),
-        })
-        .await;
-        assert_eq!(w.pending_ops(), 0);
-        let tokens: Vec<u32> = (0..4).collect();
-        w.handle(msg(1, vec![stored(&tokens)], Encoding::Map)).await;
-        assert!(w.flush().await);
-        assert_eq!(depth(&w, &tokens), 1);
-    }
-
-    /// An index that is down: every write fails (Redis unreachable).
-    struct DownIndex;
-
-    impl Index for DownIndex {
-        async fn apply(&self, _: &[IndexOp]) -> Result<(), shared::index::IndexError> {
-            Err(shared::index::IndexError::Topology("down".into()))
-        }
-        async fn lookup(
-            &self,
-            _: &ModelName,
-            _: &[BlockKey],
-            _: Option<&[PodId]>,
-        ) -> Result<shared::index::Lookup, shared::index::IndexError> {
-            Err(shared::index::IndexError::Topology("down".into()))
-        }
-    }
-
-    #[tokio::test]
-    async fn a_long_outage_holds_bounded_state() {
-        let config = WorkerConfig {
-            max_pending_ops: 8,
-            ..WorkerConfig::default()
-        };
-        let mut w = Worker::new(
-            Arc::new(DownIndex),
-            Keyer::new(scheme(), 10_000),
-            NoReplay,
-            config,
-        );
-        // Two pods interleaved: shedding one never empties the pending ops.
-        for i in 0..1000u32 {
-            let t: Vec<u32> = (i * 4..i * 4 + 4).collect();
-            let mut m = msg(u64::from(i / 2), vec![stored(&t)], Encoding::Map);
-            if i % 2 == 1 {
-                m.topic = "kv@127.0.0.12:8000@m".into();
-            }
-            w.handle(m).await;
-            w.flush().await;
-        }
-        // 8 ops plus at most the clears of the two shed pods.
-        assert!(w.pending_ops() <= 10);
-        // One publisher timestamp per batch must not pile up either.
-        assert!(
-            w.pending_ts.len() <= 8,
-            "{} timestamps held",
-            w.pending_ts.len()
-        );
-    }
-
-    /// The memory index behind a switch: while `down`, writes fail.
-    struct Flaky {
-        inner: MemoryIndex,
-        down: std::sync::atomic::AtomicBool,
-    }
-
-    impl Index for Flaky {
-        async fn apply(&self, ops: &[IndexOp]) -> Result<(), shared::index::IndexError> {
-            if self.down.load(std::sync::atomic::Ordering::Relaxed) {
-                return Err(shared::index::IndexError::Topology("down".into()));
-            }
-            self.inner.apply(ops).await
-        }
-        async fn lookup(
-            &self,
-            model: &ModelName,
-            keys: &[BlockKey],
-            candidates: Option<&[PodId]>,
-        ) -> Result<shared::index::Lookup, shared::index::IndexError> {
-            self.inner.lookup(model, keys, candidates).await
-        }
-    }
-
-    #[tokio::test]
-    async fn a_shed_pod_that_goes_quiet_is_still_cleared() {
-        let index = Arc::new(Flaky {
-            inner: MemoryIndex::new(10_000),
-            down: false.into(),
-        });
-        let config = WorkerConfig {
-            max_pending_ops: 3,
-            retry_min: Duration::ZERO,
-            ..WorkerConfig::default()
-        };
-        let mut w = Worker::new(
-            index.clone(),
-            Keyer::new(scheme(), 10_000),
-            NoReplay,
-            config,
-        );
-        let held: Vec<u32> = (0..4).collect();
-        w.handle(msg(0, vec![stored(&held)], Encoding::Map)).await;
-        assert!(w.flush().await);
-        // Outage: the pod evicts the block, the removal is shed by another
-        // pod's burst, and the pod then publishes nothing more.
-        index.down.store(true, std::sync::atomic::Ordering::Relaxed);
-        let key = scheme().block_keys(&held, ExtraKeys::NONE)[0];
-        let removed = KvEvent::BlockRemoved(BlockRemoved {
-            block_hashes: vec![BlockHash::U64(key.0)],
-            medium: None,
-        });
-        w.handle(msg(1, vec![removed], Encoding::Map)).await;
-        for i in 0..4u32 {
-            let t: Vec<u32> = (100 + i * 4..104 + i * 4).collect();
-            let mut m = msg(u64::from(i), vec![stored(&t)], Encoding::Map);
-            m.topic = "kv@127.0.0.12:8000@m".into();
-            w.handle(m).await;
-        }
-        index
-            .down
-            .store(false, std::sync::atomic::Ordering::Relaxed);
-        assert!(w.flush().await);
-        let found = index.inner.lookup_sync(&ModelName::new("m"), &[key], None);
-        assert!(
-            found
-                .pods
-                .iter()
-                .all(|p| p.pod.as_str() != "127.0.0.11:8000"),
-            "a block the pod evicted outlives the outage: {found:?}"
-        );
-    }
-
-    #[tokio::test]
-    async fn overflow_sheds_oldest_pod_and_clears_it_on_next_write() {
-        let index = Arc::new(MemoryIndex::new(10_000));
-        let config = WorkerConfig {
-            max_pending_ops: 3,
-            ..WorkerConfig::default()
-        };
-        let mut w = Worker::new(index, Keyer::new(scheme(), 10_000), NoReplay, config);
-        let pod = PodId::new("127.0.0.11:8000");
-        // Seed the index with a block of the pod, as before an outage.
-        let old: Vec<u32> = (500..504).collect();
-        w.handle(msg(0, vec![stored(&old)], Encoding::Map)).await;
-        assert!(w.flush().await);
-        // Five pending ops (no flush: as if the index were down) exceed the bound.
-        for i in 1..=5u32 {
-            let t: Vec<u32> = (i * 10..i * 10 + 4).collect();
-            w.handle(msg(u64::from(i), vec![stored(&t)], Encoding::Map))
-                .await;
-        }
-        // Either still marked, or its next operations already start with the clear.
-        let clears_first = matches!(w.pending.first(), Some((_, IndexOp::ClearPod { .. })));
-        assert!(w.dirty_pods().any(|p| *p == pod) || clears_first);
-        assert!(w.pending_ops() <= 3);
-        let t: Vec<u32> = (90..94).collect();
-        w.handle(msg(6, vec![stored(&t)], Encoding::Map)).await;
-        assert!(w.flush().await);
-        // The clear-and-rebuild removed what the index held before the loss.
-        assert_eq!(depth(&w, &old), 0);
-        assert_eq!(depth(&w, &t), 1);
-    }
-}
+mod tests;

@@ -1,144 +1,410 @@
-//! Readiness from the write path: the index wrapped so that every write's
-//! outcome reaches `/readyz`.
+//! The write stage of one ordering worker: operations wait here until the
+//! index has them, with up to `max_inflight_writes` index writes in flight.
 //!
-//! A PING answering is not the same as the index taking writes: a Redis out
-//! of memory (`maxmemory` with `noeviction`), a read-only replica after a
-//! failover, or a script error all answer PING and refuse every write. While
-//! writes fail the workers hold operations (bounded) and then shed whole
-//! pods, so the index drifts from the fleet: an orchestrator and an operator
-//! should see that as "not ready". The check fails after
-//! [`FAILED_WRITES_UNREADY`] failed writes in a row and passes again at the
-//! first write that succeeds (the workers retry on a backoff, so recovery is
-//! seen within the retry delay once Redis takes writes again).
+//! # Ordering
 //!
-//! Wrapping the index rather than hooking the worker keeps the worker's
-//! write path untouched: every write, however many are in flight, goes
-//! through [`Index::apply`].
+//! The index must see each pod's operations in publication order; the
+//! operations of different pods commute (they touch different `<pod>@<tier>`
+//! fields; the shared `engine:` mappings already see different pods'
+//! writes in any order, from different workers and ingester replicas). So
+//! the rule kept here is: **a pod has at most one write in flight**. A write
+//! takes every pending operation of the pods it carries, in order; operations
+//! of a pod whose write is in flight wait until that write has finished, then
+//! go in the next one. Nothing else is assumed of the backend: a write may
+//! take several round trips (engine-hash resolution, a ClearPod's four waves),
+//! be resent after a reconnect or a MOVED (`index/redis/cluster.rs`), or run
+//! on a cluster where its pipelines go to several masters, and still no later
+//! operation of the same pod can overtake it. (Pipelining writes of the same
+//! pod on one connection would keep order on a single node only as long as
+//! nothing is resent: a resend, or a write that timed out on the client but
+//! ran on the server, could then land after a later write.)
+//!
+//! Several writes in flight therefore overlap different pods' writes, and
+//! overlap keying the next batches with the writes of earlier ones: the worker
+//! keeps taking batches from its queue while writes are in flight, up to
+//! [`BACKLOG_OPS`] operations waiting.
+//!
+//! Writes are futures that the worker's own task polls (between batches and
+//! while it waits for its queue), not tasks of their own: the connection's
+//! driver task carries the round trips, and a write's next wave is sent when
+//! the worker next polls it. Spawning them would let building commands and
+//! reading replies use the other core; not done yet.
+//!
+//! # Failures
+//!
+//! A failed write puts its operations back in front of the pending ones (they
+//! are older than any pending operation of the same pods, which could not
+//! have been in flight) and the next write waits for an exponential backoff.
+//! Other writes in flight are unaffected: they carry other pods. Pending
+//! operations are bounded by `max_pending_ops`; past it the oldest pod's
+//! pending operations are dropped and the pod is marked dirty: its next write
+//! starts with a ClearPod (or is one, if the pod has gone quiet), so whatever
+//! the dropped operations would have removed cannot outlive the pod's cache.
+//! An operation of a dirty pod still in flight is older than the dropped ones,
+//! so it lands before that clear.
 
-use shared::health::Check;
-use shared::ids::{BlockKey, ModelName, PodId};
-use shared::index::{Index, IndexError, IndexOp, Lookup};
+use crate::metrics as m;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use shared::ids::PodId;
+use shared::index::{Index, IndexError, IndexOp};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Failed writes in a row that make the ingester unready. More than one, so
-/// a single timeout or a failover blip does not flap readiness; few, because
-/// the workers back off (50 ms doubling), so three failures take well under
-/// a second.
-pub const FAILED_WRITES_UNREADY: u64 = 3;
+/// Operations waiting (behind pods with a write in flight, or for a free
+/// write slot) before the worker stops taking batches from its queue. The
+/// queue, not this, absorbs bursts: a full queue pushes back on the socket.
+pub const BACKLOG_OPS: usize = 2048;
 
-/// The index, with each write's outcome reported to a readiness check.
-pub struct WatchedIndex<I> {
-    inner: Arc<I>,
-    check: Check,
-    /// Failed writes since the last success, over every worker.
-    failed_in_a_row: AtomicU64,
+/// What the write stage is allowed to hold and how it retries.
+#[derive(Debug, Clone)]
+pub struct WriteConfig {
+    /// Bound on operations held while the index is unreachable.
+    pub max_pending_ops: usize,
+    /// Index writes in flight at once (each carries different pods).
+    pub max_inflight_writes: usize,
+    /// First and maximum retry delay of a failed write.
+    pub retry_min: Duration,
+    pub retry_max: Duration,
 }
 
-impl<I> WatchedIndex<I> {
-    /// Wraps `inner`; `check` starts passing (no write has failed yet).
-    pub fn new(inner: Arc<I>, check: Check) -> Self {
-        check.pass();
-        WatchedIndex {
-            inner,
-            check,
-            failed_in_a_row: AtomicU64::new(0),
+/// A finished write, handed back to [`Writes::complete`].
+pub struct Done {
+    /// The pod of each operation, in order.
+    pods: Vec<PodId>,
+    ops: Vec<IndexOp>,
+    /// Publisher timestamps of the batches this write completes.
+    ts: Vec<(PodId, f64)>,
+    /// The pods this write holds (no other write may carry them meanwhile).
+    holds: Vec<PodId>,
+    result: Result<(), IndexError>,
+    elapsed: Duration,
+}
+
+pub struct Writes<I> {
+    index: Arc<I>,
+    config: WriteConfig,
+    /// Operations not yet written, in order, with the pod each belongs to.
+    pub(crate) pending: Vec<(PodId, IndexOp)>,
+    /// Publisher timestamps of the batches whose operations are pending: their
+    /// lag to "applied" is recorded when the write carrying their pod
+    /// succeeds. Capped at `max_pending_ops` (oldest dropped) like the ops
+    /// themselves, so a long outage cannot grow it; a dropped sample only
+    /// thins the lag histogram.
+    pub(crate) pending_ts: VecDeque<(PodId, f64)>,
+    /// Pods whose operations were dropped: cleared before their next write.
+    dirty: HashSet<PodId>,
+    /// Pods shed since the worker last asked ([`Writes::take_shed`]): it
+    /// rebuilds them from replay once their clear is written.
+    shed_log: Vec<PodId>,
+    /// Pods with a write in flight.
+    busy: HashSet<PodId>,
+    in_flight: FuturesUnordered<BoxFuture<'static, Done>>,
+    in_flight_ops: usize,
+    retry_at: Option<Instant>,
+    retry_delay: Duration,
+}
+
+impl<I: Index + 'static> Writes<I> {
+    pub fn new(index: Arc<I>, config: WriteConfig) -> Self {
+        Writes {
+            index,
+            retry_delay: config.retry_min,
+            config,
+            pending: Vec::new(),
+            pending_ts: VecDeque::new(),
+            dirty: HashSet::new(),
+            shed_log: Vec::new(),
+            busy: HashSet::new(),
+            in_flight: FuturesUnordered::new(),
+            in_flight_ops: 0,
+            retry_at: None,
         }
     }
 
-    /// Failed writes since the last success.
-    pub fn failed_in_a_row(&self) -> u64 {
-        self.failed_in_a_row.load(Relaxed)
+    pub fn index(&self) -> &Arc<I> {
+        &self.index
     }
 
-    fn record(&self, result: &Result<(), IndexError>) {
-        match result {
-            Ok(()) => {
-                if self.failed_in_a_row.swap(0, Relaxed) > 0 || !self.check.get() {
-                    self.check.pass();
+    /// Operations not yet acknowledged by the index: pending, in flight, and
+    /// the clears of shed pods.
+    pub fn unwritten(&self) -> usize {
+        self.pending.len() + self.in_flight_ops + self.dirty.len()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    pub fn dirty_pods(&self) -> impl Iterator<Item = &PodId> {
+        self.dirty.iter()
+    }
+
+    /// When the next write may be tried after a failure (None: nothing failed).
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.retry_at
+    }
+
+    /// Whether the worker should take more batches now: yes while little
+    /// waits, while nothing is in flight (then everything can go), and
+    /// during an outage (batches keep arriving; the bound sheds).
+    pub fn can_accept(&self) -> bool {
+        self.pending.len() < BACKLOG_OPS || self.in_flight.is_empty() || self.retry_at.is_some()
+    }
+
+    /// Records the publisher timestamp of a batch of `pod`.
+    pub fn push_ts(&mut self, pod: &PodId, ts: f64) {
+        if self.pending_ts.len() >= self.config.max_pending_ops.max(1) {
+            self.pending_ts.pop_front();
+        }
+        self.pending_ts.push_back((pod.clone(), ts));
+    }
+
+    pub fn push(&mut self, pod: &PodId, op: IndexOp) {
+        if self.dirty.remove(pod) {
+            // First operation after a loss: clear before anything else applies.
+            self.pending
+                .push((pod.clone(), IndexOp::ClearPod { pod: pod.clone() }));
+        }
+        self.pending.push((pod.clone(), op));
+        self.shed_over_bound();
+        metrics::gauge!(m::PENDING_OPS).set(self.unwritten() as f64);
+    }
+
+    /// Forgets what is pending for `pod` and queues its clear (behind its
+    /// write in flight, if any).
+    pub fn purge(&mut self, pod: &PodId) {
+        self.pending.retain(|(p, _)| p != pod);
+        self.dirty.remove(pod);
+        // A purged pod is not rebuilt: its replay would bring it back.
+        self.shed_log.retain(|p| p != pod);
+        self.pending
+            .push((pod.clone(), IndexOp::ClearPod { pod: pod.clone() }));
+    }
+
+    fn shed_over_bound(&mut self) {
+        while self.pending.len() > self.config.max_pending_ops {
+            self.shed();
+        }
+    }
+
+    /// Drops every pending operation of the pod with the oldest one and marks
+    /// it for clear-and-rebuild.
+    fn shed(&mut self) {
+        let Some((victim, _)) = self.pending.first().cloned() else {
+            return;
+        };
+        let before = self.pending.len();
+        self.pending.retain(|(p, _)| *p != victim);
+        let dropped = before - self.pending.len();
+        metrics::counter!(m::DROPPED_OPS).increment(dropped as u64);
+        tracing::warn!(pod = %victim, dropped, "index unreachable too long: pod marked for clear-and-rebuild");
+        self.shed_log.push(victim.clone());
+        self.dirty.insert(victim);
+    }
+
+    /// The pods shed since the last call.
+    pub fn take_shed(&mut self) -> Vec<PodId> {
+        std::mem::take(&mut self.shed_log)
+    }
+
+    /// Drops the pod's pending operations and marks it for a clear before
+    /// its next write (a rebuild interrupted by a failed write: a prefix of
+    /// its replay alone could hold a store whose removal was not written).
+    pub fn drop_pod(&mut self, pod: &PodId) {
+        self.pending.retain(|(p, _)| p != pod);
+        self.dirty.insert(pod.clone());
+    }
+
+    /// Starts writes for every pod without one in flight, spread over the
+    /// free write slots (see the module doc). Does nothing while a failed
+    /// write's backoff runs.
+    pub fn launch(&mut self) {
+        if let Some(at) = self.retry_at
+            && Instant::now() < at
+        {
+            return;
+        }
+        let slots = self
+            .config
+            .max_inflight_writes
+            .max(1)
+            .saturating_sub(self.in_flight.len());
+        // Free pods and how many operations each would write.
+        let mut free: HashMap<PodId, usize> = HashMap::new();
+        for (pod, _) in &self.pending {
+            if !self.busy.contains(pod) {
+                *free.entry(pod.clone()).or_default() += 1;
+            }
+        }
+        for pod in &self.dirty {
+            if !self.busy.contains(pod) {
+                *free.entry(pod.clone()).or_default() += 1;
+            }
+        }
+        // Batches of free pods that left no operation (empty, or nothing
+        // keyable): applied as far as the index is concerned.
+        let mut applied_now = Vec::new();
+        self.pending_ts.retain(|(pod, ts)| {
+            let idle = !self.busy.contains(pod) && !free.contains_key(pod);
+            if idle {
+                applied_now.push(*ts);
+            }
+            !idle
+        });
+        record_lag(applied_now);
+        if slots == 0 || free.is_empty() {
+            return;
+        }
+        // Longest-processing-time first: each pod to the lightest write.
+        let mut by_size: Vec<(PodId, usize)> = free.into_iter().collect();
+        by_size.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let k = slots.min(by_size.len());
+        let mut loads = vec![0usize; k];
+        let mut group_of: HashMap<PodId, usize> = HashMap::new();
+        for (pod, n) in by_size {
+            let g = (0..k).min_by_key(|&g| loads[g]).unwrap_or(0);
+            loads[g] += n;
+            group_of.insert(pod, g);
+        }
+        let mut groups: Vec<(Vec<PodId>, Vec<IndexOp>)> =
+            (0..k).map(|_| (Vec::new(), Vec::new())).collect();
+        let mut rest = Vec::with_capacity(self.pending.len());
+        for (pod, op) in self.pending.drain(..) {
+            match group_of.get(&pod) {
+                Some(&g) => {
+                    groups[g].0.push(pod);
+                    groups[g].1.push(op);
                 }
+                None => rest.push((pod, op)),
+            }
+        }
+        self.pending = rest;
+        // Shed pods still marked have had no operation since (the next one
+        // would have taken the mark): clear them now, or what they removed in
+        // the dropped operations would outlive their cache for as long as
+        // they stay quiet.
+        let dirty: Vec<PodId> = self
+            .dirty
+            .iter()
+            .filter(|p| group_of.contains_key(*p))
+            .cloned()
+            .collect();
+        for pod in dirty {
+            self.dirty.remove(&pod);
+            if let Some(&g) = group_of.get(&pod) {
+                groups[g].0.push(pod.clone());
+                groups[g].1.push(IndexOp::ClearPod { pod });
+            }
+        }
+        let mut ts: Vec<Vec<(PodId, f64)>> = vec![Vec::new(); k];
+        self.pending_ts.retain(|(pod, t)| match group_of.get(pod) {
+            Some(&g) => {
+                ts[g].push((pod.clone(), *t));
+                false
+            }
+            None => true,
+        });
+        for ((pods, ops), ts) in groups.into_iter().zip(ts) {
+            let mut holds: Vec<PodId> = pods.clone();
+            holds.sort();
+            holds.dedup();
+            self.busy.extend(holds.iter().cloned());
+            self.in_flight_ops += ops.len();
+            metrics::gauge!(m::WRITES_IN_FLIGHT).increment(1.0);
+            let index = self.index.clone();
+            self.in_flight.push(Box::pin(async move {
+                let start = Instant::now();
+                let result = index.apply(&ops).await;
+                Done {
+                    pods,
+                    ops,
+                    ts,
+                    holds,
+                    result,
+                    elapsed: start.elapsed(),
+                }
+            }));
+        }
+    }
+
+    /// The next write to finish; `None` at once when none is in flight.
+    pub async fn next_done(&mut self) -> Option<Done> {
+        self.in_flight.next().await
+    }
+
+    /// Takes a finished write's outcome. Returns whether it succeeded.
+    pub fn complete(&mut self, done: Done) -> bool {
+        metrics::histogram!(m::WRITE_SECONDS).record(done.elapsed.as_secs_f64());
+        metrics::gauge!(m::WRITES_IN_FLIGHT).decrement(1.0);
+        self.in_flight_ops -= done.ops.len();
+        for pod in &done.holds {
+            self.busy.remove(pod);
+        }
+        let ok = match done.result {
+            Ok(()) => {
+                metrics::counter!(m::WRITES, "outcome" => "ok").increment(1);
+                record_lag(done.ts.into_iter().map(|(_, ts)| ts));
+                self.retry_at = None;
+                self.retry_delay = self.config.retry_min;
+                true
             }
             Err(e) => {
-                let n = self.failed_in_a_row.fetch_add(1, Relaxed) + 1;
-                if n >= FAILED_WRITES_UNREADY {
-                    self.check
-                        .fail(format!("the last {n} index writes failed ({e})"));
+                metrics::counter!(m::WRITES, "outcome" => "error").increment(1);
+                tracing::warn!(error = %e, ops = done.ops.len(), pending = self.pending.len(), retry_in = ?self.retry_delay, "index write failed");
+                // Older than anything pending of the same pods: back in front.
+                let mut back: Vec<(PodId, IndexOp)> = done.pods.into_iter().zip(done.ops).collect();
+                back.append(&mut self.pending);
+                self.pending = back;
+                for entry in done.ts.into_iter().rev() {
+                    self.pending_ts.push_front(entry);
                 }
+                while self.pending_ts.len() > self.config.max_pending_ops.max(1) {
+                    self.pending_ts.pop_front();
+                }
+                self.shed_over_bound();
+                self.retry_at = Some(Instant::now() + self.retry_delay);
+                self.retry_delay = (self.retry_delay * 2).min(self.config.retry_max);
+                false
+            }
+        };
+        metrics::gauge!(m::PENDING_OPS).set(self.unwritten() as f64);
+        ok
+    }
+
+    /// Writes everything that can be written now and waits for it: returns
+    /// true when nothing is left unwritten. Stops at the first failed round
+    /// (the backoff then applies). For tests and the shutdown drain.
+    pub async fn flush(&mut self) -> bool {
+        loop {
+            self.launch();
+            if self.in_flight.is_empty() {
+                break;
+            }
+            let mut ok = true;
+            while let Some(done) = self.next_done().await {
+                ok &= self.complete(done);
+            }
+            if !ok {
+                break;
             }
         }
+        self.unwritten() == 0
     }
 }
 
-impl<I: Index> Index for WatchedIndex<I> {
-    async fn apply(&self, ops: &[IndexOp]) -> Result<(), IndexError> {
-        let result = self.inner.apply(ops).await;
-        self.record(&result);
-        result
+/// One lag sample per applied batch: publisher timestamp -> now.
+fn record_lag(ts: impl IntoIterator<Item = f64>) {
+    let mut ts = ts.into_iter().peekable();
+    if ts.peek().is_none() {
+        return;
     }
-
-    async fn lookup(
-        &self,
-        model: &ModelName,
-        keys: &[BlockKey],
-        candidates: Option<&[PodId]>,
-    ) -> Result<Lookup, IndexError> {
-        self.inner.lookup(model, keys, candidates).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use shared::health::Readiness;
-    use shared::index::memory::MemoryIndex;
-    use std::sync::atomic::AtomicBool;
-
-    /// The memory index behind a switch: while `down`, writes fail.
-    struct Switch {
-        inner: MemoryIndex,
-        down: AtomicBool,
-    }
-
-    impl Index for Switch {
-        async fn apply(&self, ops: &[IndexOp]) -> Result<(), IndexError> {
-            if self.down.load(Relaxed) {
-                return Err(IndexError::Topology("refusing writes".into()));
-            }
-            self.inner.apply(ops).await
+    if let Ok(now) = SystemTime::now().duration_since(UNIX_EPOCH) {
+        let now = now.as_secs_f64();
+        for t in ts {
+            metrics::histogram!(m::LAG_SECONDS).record((now - t).max(0.0));
         }
-        async fn lookup(
-            &self,
-            model: &ModelName,
-            keys: &[BlockKey],
-            candidates: Option<&[PodId]>,
-        ) -> Result<Lookup, IndexError> {
-            self.inner.lookup(model, keys, candidates).await
-        }
-    }
-
-    #[tokio::test]
-    async fn unready_after_failed_writes_in_a_row_ready_at_the_first_success() {
-        let readiness = Readiness::default();
-        let inner = Arc::new(Switch {
-            inner: MemoryIndex::new(100),
-            down: AtomicBool::new(true),
-        });
-        let w = WatchedIndex::new(inner.clone(), readiness.check("writes"));
-        assert!(readiness.report().0);
-        for _ in 0..FAILED_WRITES_UNREADY - 1 {
-            assert!(w.apply(&[]).await.is_err());
-        }
-        assert!(readiness.report().0, "one blip is not unready");
-        assert!(w.apply(&[]).await.is_err());
-        let (ok, text) = readiness.report();
-        assert!(!ok);
-        assert!(
-            text.starts_with("writes: failing: the last 3 index writes failed"),
-            "{text}"
-        );
-        inner.down.store(false, Relaxed);
-        assert!(w.apply(&[]).await.is_ok());
-        assert_eq!(readiness.report(), (true, "writes: ok\n".into()));
-        assert_eq!(w.failed_in_a_row(), 0);
     }
 }

@@ -70,6 +70,10 @@ pub struct Args {
     /// The ingester's ordering workers.
     #[arg(long, default_value_t = 4)]
     workers: usize,
+    /// The ingester's `--max-inflight-writes` (index writes in flight per
+    /// worker); unset: the ingester's default.
+    #[arg(long)]
+    max_inflight_writes: Option<usize>,
     /// The ingester binary (default: `kvroute-ingester` beside this one).
     #[arg(long)]
     ingester_bin: Option<PathBuf>,
@@ -137,9 +141,11 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
         args.vllm, args.events_per_batch, args.blocks_per_event, args.held
     );
     println!(
-        "ingester: {} --workers {}, Redis on 127.0.0.1:{}; publishers, ingester and Redis share the machine\n",
+        "ingester: {} --workers {}{}, Redis on 127.0.0.1:{}; publishers, ingester and Redis share the machine\n",
         bin.display(),
         args.workers,
+        args.max_inflight_writes
+            .map_or(String::new(), |n| format!(" --max-inflight-writes {n}")),
         server.port()
     );
     let hset = probe::redis_benchmark_hset(server.port(), args.hset_requests)?;
@@ -171,7 +177,7 @@ async fn row(
     let streams: Vec<Arc<PodStream>> = (0..pods)
         .map(|i| Arc::new(PodStream::build(i, shape, args.seed)))
         .collect();
-    let extra: Vec<String> = [
+    let mut extra: Vec<String> = [
         "--hash-scheme",
         shape.scheme.scheme().as_str(),
         "--hash-seed",
@@ -183,6 +189,9 @@ async fn row(
     ]
     .map(str::to_owned)
     .into();
+    if let Some(n) = args.max_inflight_writes {
+        extra.extend(["--max-inflight-writes".to_owned(), n.to_string()]);
+    }
     let ing = IngesterProc::start(bin, &url, &extra).await?;
     let ing_pid = ing.pid().context("ingester exited")?.to_string();
     let ctl = Arc::new(Control::default());
@@ -363,9 +372,9 @@ async fn row(
 }
 
 /// Which stage limited the maximum rate, from CPU use (Redis is one
-/// thread: a core) and from how much of the time the ingester's busy
-/// workers were inside a Redis write (one write in flight per worker; a
-/// worker keys its next batches only after its write returns).
+/// thread: a core) and from how many Redis writes the ingester's busy
+/// workers had in flight on average (a worker keys its next batches while
+/// its writes run, but one pod's writes go one after the other).
 fn bottleneck([ingester, redis, publishers]: [f64; 3], waiting: f64, writing: f64) -> String {
     let cores = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
     let total = ingester + redis + publishers;
@@ -377,8 +386,7 @@ fn bottleneck([ingester, redis, publishers]: [f64; 3], waiting: f64, writing: f6
         format!("bottleneck: the machine's {cores:.0} cores (all busy)")
     } else if writing > 0.8 {
         format!(
-            "bottleneck: the ingester's workers, inside a Redis write {:.0}% of the time (one write in flight each), cores left idle",
-            100.0 * writing.min(1.0)
+            "bottleneck: the ingester's workers, {writing:.2} Redis writes in flight each on average, cores left idle"
         )
     } else {
         "bottleneck: the ingester (cores left idle)".to_owned()

@@ -208,7 +208,10 @@ impl Backends {
                     .expect("cluster"),
             }
         });
-        backends.rounds.lookup_settings().set_per_master_scripts(false);
+        backends
+            .rounds
+            .lookup_settings()
+            .set_per_master_scripts(false);
         (backends, server, cluster)
     }
 
@@ -478,7 +481,10 @@ fn a_long_prompt_costs_few_reads() {
                     index.is_cluster()
                 );
                 assert!(reads < limit, "{n} blocks: {reads} reads");
-                assert!(round_trips <= trips, "{n} blocks: {round_trips} round trips");
+                assert!(
+                    round_trips <= trips,
+                    "{n} blocks: {round_trips} round trips"
+                );
             }
             Ok(())
         });

@@ -33,7 +33,7 @@ pub(super) struct Stream {
     key: String,
 }
 
-impl<I: Index, R: Replayer> Worker<I, R> {
+impl<I: Index + 'static, R: Replayer> Worker<I, R> {
     /// Remembers a stream of `pod` (a pod publishes one per topic and rank).
     pub(super) fn note_stream(&mut self, pod: &PodId, topic: &Topic, rank: Option<u32>, key: &str) {
         let streams = self.streams.entry(pod.clone()).or_default();
@@ -47,9 +47,12 @@ impl<I: Index, R: Replayer> Worker<I, R> {
     }
 
     /// Whether a shed pod waits for its rebuild and its clear has been
-    /// written (nothing is pending any more).
-    pub fn rebuild_due(&self) -> bool {
-        !self.rebuild.is_empty() && self.pending.is_empty() && self.dirty.is_empty()
+    /// written: nothing is pending, in flight or marked for a clear any more
+    /// (with several writes in flight, only then is every clear known to
+    /// have been applied).
+    pub fn rebuild_due(&mut self) -> bool {
+        self.rebuild.extend(self.writes.take_shed());
+        !self.rebuild.is_empty() && self.writes.unwritten() == 0
     }
 
     /// Rebuilds every shed pod whose clear has been written from its replay
@@ -92,7 +95,7 @@ impl<I: Index, R: Replayer> Worker<I, R> {
                     Ok(b) if b.data_parallel_rank == s.rank => {
                         // Keep the bound: write what is pending before it
                         // fills, rather than shed the rebuild itself.
-                        if self.pending.len() >= self.config.max_pending_ops / 2
+                        if self.writes.unwritten() >= self.config.max_pending_ops / 2
                             && !self.flush().await
                         {
                             self.abandon_rebuild(pod);
@@ -118,8 +121,7 @@ impl<I: Index, R: Replayer> Worker<I, R> {
     /// A write failed midway through a rebuild: drop the pod's replayed
     /// operations and mark it for another clear and rebuild.
     fn abandon_rebuild(&mut self, pod: &PodId) {
-        self.pending.retain(|(p, _)| p != pod);
-        self.dirty.insert(pod.clone());
+        self.writes.drop_pod(pod);
         self.rebuild.insert(pod.clone());
         metrics::counter!(m::REBUILDS, "outcome" => "error").increment(1);
         tracing::warn!(%pod, "rebuild interrupted by a failed write; the pod will be cleared and rebuilt again");
@@ -259,6 +261,8 @@ mod tests {
                 .await;
             assert!(!w.flush().await);
         }
+        // Shed and waiting: not due while its clear is unwritten.
+        assert!(!w.rebuild_due());
         assert!(w.rebuild.contains(&PodId::new("127.0.0.11:8000")));
         // A batch the pod published that has not arrived live yet.
         let late: Vec<u32> = (900..904).collect();

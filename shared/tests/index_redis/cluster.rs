@@ -99,6 +99,99 @@ async fn cluster_scripts_touch_one_slot_and_keys_spread_over_masters() {
     );
 }
 
+/// Every key the index wrote on these masters with its full contents, as
+/// `(key, sorted members or value)`.
+async fn dump(urls: &[String]) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    for url in urls {
+        let mut conn = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let keys: Vec<String> = conn.keys("*").await.unwrap();
+        for key in keys {
+            let kind: String = redis::cmd("TYPE")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let mut items: Vec<String> = match kind.as_str() {
+                "hash" => {
+                    let h: Vec<(String, String)> = conn.hgetall(&key).await.unwrap();
+                    h.into_iter().map(|(f, v)| format!("{f}={v}")).collect()
+                }
+                "set" => conn.smembers(&key).await.unwrap(),
+                "string" => vec![conn.get(&key).await.unwrap()],
+                other => panic!("unexpected type {other} of {key}"),
+            };
+            items.sort();
+            out.push((key, items));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The single-node path packs many slots into one script call, the cluster
+/// path sends one call per slot: what they write must be identical, key for
+/// key, bookkeeping included.
+#[tokio::test]
+async fn packed_single_node_writes_exactly_what_the_cluster_writes() {
+    let server = shared::redis_server::RedisServer::start().unwrap();
+    let cluster = RedisCluster::start(3).unwrap();
+    let single = RedisIndex::connect(&server.url()).await.unwrap();
+    let clustered = RedisIndex::connect_cluster(&cluster.urls()).await.unwrap();
+    let keys: Vec<u64> = (0..600).collect();
+    let pairs: Vec<(u64, u64)> = keys.iter().map(|&k| (k, k + 9_000_000)).collect();
+    let batches: Vec<Vec<IndexOp>> = vec![
+        vec![
+            // 600 blocks: more than one packed call.
+            store_engine(pod_a(), &pairs),
+            store(pod_b(), Tier::cpu(), &keys[..200]),
+            store(pod_b(), Tier::gpu(), &keys[100..300]),
+        ],
+        vec![
+            remove(pod_a(), Tier::gpu(), by_key(&keys[..50])),
+            remove(
+                pod_a(),
+                Tier::gpu(),
+                (50..80)
+                    .map(|k| BlockRef::Engine(EngineHash(k + 9_000_000)))
+                    .collect(),
+            ),
+            remove(pod_b(), Tier::cpu(), by_key(&keys[..20])),
+            // Re-map some blocks to other engine hashes.
+            store_engine(pod_b(), &[(500, 8_000_500), (501, 8_000_501)]),
+        ],
+        vec![IndexOp::ClearPod { pod: pod_b() }],
+        vec![store(pod_b(), Tier::gpu(), &keys[290..310])],
+    ];
+    let mut single_calls = 0;
+    let mut cluster_calls = 0;
+    for batch in &batches {
+        let one = single.apply_with_stats(batch).await.unwrap().script_calls;
+        let many = clustered
+            .apply_with_stats(batch)
+            .await
+            .unwrap()
+            .script_calls;
+        // Clears run clear_pod.lua per slot on both (not packed).
+        if !matches!(batch[0], IndexOp::ClearPod { .. }) {
+            single_calls += one;
+            cluster_calls += many;
+        }
+    }
+    assert!(
+        single_calls * 10 < cluster_calls,
+        "packing: {single_calls} calls on one node vs {cluster_calls} on the cluster"
+    );
+    let one = dump(&[server.url()]).await;
+    let many = dump(&cluster.urls()).await;
+    assert!(one.len() > 600, "{} keys", one.len());
+    assert_eq!(one, many);
+}
+
 #[tokio::test]
 async fn cluster_recovers_from_script_flush_on_one_master() {
     let cluster = RedisCluster::start(3).unwrap();

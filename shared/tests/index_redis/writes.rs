@@ -69,10 +69,9 @@ async fn store_is_idempotent_and_one_round_trip_per_batch() {
         .await
         .unwrap();
     assert_eq!(first.round_trips, 1);
-    assert!(
-        first.script_calls >= 60,
-        "64 blocks fall in ~64 slots: {first:?}"
-    );
+    // 64 blocks fall in ~64 slots; a single node takes them in one packed
+    // call (a cluster would need one call per slot).
+    assert_eq!(first.script_calls, 1, "{first:?}");
     let again = index
         .apply_with_stats(&[
             store(pod_a(), Tier::gpu(), &keys),

@@ -9,14 +9,16 @@
 //! | `topology.rs` | connections per master, `CLUSTER SLOTS` discovery |
 //! | `cluster.rs` | one wave = one pipeline per master; NOSCRIPT/MOVED recovery |
 //! | `registry.rs` | in-process cache of registered (pod, slot) pairs |
-//! | `apply.rs` | write path: ops -> per-slot script calls |
+//! | `apply.rs` | write path: ops -> per-slot script calls (packed on a single node) |
 //! | `resolve.rs` | removes by engine hash -> block keys |
 //! | `clear.rs` | ClearPod without SCAN |
 //! | `lookup.rs` | read path: which way a prompt is read, pipelined HKEYS -> walk |
 //! | `bisect.rs` | bisecting reads: `lua/lookup.lua` (single node), rounds (cluster) |
 //!
-//! Every script call touches the keys of one slot, all declared in KEYS, so
-//! the same code runs unchanged on a single node and on a cluster.
+//! Every key a script call touches is declared in KEYS. On a cluster each
+//! call touches the keys of one slot; on a single node the write scripts take
+//! many slots' groups per call (same keys written, fewer EVALSHAs: see
+//! `apply.rs`).
 
 mod apply;
 mod bisect;

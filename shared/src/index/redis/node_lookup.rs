@@ -219,7 +219,10 @@ fn merge(
         .map(|s| s.first.iter().map(Vec::as_slice).collect())
         .collect();
     let block0 = &firsts[home];
-    if firsts.iter().any(|f| f.iter().any(|field| !block0.contains(field))) {
+    if firsts
+        .iter()
+        .any(|f| f.iter().any(|field| !block0.contains(field)))
+    {
         return None;
     }
     let mut leaving: Vec<(u32, (PodId, Tier))> = Vec::new();

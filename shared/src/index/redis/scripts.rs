@@ -134,7 +134,11 @@ mod tests {
         assert_ne!(shas[1], shas[2]);
         assert_ne!(shas[2], shas[3]);
         assert_ne!(shas[3], shas[4]);
-        assert!(ScriptKind::LookupNode.source().starts_with("#!lua flags=no-writes"));
+        assert!(
+            ScriptKind::LookupNode
+                .source()
+                .starts_with("#!lua flags=no-writes")
+        );
         assert!(ScriptKind::LookupNode.source().contains("READ-ONLY"));
         assert!(ScriptKind::Store.source().contains("layout 1"));
         assert!(ScriptKind::Lookup.source().contains("READ-ONLY"));
