@@ -251,10 +251,7 @@ mod tests {
         let t = cli.serve.route_config().expect("route config").tokenize;
         assert_eq!((t.pool.threads, t.pool.queue), (3, 64));
         assert_eq!(t.pool.deadline, Duration::from_secs(1));
-        assert_eq!(
-            t.remote.map(|r| r.timeout),
-            Some(Duration::from_millis(40))
-        );
+        assert_eq!(t.remote.map(|r| r.timeout), Some(Duration::from_millis(40)));
         let cli = Cli::try_parse_from(["x", "--lookup-mode", "linear"]).expect("parse");
         assert_eq!(cli.serve.lookup_mode, LookupMode::Linear);
         assert!(Cli::try_parse_from(["x", "--lookup-mode", "fast"]).is_err());

@@ -307,10 +307,10 @@ impl<I: Index + 'static> Decide for Router<I> {
 mod tests {
     use super::*;
     use crate::decide::Prompt;
+    use shared::ids::BlockKey;
     use shared::ids::{PodId, Tier};
     use shared::index::memory::MemoryIndex;
     use shared::index::{IndexOp, StoredBlock};
-    use shared::ids::BlockKey;
     use shared::keys::{ExtraKeys, HashScheme};
     use shared::tokens::TokenizerOptions;
     use std::path::PathBuf;

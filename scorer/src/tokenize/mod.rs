@@ -308,4 +308,3 @@ fn text_bytes(messages: &[Json], limit: usize) -> bool {
     let mut left = limit;
     messages.iter().all(|m| walk(m, &mut left))
 }
-

@@ -101,6 +101,11 @@ impl BlockingPool {
         self.threads
     }
 
+    /// Jobs running now (abandoned ones included, until they end).
+    pub fn running(&self) -> usize {
+        self.threads - self.permits.available_permits()
+    }
+
     /// Runs `job` on a blocking thread and waits for it, within the deadline.
     pub async fn run<T, F>(&self, job: F) -> Result<T, PoolError>
     where
@@ -219,8 +224,11 @@ mod tests {
         assert_eq!(PoolError::Timeout.reason(), "tokenize_timeout");
         // The abandoned job still holds its thread until it ends.
         assert_eq!(p.run(|| 3).await, Err(PoolError::QueueTimeout));
+        assert_eq!(p.running(), 1);
         release.send(()).expect("release");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        while p.running() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         assert_eq!(p.run(|| 4).await, Ok(4));
     }
 }

@@ -24,8 +24,8 @@
 //! then routes by load, but a late answer is still cached for the next
 //! identical prompt. Concurrent identical misses each ask (no dedup).
 
-use hyper::body::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
