@@ -100,7 +100,7 @@ pub struct Router<I> {
     /// Prompt -> block keys, off the async workers when it is costly; the
     /// key cache inside means a repeated or extended prompt is not hashed
     /// again.
-    tokenize: Tokenize,
+    tokenize: Arc<Tokenize>,
     candidates: Arc<Candidates>,
     load: Load,
     config: RouteConfig,
@@ -121,7 +121,11 @@ impl<I: Index + 'static> Router<I> {
         let key_cache = KeyCache::new(keys, shared::keys::cache::DEFAULT_MAX_BYTES);
         Router {
             index,
-            tokenize: Tokenize::new(tokenizers, key_cache, config.tokenize.clone()),
+            tokenize: Arc::new(Tokenize::new(
+                tokenizers,
+                key_cache,
+                config.tokenize.clone(),
+            )),
             candidates,
             load,
             config,
@@ -134,7 +138,7 @@ impl<I: Index + 'static> Router<I> {
     }
 
     /// The tokenization stage (path counters, pool).
-    pub fn tokenize(&self) -> &Tokenize {
+    pub fn tokenize(&self) -> &Arc<Tokenize> {
         &self.tokenize
     }
 

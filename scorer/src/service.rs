@@ -108,21 +108,21 @@ pub async fn run(
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0x5eed)
     });
-    // llm-d's remote-indexer API scores from the same index, keys and tokenizers.
-    let indexer_api = IndexerServiceServer::new(PodScorer::new(
-        index.clone(),
-        keys.clone(),
-        tokenizers.clone(),
-        &route_config,
-    ));
     let router = Arc::new(Router::new(
-        index,
+        index.clone(),
         keys,
         tokenizers,
         candidates.clone(),
         load.clone(),
-        route_config,
+        route_config.clone(),
         seed,
+    ));
+    // llm-d's remote-indexer API scores from the same index, and tokenizes
+    // through the router's stage (one pool bounds all tokenization work).
+    let indexer_api = IndexerServiceServer::new(PodScorer::sharing(
+        index,
+        router.tokenize().clone(),
+        &route_config,
     ));
 
     tokio::spawn(
