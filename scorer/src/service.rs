@@ -71,6 +71,10 @@ pub async fn run(
         block_size = keys.block_size(),
         endpoints = ?args.endpoints,
         tokenizers = ?args.tokenizer,
+        tokenize_threads = args.tokenize_threads,
+        tokenize_queue = args.tokenize_queue,
+        tokenize_timeout = ?args.tokenize_timeout,
+        remote_tokenize = args.remote_tokenize,
         "starting kvroute-scorer"
     );
 
