@@ -10,7 +10,7 @@ use super::{Samples, row};
 use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::Metadata;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// What one row of part (e) sends.
@@ -41,42 +41,39 @@ pub async fn run(
     // Cold texts never repeat across rows or runs of this process.
     let next_cold = Arc::new(AtomicU64::new(1 << 40));
     for &streams in cold_streams {
-        let stop = Arc::new(AtomicBool::new(false));
+        // Let the cold streams get going before the window opens.
+        let start = Instant::now() + Duration::from_millis(300);
+        let end = start + Duration::from_secs_f64(seconds);
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..streams {
-            let (mut client, subset, stop, next) = (
-                client.clone(),
-                mix.subset.clone(),
-                stop.clone(),
-                next_cold.clone(),
-            );
+            let (mut client, subset, next) =
+                (client.clone(), mix.subset.clone(), next_cold.clone());
             let (model, text) = (mix.cold_model.clone(), mix.cold_text.to_string());
             tasks.spawn(async move {
                 let mut done = 0u64;
-                while !stop.load(Ordering::Relaxed) {
+                loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let body = completion(&model, &prompts::cold_text(&text, i));
                     client.decide(&body, Some(&subset)).await?;
-                    done += 1;
+                    let now = Instant::now();
+                    if now >= end {
+                        return Ok::<_, anyhow::Error>(done);
+                    }
+                    if now >= start {
+                        done += 1;
+                    }
                 }
-                Ok::<_, anyhow::Error>(done)
             });
         }
-        // Let the cold streams get going first.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let started = Instant::now();
-        let deadline = started + Duration::from_secs_f64(seconds);
+        tokio::time::sleep_until(start.into()).await;
+        // Warm decisions back to back for the whole window (at least
+        // `samples` of them).
         let mut warm = Samples::default();
         let mut client = client.clone();
-        for _ in 0..samples {
+        while Instant::now() < end || warm.0.len() < samples {
             let (d, _) = client.decide(&mix.warm_body, Some(&mix.subset)).await?;
             warm.push(d);
-            if Instant::now() > deadline {
-                break;
-            }
         }
-        let window = started.elapsed().as_secs_f64();
-        stop.store(true, Ordering::Relaxed);
         let mut cold = 0;
         while let Some(done) = tasks.join_next().await {
             cold += done??;
@@ -87,7 +84,7 @@ pub async fn run(
             mix.pods,
             row(&warm),
             warm.0.len(),
-            cold as f64 / window
+            cold as f64 / seconds
         );
     }
     Ok(())
