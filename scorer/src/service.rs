@@ -78,19 +78,6 @@ pub async fn run(
         "starting kvroute-scorer"
     );
 
-    // Tokenizers named explicitly load now (a bad path should show at start,
-    // not on the first request); models found in directories load lazily.
-    let to_preload = tokenizers.clone();
-    let preload = tokio::task::spawn_blocking(move || to_preload.preload());
-    for (model, result) in preload.await.context("tokenizer preload")? {
-        match result {
-            Ok(_) => tracing::info!(%model, "tokenizer loaded"),
-            Err(e) => {
-                tracing::warn!(%model, error = %e, "tokenizer failed to load: this model routes by load")
-            }
-        }
-    }
-
     let index = Arc::new(LateIndex::with_lookup_mode(args.lookup_mode));
     let env = Arc::new(env);
     let urls = args.redis.urls(&*env);
@@ -121,6 +108,17 @@ pub async fn run(
         route_config.clone(),
         seed,
     ));
+    // Tokenizers named explicitly load now (a bad path should show at start,
+    // not on the first request); models found in directories load lazily.
+    // Both on the stage's loader thread (see `tokenize/loader.rs` for why).
+    for (model, result) in router.tokenize().preload().await {
+        match result {
+            Ok(_) => tracing::info!(%model, "tokenizer loaded"),
+            Err(e) => {
+                tracing::warn!(%model, error = %e, "tokenizer failed to load: this model routes by load")
+            }
+        }
+    }
     // llm-d's remote-indexer API scores from the same index, and tokenizes
     // through the router's stage (one pool bounds all tokenization work).
     let indexer_api = IndexerServiceServer::new(PodScorer::sharing(

@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `mod.rs` | [`Tokenize`]: picks the path for each request and maps failures to fallback reasons |
 //! | `pool.rs` | [`BlockingPool`]: bounded blocking threads with a queue bound and a deadline |
+//! | `loader.rs` | [`Loader`]: every tokenizer load on one long-lived thread (keeps the load's fragmented malloc arena away from the tokenizing threads) |
 //! | `remote.rs` | [`RemoteTokenizer`]: vLLM `/tokenize` on a pod of the pool, cached |
 //!
 //! Paths, cheapest first (counted in `kvroute_scorer_tokenize_path_total`):
@@ -23,9 +24,11 @@
 //! - `remote`: no local tokenizer for the model and `--remote-tokenize` on:
 //!   a vLLM pod tokenizes ([`RemoteTokenizer`]); otherwise `no_tokenizer`.
 
+pub mod loader;
 pub mod pool;
 pub mod remote;
 
+pub use loader::Loader;
 pub use pool::{BlockingPool, PoolConfig, PoolError};
 pub use remote::{RemoteConfig, RemoteError, RemotePrompt, RemoteTokenizer};
 
@@ -33,7 +36,7 @@ use crate::decide::{Prompt, RouteRequest};
 use serde_json::Value as Json;
 use shared::ids::BlockKey;
 use shared::keys::{ExtraKeys, KeyCache};
-use shared::tokens::{ChatOptions, Tokenizer, TokenizerRegistry};
+use shared::tokens::{ChatOptions, Tokenizer, TokenizerRegistry, TokensError};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -84,6 +87,7 @@ enum Path {
 /// See the module doc.
 pub struct Tokenize {
     registry: Arc<TokenizerRegistry>,
+    loader: Arc<Loader>,
     keys: Arc<KeyCache>,
     pool: BlockingPool,
     remote: Option<RemoteTokenizer>,
@@ -111,6 +115,7 @@ enum JobError {
 impl Tokenize {
     pub fn new(registry: Arc<TokenizerRegistry>, keys: KeyCache, config: TokenizeConfig) -> Self {
         Tokenize {
+            loader: Arc::new(Loader::new(registry.clone())),
             registry,
             keys: Arc::new(keys),
             pool: BlockingPool::new(config.pool),
@@ -118,6 +123,12 @@ impl Tokenize {
             inline_render_bytes: config.inline_render_bytes,
             counts: Default::default(),
         }
+    }
+
+    /// Loads the explicitly configured tokenizers now (on the loader
+    /// thread), so a first request does not pay for it.
+    pub async fn preload(&self) -> Vec<(String, Result<Arc<Tokenizer>, TokensError>)> {
+        self.loader.preload().await
     }
 
     /// The key cache (shared with the pool's threads).
@@ -192,12 +203,12 @@ impl Tokenize {
             None => (None, owned_input(&req.prompt, options)),
         };
         self.took(Path::Pool);
-        let (registry, keys, model) = (self.registry.clone(), self.keys.clone(), base.to_string());
+        let (loader, keys, model) = (self.loader.clone(), self.keys.clone(), base.to_string());
         let (lora, salt) = (lora.map(str::to_string), req.cache_salt.clone());
         let job = move || {
             let tok = match tokenizer {
                 Some(t) => t,
-                None => registry.get(&model).map_err(|_| JobError::NoLocal)?,
+                None => loader.get(&model).map_err(|_| JobError::NoLocal)?,
             };
             let ids = encode(&tok, input).map_err(JobError::Reason)?;
             let extra = ExtraKeys {
