@@ -18,8 +18,9 @@
 //!   templates of up to [`TokenizeConfig::inline_render_bytes`] of message
 //!   text are rendered inline first (~10 µs for 21 KiB). No thread hop.
 //! - `pool`: anything else local (a cold prompt, a first load of the
-//!   model's tokenizer from disk, a large chat to render) runs on the
-//!   [`BlockingPool`], keys included; past its queue bound or deadline the
+//!   model's tokenizer, done by the [`Loader`] thread while the pool job
+//!   waits, a large chat to render) runs on the [`BlockingPool`], keys
+//!   included; past its queue bound or deadline the
 //!   request routes by load (`tokenize_overloaded`, `tokenize_timeout`).
 //! - `remote`: no local tokenizer for the model and `--remote-tokenize` on:
 //!   a vLLM pod tokenizes ([`RemoteTokenizer`]); otherwise `no_tokenizer`.
