@@ -18,7 +18,9 @@
 //!   listener of the same Envoy, request by request, and the difference
 //!   (the scorer's own cost, as `notes/envoy-ext-proc.md` prescribes);
 //! - (d) decisions per second per core: a closed loop of concurrent ext_proc
-//!   streams, divided by the CPU seconds the scorer process used.
+//!   streams, divided by the CPU seconds the scorer process used;
+//! - (e) warm ext_proc decisions while 0, 1, 2, 4 streams send cold prompts
+//!   of the largest size back to back (tokenization off the async workers).
 //!
 //! Seeded (`--seed`), warmed up, bounded in time (`--cell-seconds`);
 //! `--quick` scales it down.
@@ -27,6 +29,7 @@ mod breakdown;
 mod envoy;
 mod extproc;
 mod lookups;
+mod mixed;
 mod prompts;
 mod scorer_proc;
 mod throughput;
@@ -429,6 +432,34 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
             rate / cores.max(1e-9)
         );
     }
+
+    println!(
+        "\n(e) warm ext_proc decisions, request by request, while streams send cold prompts back to back"
+    );
+    let warm = prompts
+        .iter()
+        .find(|p| p.blocks == 512)
+        .or(prompts.first())
+        .context("prompt")?;
+    let cold = prompts.iter().max_by_key(|p| p.blocks).context("prompt")?;
+    let pods = args.pods[0];
+    let mix = mixed::Mix {
+        warm_body: extproc::completion(&prompts::model(pods), &warm.text),
+        warm_blocks: warm.blocks,
+        cold_model: prompts::model(pods),
+        cold_text: &cold.text,
+        cold_blocks: cold.blocks,
+        subset: extproc::subset(&endpoints[..pods]),
+        pods,
+    };
+    mixed::run(
+        &client,
+        &mix,
+        &[0, 1, 2, 4],
+        args.samples,
+        args.cell_seconds,
+    )
+    .await?;
     drop(scorer);
     println!("\nload average at end {}", load_average());
     Ok(())

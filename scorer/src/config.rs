@@ -5,6 +5,7 @@
 use crate::ext_proc::ExtProcConfig;
 use crate::grpc::TlsArgs;
 use crate::route::RouteConfig;
+use crate::tokenize::{PoolConfig, RemoteConfig, TokenizeConfig};
 use shared::config::{KeyArgs, RedisArgs};
 use shared::index::LookupMode;
 use shared::scoring::TierWeights;
@@ -66,6 +67,26 @@ pub struct ServeArgs {
     /// cache `models--<org>--<name>/snapshots/...`). Repeatable.
     #[arg(long = "models-dir", env = "KVROUTE_MODELS_DIR", value_delimiter = ',')]
     pub models_dir: Vec<PathBuf>,
+    /// Threads tokenizing cold prompts at once, off the async workers (0:
+    /// one per core). Cached prompts are served inline without a thread.
+    #[arg(long, env = "KVROUTE_TOKENIZE_THREADS", default_value_t = 0)]
+    pub tokenize_threads: usize,
+    /// Cold prompts waiting for a tokenizing thread before more are routed
+    /// by load at once (`tokenize_overloaded`).
+    #[arg(long, env = "KVROUTE_TOKENIZE_QUEUE", default_value_t = 64)]
+    pub tokenize_queue: usize,
+    /// Give up on a cold tokenization (waiting included) after this long and
+    /// route by load; the work still finishes and warms the caches.
+    #[arg(long, env = "KVROUTE_TOKENIZE_TIMEOUT", default_value = "250ms", value_parser = parse_duration)]
+    pub tokenize_timeout: Duration,
+    /// For a model with no local tokenizer, ask a candidate vLLM pod
+    /// (`POST /tokenize`) for the ids, cached per exact prompt. Off by
+    /// default: it adds a round trip to each new prompt and work on the pods.
+    #[arg(long, env = "KVROUTE_REMOTE_TOKENIZE", default_value_t = false)]
+    pub remote_tokenize: bool,
+    /// How long a decision waits for a pod's `/tokenize` answer.
+    #[arg(long, env = "KVROUTE_REMOTE_TOKENIZE_TIMEOUT", default_value = "100ms", value_parser = parse_duration)]
+    pub remote_tokenize_timeout: Duration,
     /// `ADAPTER=BASE_MODEL`: a LoRA adapter served on top of a base model. Repeatable.
     #[arg(long = "lora", env = "KVROUTE_LORA", value_delimiter = ',')]
     pub lora: Vec<String>,
@@ -154,6 +175,18 @@ impl ServeArgs {
             lookup_timeout: self.lookup_timeout,
             metrics_max_age: self.metrics_max_age,
             adapters,
+            tokenize: TokenizeConfig {
+                pool: PoolConfig {
+                    threads: self.tokenize_threads,
+                    queue: self.tokenize_queue,
+                    deadline: self.tokenize_timeout,
+                },
+                remote: self.remote_tokenize.then(|| RemoteConfig {
+                    timeout: self.remote_tokenize_timeout,
+                    ..RemoteConfig::default()
+                }),
+                ..TokenizeConfig::default()
+            },
         })
     }
 }
@@ -203,6 +236,22 @@ mod tests {
         );
         assert_eq!(rc.lookup_timeout, Duration::from_millis(50));
         assert_eq!(s.lookup_mode, LookupMode::Bisect);
+        assert_eq!(rc.tokenize, TokenizeConfig::default());
+        let cli = Cli::try_parse_from([
+            "x",
+            "--tokenize-threads",
+            "3",
+            "--tokenize-timeout",
+            "1s",
+            "--remote-tokenize",
+            "--remote-tokenize-timeout",
+            "40ms",
+        ])
+        .expect("parse");
+        let t = cli.serve.route_config().expect("route config").tokenize;
+        assert_eq!((t.pool.threads, t.pool.queue), (3, 64));
+        assert_eq!(t.pool.deadline, Duration::from_secs(1));
+        assert_eq!(t.remote.map(|r| r.timeout), Some(Duration::from_millis(40)));
         let cli = Cli::try_parse_from(["x", "--lookup-mode", "linear"]).expect("parse");
         assert_eq!(cli.serve.lookup_mode, LookupMode::Linear);
         assert!(Cli::try_parse_from(["x", "--lookup-mode", "fast"]).is_err());

@@ -36,7 +36,8 @@ pub struct RouteRequest {
 pub struct Decision {
     pub endpoint: String,
     /// Low-cardinality label: `prefix`, `load`, `random`, or a fallback reason
-    /// such as `index_unavailable`, `no_tokenizer`, `unknown_model`.
+    /// such as `index_unavailable`, `no_tokenizer`, `tokenize_overloaded`,
+    /// `tokenize_timeout`, `remote_tokenize_failed`.
     pub reason: &'static str,
 }
 

@@ -14,7 +14,10 @@
 //! 1, cpu 0.8 by default, `--tier-weights`). Scores are not normalised (a
 //! score reads as weighted blocks) and no load is blended in: the caller
 //! blends. Only pods holding block 0 appear; a non-empty `pod_identifiers`
-//! restricts the answer to those pods.
+//! restricts the answer to those pods. Tokenization goes through the
+//! router's stage (`crate::tokenize`): a busy pool or a failed vLLM
+//! `/tokenize` is `UNAVAILABLE`, a model without a tokenizer
+//! `FAILED_PRECONDITION`.
 //!
 //! There is no `protoc` at build time, so the messages and the server
 //! plumbing are written by hand in the shape `tonic-build` generates from
@@ -22,12 +25,14 @@
 //! bytes.
 
 use crate::candidates::endpoint_for;
+use crate::decide::{Prompt, RouteRequest};
 use crate::route::RouteConfig;
-use shared::ids::{BlockKey, ModelName};
+use crate::tokenize::Tokenize;
+use shared::ids::ModelName;
 use shared::index::{Index, IndexError};
-use shared::keys::{ExtraKeys, KeyScheme};
+use shared::keys::{KeyCache, KeyScheme};
 use shared::scoring::{TierWeights, score_prefixes};
-use shared::tokens::{TokenizerRegistry, TokensError};
+use shared::tokens::TokenizerRegistry;
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -160,10 +165,12 @@ pub const REQUESTS: &str = "kvroute_scorer_indexer_api_requests_total";
 pub enum ScoresError {
     #[error("model_name is empty")]
     NoModel,
-    #[error("no tokenizer for model {model}: {source}")]
-    NoTokenizer { model: String, source: TokensError },
+    #[error("no tokenizer for model {model}")]
+    NoTokenizer { model: String },
+    /// The tokenization stage's reason (`tokenize_error`,
+    /// `tokenize_overloaded`, `tokenize_timeout`, `remote_tokenize_*`).
     #[error("tokenizing the prompt: {0}")]
-    Tokenize(TokensError),
+    Tokenize(&'static str),
     #[error("index lookup: {0}")]
     Index(#[from] IndexError),
     #[error("index lookup exceeded {0:?}")]
@@ -175,7 +182,7 @@ impl ScoresError {
         match self {
             ScoresError::NoModel => "no_model",
             ScoresError::NoTokenizer { .. } => "no_tokenizer",
-            ScoresError::Tokenize(_) => "tokenize_error",
+            ScoresError::Tokenize(reason) => reason,
             ScoresError::Index(_) => "index_unavailable",
             ScoresError::Timeout(_) => "index_timeout",
         }
@@ -186,6 +193,12 @@ impl ScoresError {
         match self {
             ScoresError::NoModel => tonic::Status::invalid_argument(msg),
             ScoresError::NoTokenizer { .. } => tonic::Status::failed_precondition(msg),
+            ScoresError::Tokenize(
+                "tokenize_overloaded"
+                | "tokenize_timeout"
+                | "remote_tokenize_timeout"
+                | "remote_tokenize_failed",
+            ) => tonic::Status::unavailable(msg),
             ScoresError::Tokenize(_) => tonic::Status::invalid_argument(msg),
             ScoresError::Index(_) => tonic::Status::unavailable(msg),
             ScoresError::Timeout(_) => tonic::Status::deadline_exceeded(msg),
@@ -197,8 +210,9 @@ impl ScoresError {
 /// router's key scheme, tokenizers, tier weights and LoRA adapters.
 pub struct PodScorer<I> {
     index: Arc<I>,
-    keys: KeyScheme,
-    tokenizers: Arc<TokenizerRegistry>,
+    /// Prompt -> block keys, off the async workers (the router's stage when
+    /// shared: one pool bounds all tokenization of the process).
+    tokenize: Arc<Tokenize>,
     tiers: TierWeights,
     /// LoRA adapter -> base model, as the router resolves them.
     adapters: HashMap<String, String>,
@@ -207,16 +221,23 @@ pub struct PodScorer<I> {
 }
 
 impl<I: Index + 'static> PodScorer<I> {
+    /// A scorer with its own tokenization stage (see [`Self::sharing`]).
     pub fn new(
         index: Arc<I>,
         keys: KeyScheme,
         tokenizers: Arc<TokenizerRegistry>,
         config: &RouteConfig,
     ) -> Self {
+        let keys = KeyCache::new(keys, shared::keys::cache::DEFAULT_MAX_BYTES);
+        let tokenize = Tokenize::new(tokenizers, keys, config.tokenize.clone());
+        Self::sharing(index, Arc::new(tokenize), config)
+    }
+
+    /// A scorer using the router's tokenization stage (its pool and caches).
+    pub fn sharing(index: Arc<I>, tokenize: Arc<Tokenize>, config: &RouteConfig) -> Self {
         PodScorer {
             index,
-            keys,
-            tokenizers,
+            tokenize,
             tiers: config.tiers.clone(),
             adapters: config.adapters.clone(),
             lookup_timeout: config.lookup_timeout,
@@ -236,21 +257,32 @@ impl<I: Index + 'static> PodScorer<I> {
             Some(base) => (base.as_str(), Some(req.model_name.as_str())),
             None => (req.model_name.as_str(), None),
         };
-        let tokenizer = self
-            .tokenizers
-            .get(base)
-            .map_err(|source| ScoresError::NoTokenizer {
-                model: base.to_string(),
-                source,
-            })?;
-        let tokens = tokenizer
-            .encode_completion(&req.prompt)
-            .map_err(ScoresError::Tokenize)?;
-        let extra = ExtraKeys {
-            lora,
+        if req.prompt.is_empty() {
+            return Ok(Vec::new());
+        }
+        let route = RouteRequest {
+            model: req.model_name.clone(),
+            prompt: Prompt::Text(req.prompt.clone()),
             cache_salt: None,
+            chat_template_kwargs: None,
+            request_id: None,
         };
-        let keys: Vec<BlockKey> = self.keys.block_keys(&tokens, extra);
+        // Remote tokenization (when on) may ask the pods named by address.
+        let pods: Vec<String> = req
+            .pod_identifiers
+            .iter()
+            .filter(|p| p.parse::<SocketAddr>().is_ok())
+            .cloned()
+            .collect();
+        let keys = match self.tokenize.block_keys(&route, base, lora, &pods).await {
+            Ok(keys) => keys,
+            Err("no_tokenizer") => {
+                return Err(ScoresError::NoTokenizer {
+                    model: base.to_string(),
+                });
+            }
+            Err(reason) => return Err(ScoresError::Tokenize(reason)),
+        };
         if keys.is_empty() {
             return Ok(Vec::new());
         }
@@ -331,10 +363,11 @@ impl<I: Index + 'static> IndexerService for PodScorer<I> {
 mod tests {
     use super::*;
     use prost::Message;
+    use shared::ids::BlockKey;
     use shared::ids::{PodId, Tier};
     use shared::index::memory::MemoryIndex;
     use shared::index::{IndexOp, StoredBlock};
-    use shared::keys::HashScheme;
+    use shared::keys::{ExtraKeys, HashScheme};
     use shared::tokens::TokenizerOptions;
     use std::path::PathBuf;
 
@@ -488,5 +521,11 @@ mod tests {
         let e = s.pod_scores(&req).await.expect_err("no tokenizer");
         assert_eq!(e.status().code(), tonic::Code::FailedPrecondition);
         assert_eq!(e.label(), "no_tokenizer");
+        // A busy tokenization pool is the caller's retry, not a bad prompt.
+        let busy = ScoresError::Tokenize("tokenize_overloaded");
+        assert_eq!(busy.status().code(), tonic::Code::Unavailable);
+        assert_eq!(busy.label(), "tokenize_overloaded");
+        let bad = ScoresError::Tokenize("tokenize_error");
+        assert_eq!(bad.status().code(), tonic::Code::InvalidArgument);
     }
 }

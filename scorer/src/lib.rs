@@ -17,4 +17,5 @@ pub mod load;
 pub mod request;
 pub mod route;
 pub mod service;
+pub mod tokenize;
 pub mod why;

@@ -8,15 +8,16 @@
 //! answer with an endpoint.
 
 use crate::candidates::{Candidates, endpoint_for};
-use crate::decide::{Decide, DecideError, Decision, Prompt, RouteRequest};
+use crate::decide::{Decide, DecideError, Decision, RouteRequest};
 use crate::load::Load;
+use crate::tokenize::{Tokenize, TokenizeConfig};
 use parking_lot::Mutex;
-use shared::ids::{BlockKey, ModelName};
+use shared::ids::ModelName;
 use shared::index::Index;
-use shared::keys::{ExtraKeys, KeyCache, KeyScheme};
+use shared::keys::{KeyCache, KeyScheme};
 use shared::scoring::pick::{self, Breakdown, Candidate, LoadLimits, PickWeights};
 use shared::scoring::{TierWeights, score_prefixes};
-use shared::tokens::{ChatOptions, TokenizerRegistry};
+use shared::tokens::TokenizerRegistry;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +27,7 @@ pub mod metrics_names {
     pub const DECISIONS: &str = "kvroute_scorer_decisions_total";
     pub const FALLBACKS: &str = "kvroute_scorer_fallbacks_total";
     pub const LOOKUP_SECONDS: &str = "kvroute_scorer_lookup_seconds";
+    /// Prompt -> block keys (tokenization, pool wait or remote call included).
     pub const TOKENIZE_SECONDS: &str = "kvroute_scorer_tokenize_seconds";
     pub const PROMPT_BLOCKS: &str = "kvroute_scorer_prompt_blocks";
     pub const MATCHED_BLOCKS: &str = "kvroute_scorer_matched_blocks";
@@ -45,6 +47,8 @@ pub struct RouteConfig {
     /// LoRA adapter name -> base model (the index is keyed by the base
     /// model's topic name; adapter blocks carry the adapter as extra key).
     pub adapters: HashMap<String, String>,
+    /// Where tokenization runs (blocking pool, remote vLLM).
+    pub tokenize: TokenizeConfig,
 }
 
 impl Default for RouteConfig {
@@ -56,6 +60,7 @@ impl Default for RouteConfig {
             lookup_timeout: Duration::from_millis(50),
             metrics_max_age: Duration::from_secs(2),
             adapters: HashMap::new(),
+            tokenize: TokenizeConfig::default(),
         }
     }
 }
@@ -92,10 +97,10 @@ pub struct Report {
 /// The scorer's router.
 pub struct Router<I> {
     index: Arc<I>,
-    /// The key scheme, with the keys of recently seen token prefixes: a
-    /// repeated or extended prompt is not hashed again.
-    keys: KeyCache,
-    tokenizers: Arc<TokenizerRegistry>,
+    /// Prompt -> block keys, off the async workers when it is costly; the
+    /// key cache inside means a repeated or extended prompt is not hashed
+    /// again.
+    tokenize: Arc<Tokenize>,
     candidates: Arc<Candidates>,
     load: Load,
     config: RouteConfig,
@@ -113,10 +118,14 @@ impl<I: Index + 'static> Router<I> {
         config: RouteConfig,
         seed: u64,
     ) -> Self {
+        let key_cache = KeyCache::new(keys, shared::keys::cache::DEFAULT_MAX_BYTES);
         Router {
             index,
-            keys: KeyCache::new(keys, shared::keys::cache::DEFAULT_MAX_BYTES),
-            tokenizers,
+            tokenize: Arc::new(Tokenize::new(
+                tokenizers,
+                key_cache,
+                config.tokenize.clone(),
+            )),
             candidates,
             load,
             config,
@@ -126,6 +135,11 @@ impl<I: Index + 'static> Router<I> {
 
     pub fn load(&self) -> &Load {
         &self.load
+    }
+
+    /// The tokenization stage (path counters, pool).
+    pub fn tokenize(&self) -> &Arc<Tokenize> {
+        &self.tokenize
     }
 
     fn random(&self) -> u64 {
@@ -145,56 +159,21 @@ impl<I: Index + 'static> Router<I> {
         }
     }
 
-    /// Token ids of the request, or the reason they cannot be had.
-    fn tokens(
-        &self,
-        base: &str,
-        prompt: &Prompt,
-        req: &RouteRequest,
-    ) -> Result<Vec<u32>, &'static str> {
-        let tokenizer = |model: &str| self.tokenizers.get(model).map_err(|_| "no_tokenizer");
-        match prompt {
-            Prompt::TokenIds(ids) => Ok(ids.clone()),
-            Prompt::Text(text) if text.is_empty() => Err("empty_prompt"),
-            Prompt::Text(text) => tokenizer(base)?
-                .encode_completion(text)
-                .map_err(|_| "tokenize_error"),
-            Prompt::Chat(messages) => {
-                let template_kwargs = match &req.chat_template_kwargs {
-                    Some(serde_json::Value::Object(map)) => map.clone(),
-                    _ => serde_json::Map::new(),
-                };
-                let options = ChatOptions {
-                    template_kwargs,
-                    ..ChatOptions::default()
-                };
-                tokenizer(base)?
-                    .encode_chat(messages, &options)
-                    .map_err(|_| "template_error")
-            }
-        }
-    }
-
     /// Scores every candidate for `req` and picks one, without recording the
     /// pick as in flight (the HTTP API's dry run; [`Decide::decide`] records).
     pub async fn score(&self, req: &RouteRequest, subset: Option<&[String]>) -> Report {
         let endpoints = self.candidates.for_request(subset);
         let (base, lora) = self.resolve_model(&req.model);
         let started = Instant::now();
-        let tokens = self.tokens(base, &req.prompt, req);
+        let keys = self.tokenize.block_keys(req, base, lora, &endpoints).await;
         metrics::histogram!(m::TOKENIZE_SECONDS).record(started.elapsed().as_secs_f64());
         let mut reason = "prefix";
         let mut blocks = 0;
         // Per endpoint: (normalised prefix score, depth, best tier of the prefix).
         let mut prefix: HashMap<&String, (f64, u32, Option<String>)> = HashMap::new();
-        match tokens {
+        match keys {
             Err(why) => reason = why,
-            Ok(tokens) => {
-                let extra = ExtraKeys {
-                    lora,
-                    cache_salt: req.cache_salt.as_deref(),
-                };
-                let keys: Vec<BlockKey> = self.keys.block_keys(&tokens, extra);
+            Ok(keys) => {
                 blocks = keys.len();
                 metrics::histogram!(m::PROMPT_BLOCKS).record(blocks as f64);
                 let model = ModelName::new(base);
@@ -331,10 +310,12 @@ impl<I: Index + 'static> Decide for Router<I> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decide::Prompt;
+    use shared::ids::BlockKey;
     use shared::ids::{PodId, Tier};
     use shared::index::memory::MemoryIndex;
     use shared::index::{IndexOp, StoredBlock};
-    use shared::keys::HashScheme;
+    use shared::keys::{ExtraKeys, HashScheme};
     use shared::tokens::TokenizerOptions;
     use std::path::PathBuf;
 

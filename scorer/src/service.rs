@@ -71,21 +71,12 @@ pub async fn run(
         block_size = keys.block_size(),
         endpoints = ?args.endpoints,
         tokenizers = ?args.tokenizer,
+        tokenize_threads = args.tokenize_threads,
+        tokenize_queue = args.tokenize_queue,
+        tokenize_timeout = ?args.tokenize_timeout,
+        remote_tokenize = args.remote_tokenize,
         "starting kvroute-scorer"
     );
-
-    // Tokenizers named explicitly load now (a bad path should show at start,
-    // not on the first request); models found in directories load lazily.
-    let to_preload = tokenizers.clone();
-    let preload = tokio::task::spawn_blocking(move || to_preload.preload());
-    for (model, result) in preload.await.context("tokenizer preload")? {
-        match result {
-            Ok(_) => tracing::info!(%model, "tokenizer loaded"),
-            Err(e) => {
-                tracing::warn!(%model, error = %e, "tokenizer failed to load: this model routes by load")
-            }
-        }
-    }
 
     let index = Arc::new(LateIndex::with_lookup_mode(args.lookup_mode));
     let env = Arc::new(env);
@@ -108,21 +99,32 @@ pub async fn run(
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0x5eed)
     });
-    // llm-d's remote-indexer API scores from the same index, keys and tokenizers.
-    let indexer_api = IndexerServiceServer::new(PodScorer::new(
-        index.clone(),
-        keys.clone(),
-        tokenizers.clone(),
-        &route_config,
-    ));
     let router = Arc::new(Router::new(
-        index,
+        index.clone(),
         keys,
         tokenizers,
         candidates.clone(),
         load.clone(),
-        route_config,
+        route_config.clone(),
         seed,
+    ));
+    // Tokenizers named explicitly load now (a bad path should show at start,
+    // not on the first request); models found in directories load lazily.
+    // Both on the stage's loader thread (see `tokenize/loader.rs` for why).
+    for (model, result) in router.tokenize().preload().await {
+        match result {
+            Ok(_) => tracing::info!(%model, "tokenizer loaded"),
+            Err(e) => {
+                tracing::warn!(%model, error = %e, "tokenizer failed to load: this model routes by load")
+            }
+        }
+    }
+    // llm-d's remote-indexer API scores from the same index, and tokenizes
+    // through the router's stage (one pool bounds all tokenization work).
+    let indexer_api = IndexerServiceServer::new(PodScorer::sharing(
+        index,
+        router.tokenize().clone(),
+        &route_config,
     ));
 
     tokio::spawn(

@@ -199,6 +199,53 @@ impl PrefixCache {
         self.piece(&text[last..], out, &encode)
     }
 
+    /// Appends the ids of `text` only if every piece of it is already
+    /// cached, and returns whether it did (`out` is left as it was when not).
+    /// Costs the boundary scan and one lookup per piece, never a BPE pass:
+    /// the scorer calls it on the async thread to tell a warm prompt (served
+    /// here in microseconds) from a cold one (sent to its blocking pool).
+    /// Misses are not counted: the caller tokenizes through [`Self::encode`]
+    /// next, which counts them.
+    pub(crate) fn encode_cached_into(&self, text: &str, out: &mut Vec<u32>) -> bool {
+        let Some(cache) = &self.cache else {
+            return text.is_empty();
+        };
+        let start = out.len();
+        let mut hits = 0;
+        let mut piece = |piece: &str, out: &mut Vec<u32>| {
+            if piece.is_empty() {
+                return true;
+            }
+            match cache.get(piece) {
+                Some(ids) => {
+                    hits += 1;
+                    out.extend_from_slice(&ids);
+                    true
+                }
+                None => false,
+            }
+        };
+        let mut last = 0;
+        let mut complete = true;
+        if let Some(seg) = &self.segmenter {
+            for m in seg.automaton.find_iter(text) {
+                if !piece(&text[last..m.start()], out) {
+                    complete = false;
+                    break;
+                }
+                out.push(seg.ids[m.pattern().as_usize()]);
+                last = m.end();
+            }
+        }
+        complete = complete && piece(&text[last..], out);
+        if complete {
+            self.hits.fetch_add(hits, Ordering::Relaxed);
+        } else {
+            out.truncate(start);
+        }
+        complete
+    }
+
     fn piece<F>(&self, piece: &str, out: &mut Vec<u32>, encode: &F) -> Result<(), TokensError>
     where
         F: Fn(&str) -> Result<Vec<u32>, TokensError>,

@@ -98,6 +98,21 @@ impl TokenizerRegistry {
         }
     }
 
+    /// The tokenizer for `model` if it is already loaded (or its load
+    /// already failed), without touching the disk: `None` when the model was
+    /// never asked for or is still loading. Lets a caller on an async thread
+    /// avoid the seconds a first load can take.
+    pub fn get_loaded(&self, model: &str) -> Option<Result<Arc<Tokenizer>, TokensError>> {
+        let slot = self.loaded.lock().get(model).cloned()?;
+        match slot.1.get()? {
+            Ok(t) => Some(Ok(t.clone())),
+            Err(e) => Some(Err(TokensError::ModelLoad {
+                model: model.to_string(),
+                source: e.clone(),
+            })),
+        }
+    }
+
     /// Loads every explicitly configured model now, so that the first
     /// request does not pay for it and a broken path is reported at startup.
     pub fn preload(&self) -> Vec<(String, Result<Arc<Tokenizer>, TokensError>)> {

@@ -280,6 +280,33 @@ impl Tokenizer {
         }
     }
 
+    /// [`Self::encode`] if every piece of `text` is in the prefix cache,
+    /// else `None` without tokenizing anything: a cheap test for "warm" that
+    /// lets the scorer keep cached prompts on the async thread and send
+    /// only real tokenization work to its blocking pool.
+    pub fn encode_cached(&self, text: &str, add_special_tokens: bool) -> Option<Vec<u32>> {
+        let mut out = Vec::with_capacity(text.len() / 3 + 8);
+        if !add_special_tokens {
+            return self.cache.encode_cached_into(text, &mut out).then_some(out);
+        }
+        match &self.affixes {
+            Some((prefix, suffix)) => {
+                out.extend_from_slice(prefix);
+                if !self.cache.encode_cached_into(text, &mut out) {
+                    return None;
+                }
+                out.extend_from_slice(suffix);
+                Some(out)
+            }
+            None => {
+                if !self.cache.encode_cached_into(text, &mut out) {
+                    return None;
+                }
+                post_process(&self.inner, out).ok()
+            }
+        }
+    }
+
     /// Ids of `text` straight from `tokenizers` (no cache).
     pub fn encode_uncached(
         &self,

@@ -68,6 +68,8 @@ proptest! {
         let want = tok.encode_uncached(&p, special).unwrap();
         prop_assert_eq!(&tok.encode(&p, special).unwrap(), &want);
         prop_assert_eq!(&tok.encode(&p, special).unwrap(), &want);
+        // Once encoded, every piece is cached: the cache-only path agrees.
+        prop_assert_eq!(tok.encode_cached(&p, special), Some(want));
     }
 }
 
@@ -102,6 +104,29 @@ fn repeated_system_prompt_is_a_cache_hit() {
     // Pieces: "system", "\n\n{system}", "user", "\n\n{q}": only the question is new.
     assert_eq!(after.misses - before.misses, 1);
     assert_eq!(after.hits - before.hits, 3);
+}
+
+#[test]
+fn cache_only_encoding_answers_warm_texts_and_declines_cold_ones() {
+    let tok = tiny();
+    let system = "You are a helpful assistant. ".repeat(50);
+    let chat = |q: &str| {
+        format!(
+            "<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n{q}<|eot_id|>"
+        )
+    };
+    assert_eq!(tok.encode_cached(&chat("first?"), true), None);
+    let want = tok.encode(&chat("first?"), true).unwrap();
+    let before = tok.prefix_cache().stats();
+    assert_eq!(tok.encode_cached(&chat("first?"), true), Some(want));
+    // A new question: the system prompt is cached, the question is not, so
+    // nothing is returned and nothing is tokenized or counted as a miss.
+    assert_eq!(tok.encode_cached(&chat("second?"), false), None);
+    let after = tok.prefix_cache().stats();
+    assert_eq!(after.misses, before.misses);
+    assert_eq!(after.hits - before.hits, 4);
+    let (_d, uncached) = load(&tiny_json(), 0);
+    assert_eq!(uncached.encode_cached("hello", true), None);
 }
 
 #[test]

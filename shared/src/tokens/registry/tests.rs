@@ -109,3 +109,21 @@ fn loads_once_shares_the_arc_and_remembers_failures() {
         vec!["alias", "org/broken", "org/model"]
     );
 }
+
+#[test]
+fn get_loaded_answers_only_after_a_load() {
+    let root = TempDir::new("loaded");
+    put_tokenizer(&root, "org/model");
+    root.write("org/broken/tokenizer.json", "{ not json");
+    let reg = TokenizerRegistry::new([], vec![root.path().to_path_buf()], Default::default());
+    assert!(reg.get_loaded("org/model").is_none());
+    assert!(reg.get_loaded("org/unknown").is_none());
+    let t = reg.get("org/model").unwrap();
+    let again = reg.get_loaded("org/model").unwrap().unwrap();
+    assert!(Arc::ptr_eq(&t, &again));
+    assert!(reg.get("org/broken").is_err());
+    assert!(matches!(
+        reg.get_loaded("org/broken"),
+        Some(Err(TokensError::ModelLoad { .. }))
+    ));
+}
