@@ -205,6 +205,12 @@ impl<I: Index + 'static> Writes<I> {
         self.dirty.insert(victim);
     }
 
+    /// Whether the pod's clear is still to be issued (it was shed and no
+    /// write has carried its clear yet).
+    pub fn is_dirty(&self, pod: &PodId) -> bool {
+        self.dirty.contains(pod)
+    }
+
     /// The pods shed since the last call.
     pub fn take_shed(&mut self) -> Vec<PodId> {
         std::mem::take(&mut self.shed_log)

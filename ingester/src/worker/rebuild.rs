@@ -2,11 +2,15 @@
 //! Redis outage is cleared at the next successful write (see the worker's
 //! module doc); that leaves the index without the blocks the pod still holds
 //! until it stores them again. vLLM keeps its last batches (`buffer_steps`)
-//! for its replay socket, so once the clear is written the worker asks for
-//! all of them (from sequence 0: vLLM answers from its oldest buffered batch)
-//! and applies, in order, those up to the last batch it has seen live. The
-//! later ones arrive live, in order; applying them here too could apply a
-//! store after the removal that follows it.
+//! for its replay socket, so once writes succeed again and the pod's clear
+//! has gone into a write, the worker asks for all of them (from sequence 0:
+//! vLLM answers from its oldest buffered batch) and queues, in order, those
+//! up to the last batch it has seen live, behind the clear and behind any
+//! live operations of the pod still pending (those are batches up to the
+//! same one, and the replay ends on the same batch, so the last operation on
+//! every block it covers is the live one). Later batches arrive live, in
+//! order; applying them here too could apply a store after the removal that
+//! follows it.
 //!
 //! Correctness does not depend on how far back the buffer reaches: every
 //! replayed batch is applied in publication order after the clear, so a
@@ -46,22 +50,33 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
         }
     }
 
-    /// Whether a shed pod waits for its rebuild and its clear has been
-    /// written: nothing is pending, in flight or marked for a clear any more
-    /// (with several writes in flight, only then is every clear known to
-    /// have been applied).
+    /// Whether a shed pod can be rebuilt now: writes succeed again (no
+    /// backoff running) and its clear has gone into a write. From then on
+    /// anything pushed for the pod is ordered after its clear (one write per
+    /// pod at a time, and a failed write goes back in front of the pod's
+    /// pending operations), so the replayed batches land on the cleared pod
+    /// whatever else the worker has pending or in flight. Waiting for every
+    /// write to drain instead could wait forever under steady traffic.
     pub fn rebuild_due(&mut self) -> bool {
         self.rebuild.extend(self.writes.take_shed());
-        !self.rebuild.is_empty() && self.writes.unwritten() == 0
+        self.writes.retry_at().is_none() && self.rebuild.iter().any(|p| !self.writes.is_dirty(p))
     }
 
-    /// Rebuilds every shed pod whose clear has been written from its replay
-    /// buffer; returns the batches applied (pending until the next flush).
+    /// Rebuilds every shed pod whose clear has been issued from its replay
+    /// buffer; returns the batches queued (written by the next writes).
     pub async fn rebuild_from_replay(&mut self) -> u64 {
         if !self.rebuild_due() {
             return 0;
         }
-        let pods: Vec<PodId> = self.rebuild.drain().collect();
+        let pods: Vec<PodId> = self
+            .rebuild
+            .iter()
+            .filter(|p| !self.writes.is_dirty(p))
+            .cloned()
+            .collect();
+        for pod in &pods {
+            self.rebuild.remove(pod);
+        }
         if !self.replayer.can_replay() {
             return 0;
         }
@@ -288,6 +303,68 @@ mod tests {
             !held(&index, &late),
             "a batch not seen live is left to arrive live"
         );
+        assert!(!w.rebuild_due());
+    }
+
+    /// Another pod's traffic on the same worker (pending operations, so the
+    /// worker never has nothing unwritten) does not hold the rebuild back.
+    #[tokio::test]
+    async fn a_rebuild_does_not_wait_for_other_pods_to_go_quiet() {
+        let index = Arc::new(Flaky {
+            inner: MemoryIndex::new(10_000),
+            down: false.into(),
+        });
+        let buffer = Arc::new(Buffer::default());
+        let config = WorkerConfig {
+            max_pending_ops: 2,
+            retry_min: Duration::ZERO,
+            ..WorkerConfig::default()
+        };
+        let mut w = Worker::new(
+            index.clone(),
+            Keyer::new(scheme(), 10_000),
+            buffer.clone(),
+            config,
+        );
+        let t: Vec<Vec<u32>> = (0..4u32).map(|i| (i * 4..i * 4 + 4).collect()).collect();
+        w.handle(publish(&buffer, 0, vec![stored(&t[0])])).await;
+        assert!(w.flush().await);
+        index.down.store(true, Relaxed);
+        for (i, tokens) in t.iter().enumerate().skip(1) {
+            w.handle(publish(&buffer, i as u64, vec![stored(tokens)]))
+                .await;
+            assert!(!w.flush().await);
+        }
+        assert!(!w.rebuild_due(), "not while writes fail");
+        index.down.store(false, Relaxed);
+        index.inner.apply_sync(&[IndexOp::ClearPod {
+            pod: PodId::new("127.0.0.11:8000"),
+        }]);
+        assert!(w.flush().await);
+        // Another pod publishes; its operations stay pending.
+        let other: Vec<u32> = (500..504).collect();
+        let payload = encode_batch(
+            &EventBatch {
+                ts: 1.0,
+                events: vec![stored(&other)],
+                data_parallel_rank: None,
+            },
+            Encoding::Map,
+        );
+        w.handle(Incoming {
+            topic: "kv@127.0.0.12:8000@m".into(),
+            seq: 0,
+            payload: payload.into(),
+        })
+        .await;
+        assert!(w.pending_ops() > 0);
+        assert!(w.rebuild_due());
+        assert_eq!(w.rebuild_from_replay().await, 4);
+        assert!(w.flush().await);
+        for tokens in &t {
+            assert!(held(&index, tokens), "{tokens:?} rebuilt");
+        }
+        assert!(held(&index, &other));
         assert!(!w.rebuild_due());
     }
 
