@@ -21,6 +21,8 @@ pub mod replay;
 pub mod service;
 pub mod socket;
 pub mod targets;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod worker;
 pub mod write_health;
 pub mod writes;

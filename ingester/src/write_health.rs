@@ -89,40 +89,13 @@ impl<I: Index> Index for WatchedIndex<I> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::Flaky;
     use shared::health::Readiness;
-    use shared::index::memory::MemoryIndex;
-    use std::sync::atomic::AtomicBool;
-
-    /// The memory index behind a switch: while `down`, writes fail.
-    struct Switch {
-        inner: MemoryIndex,
-        down: AtomicBool,
-    }
-
-    impl Index for Switch {
-        async fn apply(&self, ops: &[IndexOp]) -> Result<(), IndexError> {
-            if self.down.load(Relaxed) {
-                return Err(IndexError::Topology("refusing writes".into()));
-            }
-            self.inner.apply(ops).await
-        }
-        async fn lookup(
-            &self,
-            model: &ModelName,
-            keys: &[BlockKey],
-            candidates: Option<&[PodId]>,
-        ) -> Result<Lookup, IndexError> {
-            self.inner.lookup(model, keys, candidates).await
-        }
-    }
 
     #[tokio::test]
     async fn unready_after_failed_writes_in_a_row_ready_at_the_first_success() {
         let readiness = Readiness::default();
-        let inner = Arc::new(Switch {
-            inner: MemoryIndex::new(100),
-            down: AtomicBool::new(true),
-        });
+        let inner = Arc::new(Flaky::new(100, true));
         let w = WatchedIndex::new(inner.clone(), readiness.check("writes"));
         assert!(readiness.report().0);
         for _ in 0..FAILED_WRITES_UNREADY - 1 {
@@ -136,7 +109,7 @@ mod tests {
             text.starts_with("writes: failing: the last 3 index writes failed"),
             "{text}"
         );
-        inner.down.store(false, Relaxed);
+        inner.set_down(false);
         assert!(w.apply(&[]).await.is_ok());
         assert_eq!(readiness.report(), (true, "writes: ok\n".into()));
         assert_eq!(w.failed_in_a_row(), 0);

@@ -148,56 +148,18 @@ mod tests {
     use super::super::{Incoming, Worker, WorkerConfig};
     use super::*;
     use crate::keys::Keyer;
+    use crate::testing::{Flaky, scheme, stored};
     use shared::events::{
-        BlockHash, BlockRemoved, BlockStored, Encoding, EventBatch, KvEvent, Topic, encode_batch,
+        BlockHash, BlockRemoved, Encoding, EventBatch, KvEvent, Topic, encode_batch,
     };
-    use shared::ids::{BlockKey, ModelName};
+    use shared::ids::ModelName;
+    use shared::index::IndexOp;
     use shared::index::memory::MemoryIndex;
-    use shared::index::{IndexError, IndexOp, Lookup};
-    use shared::keys::{ExtraKeys, HashScheme, KeyScheme};
+    use shared::keys::ExtraKeys;
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
     use std::time::Duration;
 
     const TOPIC: &str = "kv@127.0.0.11:8000@m";
-
-    fn scheme() -> KeyScheme {
-        KeyScheme::new(HashScheme::Sha256Cbor64, "42", 4).expect("scheme")
-    }
-
-    /// A store of `tokens` (full blocks) from the root, hashed as vLLM would.
-    fn stored(tokens: &[u32]) -> KvEvent {
-        let keys = scheme().block_keys(tokens, ExtraKeys::NONE);
-        KvEvent::BlockStored(BlockStored {
-            block_hashes: keys.iter().map(|k| BlockHash::U64(k.0)).collect(),
-            token_ids: tokens.to_vec(),
-            block_size: 4,
-            ..Default::default()
-        })
-    }
-
-    /// The memory index behind a switch: while `down`, writes fail.
-    struct Flaky {
-        inner: MemoryIndex,
-        down: AtomicBool,
-    }
-
-    impl Index for Flaky {
-        async fn apply(&self, ops: &[IndexOp]) -> Result<(), IndexError> {
-            if self.down.load(Relaxed) {
-                return Err(IndexError::Topology("down".into()));
-            }
-            self.inner.apply(ops).await
-        }
-        async fn lookup(
-            &self,
-            model: &ModelName,
-            keys: &[BlockKey],
-            candidates: Option<&[PodId]>,
-        ) -> Result<Lookup, IndexError> {
-            self.inner.lookup(model, keys, candidates).await
-        }
-    }
 
     /// A replay buffer: every batch published, as vLLM's ring holds them.
     #[derive(Default)]
@@ -243,10 +205,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_shed_pod_is_rebuilt_from_its_replay_buffer_in_order() {
-        let index = Arc::new(Flaky {
-            inner: MemoryIndex::new(10_000),
-            down: false.into(),
-        });
+        let index = Arc::new(Flaky::new(10_000, false));
         let buffer = Arc::new(Buffer::default());
         let config = WorkerConfig {
             max_pending_ops: 3,
@@ -264,7 +223,7 @@ mod tests {
         w.handle(publish(&buffer, 1, vec![stored(&t[1])])).await;
         assert!(w.flush().await);
         // Outage: the removal of t1 and the stores of t2.. overflow the bound.
-        index.down.store(true, Relaxed);
+        index.set_down(true);
         let key1 = scheme().block_keys(&t[1], ExtraKeys::NONE)[0];
         let removed = KvEvent::BlockRemoved(BlockRemoved {
             block_hashes: vec![BlockHash::U64(key1.0)],
@@ -283,7 +242,7 @@ mod tests {
         let late: Vec<u32> = (900..904).collect();
         let _ = publish(&buffer, 9, vec![stored(&late)]);
         // Redis back (empty, as after a restart without persistence).
-        index.down.store(false, Relaxed);
+        index.set_down(false);
         index.inner.apply_sync(&[IndexOp::ClearPod {
             pod: PodId::new("127.0.0.11:8000"),
         }]);
@@ -310,10 +269,7 @@ mod tests {
     /// worker never has nothing unwritten) does not hold the rebuild back.
     #[tokio::test]
     async fn a_rebuild_does_not_wait_for_other_pods_to_go_quiet() {
-        let index = Arc::new(Flaky {
-            inner: MemoryIndex::new(10_000),
-            down: false.into(),
-        });
+        let index = Arc::new(Flaky::new(10_000, false));
         let buffer = Arc::new(Buffer::default());
         let config = WorkerConfig {
             max_pending_ops: 2,
@@ -329,14 +285,14 @@ mod tests {
         let t: Vec<Vec<u32>> = (0..4u32).map(|i| (i * 4..i * 4 + 4).collect()).collect();
         w.handle(publish(&buffer, 0, vec![stored(&t[0])])).await;
         assert!(w.flush().await);
-        index.down.store(true, Relaxed);
+        index.set_down(true);
         for (i, tokens) in t.iter().enumerate().skip(1) {
             w.handle(publish(&buffer, i as u64, vec![stored(tokens)]))
                 .await;
             assert!(!w.flush().await);
         }
         assert!(!w.rebuild_due(), "not while writes fail");
-        index.down.store(false, Relaxed);
+        index.set_down(false);
         index.inner.apply_sync(&[IndexOp::ClearPod {
             pod: PodId::new("127.0.0.11:8000"),
         }]);

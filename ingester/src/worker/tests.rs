@@ -2,18 +2,15 @@
 //! outages, and several writes in flight (behind a gate the test opens).
 
 use super::*;
+use crate::testing::{Flaky, scheme, stored};
 use shared::events::{
-    AllBlocksCleared, BlockHash, BlockRemoved, BlockStored, Encoding, EventBatch, encode_batch,
+    AllBlocksCleared, BlockHash, BlockRemoved, Encoding, EventBatch, encode_batch,
 };
 use shared::ids::{BlockKey, ModelName};
 use shared::index::memory::MemoryIndex;
-use shared::keys::{ExtraKeys, HashScheme, KeyScheme};
+use shared::keys::ExtraKeys;
 
 const TOPIC: &str = "kv@127.0.0.11:8000@m";
-
-fn scheme() -> KeyScheme {
-    KeyScheme::new(HashScheme::Sha256Cbor64, "42", 4).expect("scheme")
-}
 
 fn worker() -> Worker<MemoryIndex> {
     let index = Arc::new(MemoryIndex::new(10_000));
@@ -23,17 +20,6 @@ fn worker() -> Worker<MemoryIndex> {
         NoReplay,
         WorkerConfig::default(),
     )
-}
-
-/// A store of `tokens` (full blocks) from the root, hashed as vLLM would.
-fn stored(tokens: &[u32]) -> KvEvent {
-    let keys = scheme().block_keys(tokens, ExtraKeys::NONE);
-    KvEvent::BlockStored(BlockStored {
-        block_hashes: keys.iter().map(|k| BlockHash::U64(k.0)).collect(),
-        token_ids: tokens.to_vec(),
-        block_size: 4,
-        ..Default::default()
-    })
 }
 
 fn msg(seq: u64, events: Vec<KvEvent>, encoding: Encoding) -> Incoming {
@@ -207,35 +193,9 @@ async fn a_long_outage_holds_bounded_state() {
     );
 }
 
-/// The memory index behind a switch: while `down`, writes fail.
-struct Flaky {
-    inner: MemoryIndex,
-    down: std::sync::atomic::AtomicBool,
-}
-
-impl Index for Flaky {
-    async fn apply(&self, ops: &[IndexOp]) -> Result<(), shared::index::IndexError> {
-        if self.down.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(shared::index::IndexError::Topology("down".into()));
-        }
-        self.inner.apply(ops).await
-    }
-    async fn lookup(
-        &self,
-        model: &ModelName,
-        keys: &[BlockKey],
-        candidates: Option<&[PodId]>,
-    ) -> Result<shared::index::Lookup, shared::index::IndexError> {
-        self.inner.lookup(model, keys, candidates).await
-    }
-}
-
 #[tokio::test]
 async fn a_shed_pod_that_goes_quiet_is_still_cleared() {
-    let index = Arc::new(Flaky {
-        inner: MemoryIndex::new(10_000),
-        down: false.into(),
-    });
+    let index = Arc::new(Flaky::new(10_000, false));
     let config = WorkerConfig {
         max_pending_ops: 3,
         retry_min: Duration::ZERO,
@@ -252,7 +212,7 @@ async fn a_shed_pod_that_goes_quiet_is_still_cleared() {
     assert!(w.flush().await);
     // Outage: the pod evicts the block, the removal is shed by another
     // pod's burst, and the pod then publishes nothing more.
-    index.down.store(true, std::sync::atomic::Ordering::Relaxed);
+    index.set_down(true);
     let key = scheme().block_keys(&held, ExtraKeys::NONE)[0];
     let removed = KvEvent::BlockRemoved(BlockRemoved {
         block_hashes: vec![BlockHash::U64(key.0)],
@@ -265,9 +225,7 @@ async fn a_shed_pod_that_goes_quiet_is_still_cleared() {
         m.topic = "kv@127.0.0.12:8000@m".into();
         w.handle(m).await;
     }
-    index
-        .down
-        .store(false, std::sync::atomic::Ordering::Relaxed);
+    index.set_down(false);
     assert!(w.flush().await);
     let found = index.inner.lookup_sync(&ModelName::new("m"), &[key], None);
     assert!(
