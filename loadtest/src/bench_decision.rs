@@ -333,6 +333,7 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
         .await?;
     }
     print_table(&table, false);
+    floor(&prompts, &endpoints, &args).await?;
 
     if !args.no_envoy {
         println!(
@@ -466,6 +467,66 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
 }
 
 /// One row of the results: a prompt size, a pod count, warm or cold.
+/// Part (b'): the ext_proc transport alone. The warm bodies of (b), sent the
+/// same way to a picker that decides nothing (it names a fixed pod), served
+/// on a runtime and thread of its own so that it does not share the
+/// client's: what (b) costs before the scorer does any work, to subtract.
+async fn floor(
+    prompts: &[prompts::Prompt],
+    endpoints: &[String],
+    args: &Args,
+) -> anyhow::Result<()> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    let endpoint = endpoints[0].clone();
+    let server = std::thread::spawn(move || -> anyhow::Result<()> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            envoy::serve_noop(listener, endpoint, stop).await;
+            Ok(())
+        })
+    });
+    let client = extproc::Client::connect(addr).await?;
+    println!(
+        "\n(b') the ext_proc transport alone: the same warm bodies to a do-nothing picker (own thread and runtime, names a fixed pod)"
+    );
+    println!("| blocks | body KiB | do-nothing picker ext_proc p50 / p99 µs |");
+    println!("|---:|---:|---:|");
+    let mut done = Vec::new();
+    for prompt in prompts {
+        if done.contains(&prompt.blocks) {
+            continue;
+        }
+        done.push(prompt.blocks);
+        let body = extproc::completion(&prompts::model(args.pods[0]), &prompt.text);
+        let subset = extproc::subset(&endpoints[..args.pods[0]]);
+        let samples = measure(args.samples, args.cell_seconds, |_| {
+            let (mut client, body, subset) = (client.clone(), &body, &subset);
+            async move { Ok(vec![client.decide(body, Some(subset)).await?.0]) }
+        })
+        .await?;
+        println!(
+            "| {} | {:.0} | {} |",
+            prompt.blocks,
+            body.len() as f64 / 1024.0,
+            row(&samples)
+        );
+    }
+    drop(client);
+    shutdown.cancel();
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("do-nothing picker thread panicked"))??;
+    Ok(())
+}
+
 #[derive(Debug, Default)]
 struct Cell {
     blocks: usize,
