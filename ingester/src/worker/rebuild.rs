@@ -203,21 +203,30 @@ mod tests {
             > 0
     }
 
-    #[tokio::test]
-    async fn a_shed_pod_is_rebuilt_from_its_replay_buffer_in_order() {
+    /// A worker over a switchable memory index and a replay buffer, holding
+    /// at most `max_pending_ops` before it sheds, retrying at once.
+    fn shedding_worker(
+        max_pending_ops: usize,
+    ) -> (Arc<Flaky>, Arc<Buffer>, Worker<Flaky, Arc<Buffer>>) {
         let index = Arc::new(Flaky::new(10_000, false));
         let buffer = Arc::new(Buffer::default());
         let config = WorkerConfig {
-            max_pending_ops: 3,
+            max_pending_ops,
             retry_min: Duration::ZERO,
             ..WorkerConfig::default()
         };
-        let mut w = Worker::new(
+        let w = Worker::new(
             index.clone(),
             Keyer::new(scheme(), 10_000),
             buffer.clone(),
             config,
         );
+        (index, buffer, w)
+    }
+
+    #[tokio::test]
+    async fn a_shed_pod_is_rebuilt_from_its_replay_buffer_in_order() {
+        let (index, buffer, mut w) = shedding_worker(3);
         let t: Vec<Vec<u32>> = (0..8u32).map(|i| (i * 4..i * 4 + 4).collect()).collect();
         w.handle(publish(&buffer, 0, vec![stored(&t[0])])).await;
         w.handle(publish(&buffer, 1, vec![stored(&t[1])])).await;
@@ -269,19 +278,7 @@ mod tests {
     /// worker never has nothing unwritten) does not hold the rebuild back.
     #[tokio::test]
     async fn a_rebuild_does_not_wait_for_other_pods_to_go_quiet() {
-        let index = Arc::new(Flaky::new(10_000, false));
-        let buffer = Arc::new(Buffer::default());
-        let config = WorkerConfig {
-            max_pending_ops: 2,
-            retry_min: Duration::ZERO,
-            ..WorkerConfig::default()
-        };
-        let mut w = Worker::new(
-            index.clone(),
-            Keyer::new(scheme(), 10_000),
-            buffer.clone(),
-            config,
-        );
+        let (index, buffer, mut w) = shedding_worker(2);
         let t: Vec<Vec<u32>> = (0..4u32).map(|i| (i * 4..i * 4 + 4).collect()).collect();
         w.handle(publish(&buffer, 0, vec![stored(&t[0])])).await;
         assert!(w.flush().await);

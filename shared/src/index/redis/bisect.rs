@@ -56,16 +56,36 @@ pub(super) async fn script(
 fn script_call(model: &ModelName, keys: &[BlockKey], read_only: bool) -> Cmd {
     let mut cmd = redis::cmd(if read_only { "EVALSHA_RO" } else { "EVALSHA" });
     cmd.arg(ScriptKind::Lookup.sha()).arg(keys.len());
-    let mut name = Vec::with_capacity(model.as_str().len() + 21);
-    name.extend_from_slice(model.as_str().as_bytes());
-    name.push(b'@');
-    let prefix = name.len();
-    for key in keys {
-        name.truncate(prefix);
-        push_decimal(&mut name, key.0);
-        cmd.arg(name.as_slice());
+    let mut names = BlockNames::new(model);
+    for &key in keys {
+        cmd.arg(names.name(key));
     }
     cmd
+}
+
+/// Writes `<model>@<key>` names into one reused buffer (what
+/// [`layout::block_key`] formats), without a `format!` and an allocation
+/// per block: the lookups name every block of a prompt.
+pub(super) struct BlockNames {
+    buf: Vec<u8>,
+    prefix: usize,
+}
+
+impl BlockNames {
+    pub fn new(model: &ModelName) -> Self {
+        let mut buf = Vec::with_capacity(model.as_str().len() + 21);
+        buf.extend_from_slice(model.as_str().as_bytes());
+        buf.push(b'@');
+        let prefix = buf.len();
+        BlockNames { buf, prefix }
+    }
+
+    /// The name of `key`'s block, valid until the next call.
+    pub fn name(&mut self, key: BlockKey) -> &[u8] {
+        self.buf.truncate(self.prefix);
+        push_decimal(&mut self.buf, key.0);
+        &self.buf
+    }
 }
 
 /// Appends `v` in decimal, as `u64`'s `Display` writes it.

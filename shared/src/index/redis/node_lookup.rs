@@ -33,10 +33,11 @@
 //! an error (a slot moved since the slot map was read: the script may only
 //! read keys its node serves), the caller falls back to lookups in rounds.
 
+use super::bisect::BlockNames;
 use super::cluster::Call;
 use super::lookup::Fields;
 use super::scripts::ScriptKind;
-use super::{RedisIndex, layout, slots};
+use super::{RedisIndex, slots};
 use crate::ids::{BlockKey, ModelName, PodId, Tier};
 use crate::index::bisect::{BisectStats, DiffWalk};
 use crate::index::{IndexError, Lookup};
@@ -127,9 +128,10 @@ pub(super) async fn lookup(
 fn partition(index: &RedisIndex, model: &ModelName, keys: &[BlockKey]) -> Option<Vec<Part>> {
     let topo = index.conns.topology();
     let mut parts: Vec<Option<Part>> = (0..topo.nodes.len()).map(|_| None).collect();
+    let mut names = BlockNames::new(model);
     for (block, &key) in keys.iter().enumerate() {
-        let name = layout::block_key(model, key);
-        let slot = slots::key_slot(name.as_bytes());
+        let name = names.name(key);
+        let slot = slots::key_slot(name);
         let node = topo.node_of(slot)?;
         let part = parts[node].get_or_insert_with(|| {
             let mut cmd = redis::cmd("EVALSHA_RO");
