@@ -25,6 +25,10 @@
 -- nothing removed, every field added). Under the prefix property only
 -- removals follow block 0, so the reply is about twice H(0) in size.
 local n = #KEYS
+-- Locals, not globals: a global lookup per call costs measurably over
+-- hundreds of calls (lookup.lua went ~480 -> ~400 µs at 512 blocks x 64
+-- depths, BENCHMARKS.md).
+local call = redis.call
 local counts = {}
 counts[n] = 0
 local reads = 0
@@ -32,7 +36,7 @@ local first_empty = n
 
 -- A count the recursion uses (the client's `Bisection::consume`).
 local function count(i)
-  local c = redis.call('HLEN', KEYS[i + 1])
+  local c = call('HLEN', KEYS[i + 1])
   counts[i] = c
   reads = reads + 1
   if c == 0 and i < first_empty then
@@ -45,12 +49,10 @@ local transitions, linear = {}, {}
 count(0)
 -- Depth first, left half first: the first empty block is found early and
 -- everything after it is skipped. The answer does not depend on the order.
-local stack = { 0, n }
-while #stack > 0 do
-  local b = stack[#stack]
-  local a = stack[#stack - 1]
-  stack[#stack] = nil
-  stack[#stack] = nil
+local stack, top = { 0, n }, 2
+while top > 0 do
+  local a, b = stack[top - 1], stack[top]
+  top = top - 2
   local ca, cb = counts[a], counts[b]
   if a < first_empty and ca ~= cb then
     if cb > ca then
@@ -60,12 +62,13 @@ while #stack > 0 do
         transitions[#transitions + 1] = b
       end
     else
-      local m = a + math.floor((b - a) / 2)
+      local m = a + (b - a - (b - a) % 2) / 2
       count(m)
-      stack[#stack + 1] = m
-      stack[#stack + 1] = b
-      stack[#stack + 1] = a
-      stack[#stack + 1] = m
+      stack[top + 1] = m
+      stack[top + 2] = b
+      stack[top + 3] = a
+      stack[top + 4] = m
+      top = top + 4
     end
   end
 end
@@ -105,54 +108,60 @@ table.sort(points)
 -- same blocks again and reports them as they are.
 if #linear == 0 then
   local reads_before = reads
-  local sets, seen, n_seen = {}, {}, 0
+  local first, seen, n_seen = nil, {}, 0
   local gone = {}
   local nested = true
   for j = #points, 1, -1 do
-    local p = points[j]
-    local list = redis.call('HKEYS', KEYS[p + 1])
+    local list = call('HKEYS', KEYS[points[j] + 1])
     reads = reads + 1
-    local kept, fresh = 0, nil
+    local kept, fresh, n_fresh = 0, nil, 0
     for k = 1, #list do
       local f = list[k]
       if seen[f] then
         kept = kept + 1
       else
         seen[f] = true
-        if fresh == nil then
+        if n_fresh == 0 then
           fresh = {}
         end
-        fresh[#fresh + 1] = f
+        n_fresh = n_fresh + 1
+        fresh[n_fresh] = f
       end
     end
     if kept ~= n_seen then
       nested = false
       break
     end
-    if fresh ~= nil then
-      n_seen = n_seen + #fresh
+    if n_fresh > 0 then
+      n_seen = n_seen + n_fresh
       -- Fields whose last holding point is p leave at the next point.
       gone[j] = fresh
     end
-    sets[j] = list
+    first = list
   end
   if nested then
-    local out = { reads, 0, 0, 0, #sets[1] }
-    for k = 1, #sets[1] do
-      out[#out + 1] = sets[1][k]
+    local out = { reads, 0, 0, 0, #first }
+    local o = 5
+    for k = 1, #first do
+      o = o + 1
+      out[o] = first[k]
     end
     for j = 2, #points do
-      out[#out + 1] = points[j]
+      out[o + 1] = points[j]
       local left = gone[j - 1]
       if left == nil then
-        out[#out + 1] = 0
+        out[o + 2] = 0
+        o = o + 2
       else
-        out[#out + 1] = #left
+        out[o + 2] = #left
+        o = o + 2
         for k = 1, #left do
-          out[#out + 1] = left[k]
+          o = o + 1
+          out[o] = left[k]
         end
       end
-      out[#out + 1] = 0
+      o = o + 1
+      out[o] = 0
     end
     return out
   end
@@ -201,7 +210,7 @@ local function emit(i, list)
 end
 local function read(i)
   reads = reads + 1
-  return redis.call('HKEYS', KEYS[i + 1])
+  return call('HKEYS', KEYS[i + 1])
 end
 
 -- The nesting check (the client's `Sets::gaps`): a read set that is not a

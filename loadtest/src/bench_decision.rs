@@ -4,7 +4,9 @@
 //!
 //! Prompts of 16, 128, 512 and 2048 blocks (Llama 3 tokens, block size 16)
 //! x 4, 16 and 64 candidate pods, pod `k` of `P` holding the first
-//! `(k + 1) / P` of the prompt; warm (the same text again: tokenization
+//! `(k + 1) / P` of the prompt (`--holdings spread`, the worst case) or a
+//! routed fleet's shape (`--holdings fleet`: a shared quarter everywhere,
+//! at most 4 distinct depths); warm (the same text again: tokenization
 //! cached) and cold (a new text each time through the real Llama 3
 //! tokenizer, same full blocks). Measured:
 //!
@@ -86,6 +88,11 @@ pub struct Args {
     /// Skip the Redis Cluster lookup rows.
     #[arg(long)]
     no_cluster: bool,
+    /// What the pods hold of each prompt: `spread`, every pod at its own
+    /// depth (the worst case for bisection), or `fleet`, the shape a routed
+    /// fleet shows (a shared prefix everywhere, a few pods deeper).
+    #[arg(long, value_enum, default_value_t = prompts::Holdings::Spread)]
+    holdings: prompts::Holdings,
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Scale everything down (a smoke run of about a minute).
@@ -188,9 +195,10 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
     let prompts = prompts::build(&tokenizer_json, &scheme, &args.blocks, args.seed)?;
     let pod_port = envoy::free_port()?;
     let endpoints = prompts::endpoints(max_pods, pod_port);
-    let entries = prompts::fill(&index, &prompts, &args.pods, &endpoints).await?;
+    let entries = prompts::fill(&index, &prompts, &args.pods, &endpoints, args.holdings).await?;
     println!(
-        "index: {entries} (block, pod) entries; Llama 3 tokenizer {}\n",
+        "index: {entries} (block, pod) entries, holdings {:?}; Llama 3 tokenizer {}\n",
+        args.holdings,
         tokenizer_json.display()
     );
 
@@ -200,7 +208,14 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
         println!(
             "\n(0') the lookup alone on a local 3-master Redis Cluster, every pod a candidate"
         );
-        lookups::compare_cluster(&prompts, &args.pods, &endpoints, args.samples / 2).await?;
+        lookups::compare_cluster(
+            &prompts,
+            &args.pods,
+            &endpoints,
+            args.holdings,
+            args.samples / 2,
+        )
+        .await?;
     }
 
     let mut cold_id = 0u64;

@@ -73,11 +73,12 @@ pub async fn compare_cluster(
     prompts: &[Prompt],
     pod_counts: &[usize],
     endpoints: &[String],
+    holdings: prompts::Holdings,
     samples: usize,
 ) -> anyhow::Result<()> {
     let cluster = shared::redis_server::RedisCluster::start(3)?;
     let index = std::sync::Arc::new(RedisIndex::connect_cluster(&cluster.urls()).await?);
-    prompts::fill(&index, prompts, pod_counts, endpoints).await?;
+    prompts::fill(&index, prompts, pod_counts, endpoints, holdings).await?;
     let mut ping = Samples::default();
     for _ in 0..samples.max(100) {
         ping.push(index.ping().await?);

@@ -253,12 +253,37 @@ pub fn model(pods: usize) -> String {
     format!("bench-p{pods}")
 }
 
-/// Pod `k` of `pods` holds the first `(k + 1) / pods` of every prompt (GPU).
+/// What the pods hold of every prompt (all in `gpu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Holdings {
+    /// Pod `k` of `P` holds the first `(k + 1) / P`: `P` distinct depths,
+    /// the most a lookup can be asked to tell apart.
+    Spread,
+    /// What prefix-aware routing leaves behind: every pod holds the first
+    /// quarter (a system prompt every pod has served), and pods 0-3 hold
+    /// 1/4, 2/4, 3/4 and all of it (the conversation went to a few pods);
+    /// at most 4 distinct depths whatever `P`.
+    Fleet,
+}
+
+impl Holdings {
+    /// Blocks of an `n`-block prompt that pod `k` of `pods` holds.
+    pub fn depth(self, n: usize, k: usize, pods: usize) -> usize {
+        match self {
+            Holdings::Spread => n * (k + 1) / pods,
+            Holdings::Fleet if k < 4 => n * (k + 1) / 4,
+            Holdings::Fleet => n / 4,
+        }
+    }
+}
+
+/// Stores what `holdings` says each pod holds.
 pub async fn fill(
     index: &Arc<RedisIndex>,
     prompts: &[Prompt],
     pod_counts: &[usize],
     endpoints: &[String],
+    holdings: Holdings,
 ) -> anyhow::Result<usize> {
     let mut entries = 0;
     for &pods in pod_counts {
@@ -266,7 +291,7 @@ pub async fn fill(
         for prompt in prompts {
             let ops: Vec<IndexOp> = (0..pods)
                 .map(|k| {
-                    let depth = prompt.blocks * (k + 1) / pods;
+                    let depth = holdings.depth(prompt.blocks, k, pods);
                     entries += depth;
                     IndexOp::Store {
                         model: model.clone(),

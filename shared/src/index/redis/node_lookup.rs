@@ -24,7 +24,10 @@
 //! Otherwise every field's depth is the first *read* block lacking it, and
 //! a pod's run cannot be cut short by a field that joined later: that field
 //! would be in the set read where the pod's earlier field was first seen
-//! missing, and show as added there. What stays invisible is a hole between
+//! missing, and show as added there. A pod leaves where its last field
+//! does; if another field of the pod is back at that block (a hole in one
+//! tier that another tier covers, which the per-field minima cannot see),
+//! the lookup is redone in rounds too. What stays invisible is a hole between
 //! two probed blocks of equal counts, as for every bisecting lookup; there
 //! this lookup may report another (never shallower) depth than the others,
 //! because each master probes its own subsequence.
@@ -229,27 +232,56 @@ fn merge(
     }
     let mut leaving: Vec<(u32, (PodId, Tier))> = Vec::new();
     let mut holders0 = Vec::with_capacity(seen[home].first.len());
+    // Per pod: each field and where it was first seen missing (the block,
+    // the master, that master's local index of the block), if anywhere.
+    type Left = Option<(u32, usize, u32)>;
+    let mut pods: FnvHashMap<PodId, Vec<(&[u8], Left)>> = FnvHashMap::default();
     for field in &seen[home].first {
         let mut depth = n;
-        for ((part, s), first) in parts.iter().zip(seen).zip(&firsts) {
-            let missing = if first.contains(field.as_slice()) {
-                // A point past the master's blocks is a malformed reply;
-                // ignoring it can only make the answer deeper.
-                s.missing_from
-                    .get(field)
-                    .and_then(|&p| part.blocks.get(p as usize).copied())
+        let mut at = None;
+        for (m, ((part, s), first)) in parts.iter().zip(seen).zip(&firsts).enumerate() {
+            let local = if first.contains(field.as_slice()) {
+                s.missing_from.get(field).copied()
             } else {
-                part.blocks.first().copied()
+                Some(0)
             };
-            if let Some(block) = missing {
-                depth = depth.min(block);
+            // A point past the master's blocks is a malformed reply;
+            // ignoring it can only make the answer deeper.
+            let missing = local.and_then(|q| Some((*part.blocks.get(q as usize)?, q)));
+            if let Some((block, q)) = missing
+                && block < depth
+            {
+                depth = block;
+                at = Some((block, m, q));
             }
         }
         if let Some(holder) = fields.parse(field.clone()) {
+            pods.entry(holder.0.clone())
+                .or_default()
+                .push((field.as_slice(), at));
             if depth < n {
                 leaving.push((depth, holder.clone()));
             }
             holders0.push(holder);
+        }
+    }
+    // A pod leaves where its last field does, which is the walk's depth
+    // only if no other field of the pod is back at that block (a hole in
+    // one tier covered by another: the per-field minima cannot see it).
+    // That master read the block, so its set there is known: check it.
+    for pod_fields in pods.values() {
+        let last = pod_fields.iter().map(|(_, left)| *left).try_fold(
+            (0, 0, 0),
+            |deepest: (u32, usize, u32), left| {
+                left.map(|l| if l.0 > deepest.0 { l } else { deepest })
+            },
+        );
+        let Some((_, m, q)) = last else { continue };
+        let present = |(f, _): &(&[u8], Left)| {
+            firsts[m].contains(*f) && seen[m].missing_from.get(*f).is_none_or(|&gone| gone > q)
+        };
+        if pod_fields.iter().any(present) {
+            return None;
         }
     }
     leaving.sort_by_key(|(depth, _)| *depth);
