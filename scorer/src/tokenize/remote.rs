@@ -22,17 +22,24 @@
 //! next one after a failure while time is left. The request runs in its own
 //! task, bounded by `fetch_limit`: a decision waits at most `timeout` and
 //! then routes by load, but a late answer is still cached for the next
-//! identical prompt. Concurrent identical misses each ask (no dedup).
+//! identical prompt. Concurrent identical misses share one request: a
+//! burst of a new long prompt (a new system prompt going live) asks a pod
+//! once, not once per request; the others wait for that answer (counted in
+//! `kvroute_scorer_remote_tokenize_joined_total`).
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use parking_lot::Mutex;
 use serde_json::{Value as Json, json};
+use shared::tokens::{TextCache, text_cache};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 /// Metric names of remote tokenization.
 pub mod metrics_names {
@@ -40,13 +47,13 @@ pub mod metrics_names {
     pub const REQUESTS: &str = "kvroute_scorer_remote_tokenize_total";
     /// Round-trip time of answered requests.
     pub const SECONDS: &str = "kvroute_scorer_remote_tokenize_seconds";
+    /// Misses that waited for a request already asking for the same body.
+    pub const JOINED: &str = "kvroute_scorer_remote_tokenize_joined_total";
 }
 use metrics_names as m;
 
 /// A `/tokenize` answer is ~7 bytes per token; 8 MiB is ~1M tokens.
 const MAX_RESPONSE_BYTES: usize = 8 << 20;
-/// Per-entry overhead counted by the cache weigher.
-const ENTRY_OVERHEAD: usize = 96;
 
 /// Settings of [`RemoteTokenizer`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,7 +121,9 @@ impl RemoteError {
 /// See the module doc.
 pub struct RemoteTokenizer {
     client: Client<HttpConnector, Full<Bytes>>,
-    cache: moka::sync::Cache<Arc<str>, Arc<[u32]>>,
+    cache: TextCache,
+    /// Requests running now, by body: identical misses wait for these.
+    flights: Flights,
     config: RemoteConfig,
     /// Rotation over the candidates, so the extra work spreads over pods.
     next: AtomicUsize,
@@ -137,15 +146,10 @@ impl RemoteTokenizer {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
-        let cache = moka::sync::Cache::builder()
-            .max_capacity(config.cache_bytes)
-            .weigher(|k: &Arc<str>, v: &Arc<[u32]>| {
-                u32::try_from(k.len() + 4 * v.len() + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
-            })
-            .build();
         RemoteTokenizer {
             client,
-            cache,
+            cache: text_cache(config.cache_bytes),
+            flights: Flights::default(),
             config,
             next: AtomicUsize::new(0),
         }
@@ -211,32 +215,91 @@ impl RemoteTokenizer {
                 return Err(RemoteError::Timeout);
             }
             let endpoint = &endpoints[(first + i) % endpoints.len()];
-            // Its own task: it outlives this decision to fill the cache.
-            let task = tokio::spawn(fetch_one(
-                self.client.clone(),
-                self.cache.clone(),
-                endpoint.clone(),
-                body.clone(),
-                self.config.fetch_limit,
-            ));
-            match tokio::time::timeout(left, task).await {
+            let mut flight = self.flights.join_or_start(&body, || {
+                // Its own task: it outlives this decision to fill the cache.
+                fetch_one(
+                    self.client.clone(),
+                    self.cache.clone(),
+                    endpoint.clone(),
+                    body.clone(),
+                    self.config.fetch_limit,
+                )
+            });
+            match tokio::time::timeout(left, flight.wait_for(Option::is_some)).await {
                 Err(_) => return Err(RemoteError::Timeout),
-                Ok(Err(join)) => last = RemoteError::Connect(join.to_string()),
-                Ok(Ok(Ok(ids))) => return Ok(ids),
-                Ok(Ok(Err(e))) => {
-                    tracing::debug!(%endpoint, error = %e, "vLLM /tokenize failed");
-                    last = e;
-                }
+                Ok(Err(_)) => last = RemoteError::Connect("the request task ended".into()),
+                Ok(Ok(answer)) => match answer.clone() {
+                    Some(Ok(ids)) => return Ok(ids),
+                    Some(Err(e)) => {
+                        tracing::debug!(%endpoint, error = %e, "vLLM /tokenize failed");
+                        last = e;
+                    }
+                    None => {}
+                },
             }
         }
         Err(last)
     }
 }
 
+type Answer = Option<Result<Arc<[u32]>, RemoteError>>;
+
+type Running = HashMap<Arc<str>, watch::Receiver<Answer>, foldhash::fast::RandomState>;
+
+/// The `/tokenize` requests in flight, by body.
+#[derive(Default, Clone)]
+struct Flights(Arc<Mutex<Running>>);
+
+impl Flights {
+    /// A receiver of the answer for `body`: the running request's if there
+    /// is one, else a new request started from `fetch` in its own task,
+    /// which is forgotten when it ends (however it ends).
+    fn join_or_start<F>(
+        &self,
+        body: &Arc<str>,
+        fetch: impl FnOnce() -> F,
+    ) -> watch::Receiver<Answer>
+    where
+        F: Future<Output = Result<Arc<[u32]>, RemoteError>> + Send + 'static,
+    {
+        let mut map = self.0.lock();
+        if let Some(running) = map.get(body) {
+            metrics::counter!(m::JOINED).increment(1);
+            return running.clone();
+        }
+        let (tx, rx) = watch::channel(None);
+        map.insert(body.clone(), rx.clone());
+        drop(map);
+        let landing = Landing {
+            flights: self.clone(),
+            body: body.clone(),
+        };
+        let request = fetch();
+        tokio::spawn(async move {
+            let answer = request.await;
+            drop(landing);
+            let _ = tx.send(Some(answer));
+        });
+        rx
+    }
+}
+
+/// Removes a request from [`Flights`] when its task ends, panics included.
+struct Landing {
+    flights: Flights,
+    body: Arc<str>,
+}
+
+impl Drop for Landing {
+    fn drop(&mut self) {
+        self.flights.0.lock().remove(&self.body);
+    }
+}
+
 /// One `/tokenize` request to `endpoint`; caches the ids it gets.
 async fn fetch_one(
     client: Client<HttpConnector, Full<Bytes>>,
-    cache: moka::sync::Cache<Arc<str>, Arc<[u32]>>,
+    cache: TextCache,
     endpoint: String,
     body: Arc<str>,
     limit: Duration,
@@ -326,6 +389,96 @@ mod tests {
         assert!(parse_response(br#"{"count": 3, "tokens": [1, 2]}"#).is_err());
         assert!(parse_response(br#"{"tokens": [-1]}"#).is_err());
         assert!(parse_response(b"<html>").is_err());
+    }
+
+    /// A `/tokenize` endpoint that answers slowly and counts what it is
+    /// asked (vLLM's answer shape; a real HTTP server on loopback).
+    async fn slow_pod(delay: Duration) -> (String, Arc<AtomicUsize>) {
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counter = asked.clone();
+        let app = axum::Router::new().route(
+            "/tokenize",
+            axum::routing::post(move |body: String| {
+                let counter = counter.clone();
+                async move {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(delay).await;
+                    let n = body.len() as u32;
+                    axum::Json(json!({"count": 3, "max_model_len": 8192, "tokens": [1, 2, n]}))
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (addr, asked)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn identical_misses_share_one_request() {
+        let (pod, asked) = slow_pod(Duration::from_millis(150)).await;
+        let remote = Arc::new(RemoteTokenizer::new(RemoteConfig {
+            timeout: Duration::from_secs(2),
+            ..RemoteConfig::default()
+        }));
+        let text = "a new system prompt going live";
+        let calls: Vec<_> = (0..8)
+            .map(|_| {
+                let (remote, pods) = (remote.clone(), vec![pod.clone()]);
+                tokio::spawn(async move {
+                    remote
+                        .tokenize("m", RemotePrompt::Completion(text), &pods)
+                        .await
+                })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for call in calls {
+            answers.push(call.await.expect("task").expect("ids"));
+        }
+        assert_eq!(asked.load(Ordering::SeqCst), 1, "one request for 8 misses");
+        assert!(answers.iter().all(|ids| ids == &answers[0]));
+        assert_eq!(answers[0][..2], [1, 2]);
+        assert!(remote.flights.0.lock().is_empty(), "the flight landed");
+        // A different text is its own request; the same text is now cached.
+        remote
+            .tokenize(
+                "m",
+                RemotePrompt::Completion("another"),
+                std::slice::from_ref(&pod),
+            )
+            .await
+            .expect("ids");
+        remote
+            .tokenize("m", RemotePrompt::Completion(text), &[pod])
+            .await
+            .expect("ids");
+        assert_eq!(asked.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_times_out_leaves_the_request_running_for_the_cache() {
+        let (pod, asked) = slow_pod(Duration::from_millis(300)).await;
+        let remote = RemoteTokenizer::new(RemoteConfig {
+            timeout: Duration::from_millis(50),
+            ..RemoteConfig::default()
+        });
+        let prompt = RemotePrompt::Completion("slow");
+        let pods = [pod];
+        assert_eq!(
+            remote.tokenize("m", prompt, &pods).await,
+            Err(RemoteError::Timeout)
+        );
+        // A second miss while it runs joins it (and times out too).
+        assert_eq!(
+            remote.tokenize("m", prompt, &pods).await,
+            Err(RemoteError::Timeout)
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(remote.tokenize("m", prompt, &pods).await.is_ok());
+        assert_eq!(asked.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

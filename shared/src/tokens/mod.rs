@@ -31,7 +31,7 @@ mod registry;
 mod tokenizer;
 
 pub use chat::{ChatOptions, ChatTemplate, ContentFormat};
-pub use prefix_cache::{CacheStats, PrefixCache, SegmentationMode};
+pub use prefix_cache::{CacheStats, PrefixCache, SegmentationMode, TextCache, text_cache};
 pub use registry::{TokenizerRegistry, parse_tokenizer_arg, resolve_model_dir};
 pub use tokenizer::{Tokenizer, TokenizerOptions};
 
