@@ -2,7 +2,9 @@
 //! Counters are recorded through the `metrics` facade (free when no recorder
 //! is installed, as in unit tests); `/metrics` renders them for Prometheus.
 
-/// Events applied, by `type` (BlockStored...) and `outcome` (applied, unkeyed).
+/// Events applied, by `type` (BlockStored...) and `outcome` (applied, unkeyed,
+/// or rebuilt: re-applied from the replay buffer after a shed, counted once
+/// more only here).
 pub const EVENTS: &str = "kvroute_ingester_events_total";
 /// Blocks, by `type` and `outcome` (stored, removed, unkeyed reason).
 pub const BLOCKS: &str = "kvroute_ingester_blocks_total";

@@ -126,6 +126,14 @@ struct PodHealth {
     warned: bool,
 }
 
+/// Whether a batch is applied for the first time or re-applied by a
+/// rebuild (counted once either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Seen {
+    First,
+    Again,
+}
+
 pub struct Worker<I, R = NoReplay> {
     keyer: Keyer,
     replayer: R,
@@ -242,7 +250,7 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
             }
             SeqVerdict::First | SeqVerdict::Next => {}
         }
-        self.apply_batch(&topic, &pod, batch);
+        self.apply_batch(&topic, &pod, batch, Seen::First);
     }
 
     /// Replays missed batches `missed` before the current one is applied, so
@@ -265,7 +273,7 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
                     match decode_batch(&payload) {
                         Ok(b) if b.data_parallel_rank == rank => {
                             got += 1;
-                            self.apply_batch(topic, pod, b);
+                            self.apply_batch(topic, pod, b, Seen::First);
                         }
                         Ok(_) => {}
                         Err(_) => {
@@ -288,8 +296,12 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
         }
     }
 
-    fn apply_batch(&mut self, topic: &Topic, pod: &PodId, batch: DecodedBatch) {
-        for skip in &batch.skipped {
+    /// Keys a batch's events and queues their writes. A batch applied
+    /// `Seen::Again` (a rebuild re-reading what was applied live) is not
+    /// counted again in the per-event metrics, except as `rebuilt`.
+    fn apply_batch(&mut self, topic: &Topic, pod: &PodId, batch: DecodedBatch, seen: Seen) {
+        let again = seen == Seen::Again;
+        for skip in batch.skipped.iter().filter(|_| !again) {
             metrics::counter!(m::SKIPPED, "reason" => skip.as_label()).increment(1);
         }
         if batch.ts > 0.0 {
@@ -299,6 +311,14 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
             let health = self.pods.entry(pod.clone()).or_default();
             let trust = health.agree > 0 && health.disagree == 0;
             let (op, outcome) = self.keyer.key_event(pod, &topic.model, event, trust);
+            if again {
+                if let Some(op) = op {
+                    metrics::counter!(m::EVENTS, "type" => event.kind(), "outcome" => "rebuilt")
+                        .increment(1);
+                    self.writes.push(pod, op);
+                }
+                continue;
+            }
             health.agree += outcome.agree;
             health.disagree += outcome.disagree;
             metrics::counter!(m::HASH_AGREEMENT, "agree" => "true").increment(outcome.agree);

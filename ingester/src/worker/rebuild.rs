@@ -116,7 +116,7 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
                             self.abandon_rebuild(pod);
                             return 0;
                         }
-                        self.apply_batch(&s.topic, pod, b);
+                        self.apply_batch(&s.topic, pod, b, super::Seen::Again);
                         applied += 1;
                     }
                     Ok(_) => {}
@@ -272,6 +272,64 @@ mod tests {
             "a batch not seen live is left to arrive live"
         );
         assert!(!w.rebuild_due());
+    }
+
+    /// A rebuild re-applies batches that were counted when they arrived
+    /// live: the per-event metrics count them once, plus `rebuilt`.
+    #[test]
+    fn rebuilt_events_are_not_counted_twice() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let rebuilt = metrics::with_local_recorder(&recorder, || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let (index, buffer, mut w) = shedding_worker(2);
+                let t: Vec<Vec<u32>> = (0..5u32).map(|i| (i * 4..i * 4 + 4).collect()).collect();
+                w.handle(publish(&buffer, 0, vec![stored(&t[0])])).await;
+                assert!(w.flush().await);
+                index.set_down(true);
+                for (i, tokens) in t.iter().enumerate().skip(1) {
+                    w.handle(publish(&buffer, i as u64, vec![stored(tokens)]))
+                        .await;
+                    assert!(!w.flush().await);
+                }
+                index.set_down(false);
+                assert!(w.flush().await);
+                assert!(w.rebuild_due());
+                let rebuilt = w.rebuild_from_replay().await;
+                assert!(w.flush().await);
+                for tokens in &t {
+                    assert!(held(&index, tokens), "{tokens:?} rebuilt");
+                }
+                rebuilt
+            })
+        });
+        assert_eq!(rebuilt, 5, "every batch seen live came back");
+        let text = handle.render();
+        let value = |series: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+                .unwrap_or(0.0)
+        };
+        // One block per event, each agreeing with the scheme: five, not ten.
+        assert_eq!(
+            value(r#"kvroute_ingester_hash_agreement_total{agree="true"}"#),
+            5.0,
+            "{text}"
+        );
+        assert_eq!(
+            value(r#"kvroute_ingester_events_total{type="BlockStored",outcome="applied"}"#),
+            5.0,
+            "{text}"
+        );
+        assert_eq!(
+            value(r#"kvroute_ingester_events_total{type="BlockStored",outcome="rebuilt"}"#),
+            5.0,
+            "{text}"
+        );
     }
 
     /// Another pod's traffic on the same worker (pending operations, so the
