@@ -52,23 +52,28 @@ impl Client {
         body: &Bytes,
         subset: Option<&Metadata>,
     ) -> anyhow::Result<(Duration, String)> {
-        let (tx, rx) = mpsc::channel(16);
+        // Room for the headers, every chunk and the end of stream.
+        let (tx, rx) = mpsc::channel(body.len() / CHUNK + 3);
         let started = Instant::now();
         let send = |request: Msg, metadata: Option<Metadata>| ProcessingRequest {
             request: Some(request),
             metadata_context: metadata,
             ..Default::default()
         };
+        // Everything Envoy would send is queued before the call: Envoy streams
+        // the body as it arrives and never waits for the picker's response
+        // headers (`process` resolves only once they are back, so sending
+        // after it would add a round trip no real request pays).
         tx.send(send(headers(), subset.cloned())).await?;
+        for chunk in body.chunks(CHUNK) {
+            tx.send(send(data(chunk, false), None)).await?;
+        }
+        tx.send(send(data(&[], true), None)).await?;
         let mut stream = self
             .inner
             .process(ReceiverStream::new(rx))
             .await?
             .into_inner();
-        for chunk in body.chunks(CHUNK) {
-            tx.send(send(data(chunk, false), None)).await?;
-        }
-        tx.send(send(data(&[], true), None)).await?;
         let first = stream.message().await?.context("stream ended early")?;
         let elapsed = started.elapsed();
         let endpoint = match first.response {
