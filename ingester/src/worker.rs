@@ -16,7 +16,7 @@
 //! the clear is written the pod is also rebuilt from what its replay buffer
 //! still holds ([`rebuild`]).
 
-use crate::keys::Keyer;
+use crate::keys::{KeyOutcome, Keyer};
 use crate::metrics as m;
 use crate::order::{SeqTracker, SeqVerdict};
 use crate::writes::{Done, WriteConfig, Writes};
@@ -311,41 +311,41 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
             let health = self.pods.entry(pod.clone()).or_default();
             let trust = health.agree > 0 && health.disagree == 0;
             let (op, outcome) = self.keyer.key_event(pod, &topic.model, event, trust);
-            if again {
-                if let Some(op) = op {
-                    metrics::counter!(m::EVENTS, "type" => event.kind(), "outcome" => "rebuilt")
-                        .increment(1);
-                    self.writes.push(pod, op);
+            if !again {
+                Self::count_keying(health, event, &outcome);
+                if outcome.disagree > 0 && !health.warned {
+                    health.warned = true;
+                    self.warn_disagreement(pod, event);
                 }
-                continue;
-            }
-            health.agree += outcome.agree;
-            health.disagree += outcome.disagree;
-            metrics::counter!(m::HASH_AGREEMENT, "agree" => "true").increment(outcome.agree);
-            metrics::counter!(m::HASH_AGREEMENT, "agree" => "false").increment(outcome.disagree);
-            if outcome.removals_cached > 0 {
-                metrics::counter!(m::REMOVAL_RESOLUTION, "source" => "chain_cache")
-                    .increment(outcome.removals_cached);
-            }
-            if outcome.removals_uncached > 0 {
-                metrics::counter!(m::REMOVAL_RESOLUTION, "source" => "index")
-                    .increment(outcome.removals_uncached);
-            }
-            if outcome.disagree > 0 && !health.warned {
-                health.warned = true;
-                self.warn_disagreement(pod, event);
-            }
-            if let Some((why, n)) = outcome.unkeyed {
-                metrics::counter!(m::BLOCKS, "type" => event.kind(), "outcome" => why.as_label())
-                    .increment(n);
-                metrics::counter!(m::EVENTS, "type" => event.kind(), "outcome" => "unkeyed")
-                    .increment(1);
             }
             if let Some(op) = op {
-                metrics::counter!(m::EVENTS, "type" => event.kind(), "outcome" => "applied")
+                let applied = if again { "rebuilt" } else { "applied" };
+                metrics::counter!(m::EVENTS, "type" => event.kind(), "outcome" => applied)
                     .increment(1);
                 self.writes.push(pod, op);
             }
+        }
+    }
+
+    /// What keying one event showed, counted the first time it is applied.
+    fn count_keying(health: &mut PodHealth, event: &KvEvent, outcome: &KeyOutcome) {
+        health.agree += outcome.agree;
+        health.disagree += outcome.disagree;
+        metrics::counter!(m::HASH_AGREEMENT, "agree" => "true").increment(outcome.agree);
+        metrics::counter!(m::HASH_AGREEMENT, "agree" => "false").increment(outcome.disagree);
+        if outcome.removals_cached > 0 {
+            metrics::counter!(m::REMOVAL_RESOLUTION, "source" => "chain_cache")
+                .increment(outcome.removals_cached);
+        }
+        if outcome.removals_uncached > 0 {
+            metrics::counter!(m::REMOVAL_RESOLUTION, "source" => "index")
+                .increment(outcome.removals_uncached);
+        }
+        if let Some((why, n)) = outcome.unkeyed {
+            metrics::counter!(m::BLOCKS, "type" => event.kind(), "outcome" => why.as_label())
+                .increment(n);
+            metrics::counter!(m::EVENTS, "type" => event.kind(), "outcome" => "unkeyed")
+                .increment(1);
         }
     }
 

@@ -224,6 +224,26 @@ mod tests {
         (index, buffer, w)
     }
 
+    /// `n` one-block prompts of the pod: the first written live, the rest
+    /// published while the index is down (left down), so the pod is shed.
+    async fn shed(
+        index: &Flaky,
+        buffer: &Buffer,
+        w: &mut Worker<Flaky, Arc<Buffer>>,
+        n: u32,
+    ) -> Vec<Vec<u32>> {
+        let t: Vec<Vec<u32>> = (0..n).map(|i| (i * 4..i * 4 + 4).collect()).collect();
+        w.handle(publish(buffer, 0, vec![stored(&t[0])])).await;
+        assert!(w.flush().await);
+        index.set_down(true);
+        for (i, tokens) in t.iter().enumerate().skip(1) {
+            w.handle(publish(buffer, i as u64, vec![stored(tokens)]))
+                .await;
+            assert!(!w.flush().await);
+        }
+        t
+    }
+
     #[tokio::test]
     async fn a_shed_pod_is_rebuilt_from_its_replay_buffer_in_order() {
         let (index, buffer, mut w) = shedding_worker(3);
@@ -287,15 +307,7 @@ mod tests {
                 .expect("runtime");
             rt.block_on(async {
                 let (index, buffer, mut w) = shedding_worker(2);
-                let t: Vec<Vec<u32>> = (0..5u32).map(|i| (i * 4..i * 4 + 4).collect()).collect();
-                w.handle(publish(&buffer, 0, vec![stored(&t[0])])).await;
-                assert!(w.flush().await);
-                index.set_down(true);
-                for (i, tokens) in t.iter().enumerate().skip(1) {
-                    w.handle(publish(&buffer, i as u64, vec![stored(tokens)]))
-                        .await;
-                    assert!(!w.flush().await);
-                }
+                let t = shed(&index, &buffer, &mut w, 5).await;
                 index.set_down(false);
                 assert!(w.flush().await);
                 assert!(w.rebuild_due());
@@ -337,15 +349,7 @@ mod tests {
     #[tokio::test]
     async fn a_rebuild_does_not_wait_for_other_pods_to_go_quiet() {
         let (index, buffer, mut w) = shedding_worker(2);
-        let t: Vec<Vec<u32>> = (0..4u32).map(|i| (i * 4..i * 4 + 4).collect()).collect();
-        w.handle(publish(&buffer, 0, vec![stored(&t[0])])).await;
-        assert!(w.flush().await);
-        index.set_down(true);
-        for (i, tokens) in t.iter().enumerate().skip(1) {
-            w.handle(publish(&buffer, i as u64, vec![stored(tokens)]))
-                .await;
-            assert!(!w.flush().await);
-        }
+        let t = shed(&index, &buffer, &mut w, 4).await;
         assert!(!w.rebuild_due(), "not while writes fail");
         index.set_down(false);
         index.inner.apply_sync(&[IndexOp::ClearPod {
