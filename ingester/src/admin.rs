@@ -1,5 +1,5 @@
 //! The ingester's HTTP surface: `/healthz`, `/readyz`, `/metrics` (from
-//! `shared::health`) plus `POST /admin/purge?pod=<pod-id>`, which removes a
+//! `kvroute_service::health`) plus `POST /admin/purge?pod=<pod-id>`, which removes a
 //! pod's entries from the index in order with its pending events.
 //!
 //! A pod id without a data-parallel rank (`127.0.0.11:8000`) purges every
@@ -18,10 +18,10 @@ use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::routing::post;
+use kvroute_core::ids::PodId;
+use kvroute_redis::AnyIndex;
+use kvroute_service::health::Readiness;
 use metrics_exporter_prometheus::PrometheusHandle;
-use shared::health::Readiness;
-use shared::ids::PodId;
-use shared::index::AnyIndex;
 use std::sync::{Arc, OnceLock};
 
 #[derive(serde::Deserialize)]
@@ -46,7 +46,7 @@ pub fn router(readiness: Readiness, metrics: Option<PrometheusHandle>, admin: Ad
     let api = Router::new()
         .route("/admin/purge", post(purge))
         .with_state(admin);
-    shared::health::router(readiness, metrics).merge(api)
+    kvroute_service::health::router(readiness, metrics).merge(api)
 }
 
 async fn purge(State(slot): State<AdminSlot>, Query(q): Query<PurgeQuery>) -> (StatusCode, String) {

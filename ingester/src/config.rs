@@ -2,34 +2,11 @@
 //! environment variable (the Redis address also llm-d's
 //! `KVCACHE_INDEXER_REDIS_ADDR`).
 
-use shared::config::{KeyArgs, RedisArgs};
-use shared::telemetry::LogArgs;
+use kvroute_service::config::{KeyArgs, RedisArgs};
+use kvroute_service::duration::parse_duration;
+use kvroute_service::telemetry::LogArgs;
 use std::net::SocketAddr;
 use std::time::Duration;
-
-/// Parses `500ms`, `10s`, `5m`, `1h` (or a bare number of seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("invalid duration unit in {s:?} (ms, s, m, h)")),
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("invalid duration {s:?}"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
 
 /// `kvroute-ingester`: vLLM KV events from ZeroMQ into the block index.
 #[derive(Debug, Clone, clap::Args)]
@@ -239,10 +216,11 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert!(parse_duration("3 days").is_err());
-        assert!(parse_duration("-1s").is_err());
+        let cli = Cli::try_parse_from(["x", "--dns-refresh", "500ms", "--purge-after", "2m"])
+            .expect("parse");
+        assert_eq!(cli.run.dns_refresh, Duration::from_millis(500));
+        assert_eq!(cli.run.purge_after, Some(Duration::from_secs(120)));
+        assert!(Cli::try_parse_from(["x", "--purge-after", "3 days"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--dns-refresh", "-1s"]).is_err());
     }
 }

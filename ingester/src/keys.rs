@@ -23,11 +23,11 @@
 //! store, and when the index has since dropped its mapping (the block lost its
 //! last holder) the removal is a no-op either way.
 
+use kvroute_core::events::{BlockHash, BlockStored, KvEvent};
+use kvroute_core::ids::{EngineHash, ModelName, PodId};
+use kvroute_core::index::{BlockRef, IndexOp, StoredBlock};
+use kvroute_core::keys::{ChainState, ExtraKeys, HashScheme, KeyScheme};
 use moka::sync::Cache;
-use shared::events::{BlockHash, BlockStored, KvEvent};
-use shared::ids::{EngineHash, ModelName, PodId};
-use shared::index::{BlockRef, IndexOp, StoredBlock};
-use shared::keys::{ChainState, ExtraKeys, HashScheme, KeyScheme};
 
 /// Why blocks of an event could not be keyed; metric label via `as_label`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,15 +259,13 @@ fn cache_salt(ev: &BlockStored) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shared::events::decode_batch;
-    use shared::ids::Tier;
+    use kvroute_core::events::decode_batch;
+    use kvroute_core::ids::Tier;
 
     /// The payloads vLLM's own code produced (seed "42", block size 16).
     fn payload(file: &str, name: &str) -> Vec<KvEvent> {
-        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/testdata/vllm")
-            .join(file);
-        let text = std::fs::read_to_string(&path).expect("testdata beside the checkout");
+        let path = kvroute_testkit::test_env::testdata("vllm").join(file);
+        let text = std::fs::read_to_string(&path).expect("testdata/vllm in the checkout");
         let json: serde_json::Value = serde_json::from_str(&text).expect("json");
         let entry = json["event_payloads"]
             .as_array()
@@ -374,7 +372,7 @@ mod tests {
         let keys = stored_keys(&op);
         let mut hashes = stored.block_hashes.clone();
         hashes.push(BlockHash::U64(7)); // never stored: left to the index
-        let removed = KvEvent::BlockRemoved(shared::events::BlockRemoved {
+        let removed = KvEvent::BlockRemoved(kvroute_core::events::BlockRemoved {
             block_hashes: hashes,
             medium: None,
         });
@@ -385,7 +383,7 @@ mod tests {
         };
         let mut expect: Vec<BlockRef> = keys
             .iter()
-            .map(|&key| BlockRef::Key(shared::ids::BlockKey(key)))
+            .map(|&key| BlockRef::Key(kvroute_core::ids::BlockKey(key)))
             .collect();
         expect.push(BlockRef::Engine(EngineHash(7)));
         assert_eq!(blocks, expect);

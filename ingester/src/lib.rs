@@ -1,7 +1,7 @@
 //! `kvroute-ingester`: the write path. vLLM KV events arrive over ZeroMQ and
 //! leave as index operations, in per-pod publication order:
 //!
-//! socket (frames) -> `shared::events` (decode) -> [`order`] (sequence: gap,
+//! socket (frames) -> `kvroute_core::events` (decode) -> [`order`] (sequence: gap,
 //! restart, duplicate) -> [`keys`] (router keys from token ids) -> [`writes`]
 //! (index writes, several in flight, one per pod at a time) -> index.
 //!

@@ -3,9 +3,9 @@
 use clap::{Parser, Subcommand};
 use ingester::config::RunArgs;
 use ingester::purge::with_ranks;
-use shared::config::RedisArgs;
-use shared::ids::PodId;
-use shared::index::{Index, IndexOp};
+use kvroute_core::ids::PodId;
+use kvroute_core::index::{Index, IndexOp};
+use kvroute_service::config::RedisArgs;
 use tokio_util::sync::CancellationToken;
 
 /// vLLM KV-cache events (ZeroMQ) into kvroute's block index (Redis, or the
@@ -57,10 +57,12 @@ async fn main() -> anyhow::Result<()> {
                 eprintln!("kvroute-ingester: {e}");
                 std::process::exit(EX_USAGE);
             }
-            shared::telemetry::init_tracing(&cli.run.log)?;
-            let metrics = shared::telemetry::install_metrics()?;
+            kvroute_service::telemetry::init_tracing(&cli.run.log)?;
+            let metrics = kvroute_service::telemetry::install_metrics()?;
             let shutdown = CancellationToken::new();
-            tokio::spawn(shared::telemetry::cancel_on_signal(shutdown.clone()));
+            tokio::spawn(kvroute_service::telemetry::cancel_on_signal(
+                shutdown.clone(),
+            ));
             ingester::service::run(cli.run, env, Some(metrics), shutdown).await
         }
     }

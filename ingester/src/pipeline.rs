@@ -13,8 +13,8 @@
 //! refills.
 
 use crate::worker::{Incoming, Replayer, Worker};
-use shared::ids::PodId;
-use shared::index::Index;
+use kvroute_core::ids::PodId;
+use kvroute_core::index::Index;
 use std::hash::Hasher;
 use std::time::Duration;
 use tokio::sync::mpsc;

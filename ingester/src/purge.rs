@@ -32,8 +32,8 @@
 use crate::metrics as m;
 use crate::pipeline::Purger;
 use crate::socket::SocketStats;
+use kvroute_core::ids::PodId;
 use parking_lot::Mutex;
-use shared::ids::PodId;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;

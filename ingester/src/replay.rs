@@ -19,7 +19,7 @@
 
 use crate::worker::Replayer;
 use bytes::Bytes;
-use shared::events::{FrameError, PodAddr, Topic, parse_replay_frames};
+use kvroute_core::events::{FrameError, PodAddr, Topic, parse_replay_frames};
 use std::time::Duration;
 use tokio::time::{Instant, timeout_at};
 use zeromq::{DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, ZmqMessage};
@@ -264,7 +264,7 @@ impl Replayer for RouterReplayer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shared::events::parse_topic;
+    use kvroute_core::events::parse_topic;
 
     #[test]
     fn endpoint_template() {

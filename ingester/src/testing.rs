@@ -2,11 +2,11 @@
 //! tests hash with, a vLLM-style store event, and the memory index behind a
 //! switch that makes writes fail (a Redis that is down or refuses writes).
 
-use shared::events::{BlockHash, BlockStored, KvEvent};
-use shared::ids::{BlockKey, ModelName, PodId};
-use shared::index::memory::MemoryIndex;
-use shared::index::{Index, IndexError, IndexOp, Lookup};
-use shared::keys::{ExtraKeys, HashScheme, KeyScheme};
+use kvroute_core::events::{BlockHash, BlockStored, KvEvent};
+use kvroute_core::ids::{BlockKey, ModelName, PodId};
+use kvroute_core::index::memory::MemoryIndex;
+use kvroute_core::index::{Index, IndexError, IndexOp, Lookup};
+use kvroute_core::keys::{ExtraKeys, HashScheme, KeyScheme};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 /// 64-bit SHA-256 CBOR keys, seed 42, blocks of 4 tokens.

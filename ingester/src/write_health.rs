@@ -15,9 +15,9 @@
 //! write path untouched: every write, however many are in flight, goes
 //! through [`Index::apply`].
 
-use shared::health::Check;
-use shared::ids::{BlockKey, ModelName, PodId};
-use shared::index::{Index, IndexError, IndexOp, Lookup};
+use kvroute_core::ids::{BlockKey, ModelName, PodId};
+use kvroute_core::index::{Index, IndexError, IndexOp, Lookup};
+use kvroute_service::health::Check;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -90,7 +90,7 @@ impl<I: Index> Index for WatchedIndex<I> {
 mod tests {
     use super::*;
     use crate::testing::Flaky;
-    use shared::health::Readiness;
+    use kvroute_service::health::Readiness;
 
     #[tokio::test]
     async fn unready_after_failed_writes_in_a_row_ready_at_the_first_success() {

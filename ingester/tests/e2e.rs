@@ -1,7 +1,7 @@
 //! End to end: vLLM-format publishers (`tests/peers/vllm_publisher.py`:
 //! pyzmq + msgspec, vLLM's bytes) -> the real `kvroute-ingester` binary ->
 //! a real `redis-server` -> the index read back with HKEYS/GET, keys
-//! computed independently with `shared::keys` from the tokens sent.
+//! computed independently with `kvroute_core::keys` from the tokens sent.
 //!
 //! Each test starts its own Redis and ingester once. A test knows the
 //! ingester has caught up with a pod when that pod's last ("sentinel") store
@@ -49,10 +49,10 @@ use harness::{
     Engine, Index, Ingester, Peer, SEED, batch, bind_endpoint, cleared, connecting, gpu, keys,
     removed, tokens, topic, until,
 };
+use kvroute_core::ids::BlockKey;
+use kvroute_core::keys::HashScheme;
+use kvroute_testkit::redis_server::RedisServer;
 use serde_json::{Value, json};
-use shared::ids::BlockKey;
-use shared::keys::HashScheme;
-use shared::redis_server::RedisServer;
 
 const BATCHES: &str = "kvroute_ingester_batches_total";
 const AGREEMENT: &str = "kvroute_ingester_hash_agreement_total";

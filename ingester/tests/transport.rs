@@ -9,8 +9,8 @@ use ingester::socket::{
     self, BoundSub, Malformed, RawBatch, SocketConfig, SocketStats, SubOptions,
 };
 use ingester::worker::Replayer;
+use kvroute_core::events::{KvEvent, decode_batch, parse_topic};
 use serde_json::{Value, json};
-use shared::events::{KvEvent, decode_batch, parse_topic};
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -33,7 +33,7 @@ fn init_tracing() {
 /// The venv interpreter with pyzmq and msgspec. A missing one fails the test:
 /// a skipped interoperability test proves nothing.
 fn python() -> PathBuf {
-    let path = shared::test_env::venv_python().unwrap_or_default();
+    let path = kvroute_testkit::test_env::venv_python().unwrap_or_default();
     assert!(
         path.is_file(),
         "no Python with pyzmq and msgspec at {path:?} ($KVROUTE_PYTHON, else ~/.cache/kvroute/venv/bin/python): run ./scripts/test.sh once to create it"
@@ -480,14 +480,14 @@ async fn endpoint_set_changes_at_runtime() {
 }
 
 /// The peer's encoder is vLLM's: it reproduces every payload of the vLLM
-/// reference vectors byte for byte (`../shared/testdata/vllm`, beside the checkout).
+/// reference vectors byte for byte (`testdata/vllm`).
 #[tokio::test]
 async fn python_peer_reproduces_vllm_payload_bytes() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let out = Command::new(python())
         .arg(root.join("tests/peers/vllm_publisher.py"))
         .arg("--check-fixtures")
-        .arg(root.join("../../shared/testdata/vllm"))
+        .arg(kvroute_testkit::test_env::testdata("vllm"))
         .output()
         .await
         .expect("run the fixture check");

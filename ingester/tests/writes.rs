@@ -9,13 +9,13 @@
 use ingester::keys::Keyer;
 use ingester::pipeline::Workers;
 use ingester::worker::{Incoming, NoReplay, Worker, WorkerConfig};
-use shared::events::{BlockHash, BlockRemoved, BlockStored, Encoding, EventBatch, KvEvent};
-use shared::ids::{BlockKey, ModelName};
-use shared::index::memory::MemoryIndex;
-use shared::index::redis::RedisIndex;
-use shared::index::{Index, Lookup};
-use shared::keys::{ExtraKeys, HashScheme, KeyScheme};
-use shared::redis_server::{RedisCluster, RedisServer};
+use kvroute_core::events::{BlockHash, BlockRemoved, BlockStored, Encoding, EventBatch, KvEvent};
+use kvroute_core::ids::{BlockKey, ModelName};
+use kvroute_core::index::memory::MemoryIndex;
+use kvroute_core::index::{Index, Lookup};
+use kvroute_core::keys::{ExtraKeys, HashScheme, KeyScheme};
+use kvroute_redis::RedisIndex;
+use kvroute_testkit::redis_server::{RedisCluster, RedisServer};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -81,7 +81,7 @@ fn messages() -> Vec<Incoming> {
                 out.push(Incoming {
                     topic: format!("kv@{}@m", pod(p)),
                     seq: seqs[p as usize],
-                    payload: shared::events::encode_batch(&batch, Encoding::Map).into(),
+                    payload: kvroute_core::events::encode_batch(&batch, Encoding::Map).into(),
                 });
                 seqs[p as usize] += 1;
             }

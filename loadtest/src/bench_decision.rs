@@ -18,7 +18,7 @@
 //!   the `kvroute-scorer` binary (its own process);
 //! - (c) through Envoy: the scorer's listener next to a do-nothing picker's
 //!   listener of the same Envoy, request by request, and the difference
-//!   (the scorer's own cost, as `notes/envoy-ext-proc.md` prescribes);
+//!   (the scorer's own cost, as `docs/envoy-ext-proc.md` prescribes);
 //! - (d) decisions per second per core: a closed loop of concurrent ext_proc
 //!   streams, divided by the CPU seconds the scorer process used;
 //! - (e) warm ext_proc decisions while 0, 1, 2, 4 streams send cold prompts
@@ -39,14 +39,14 @@ mod throughput;
 use crate::machine::{load_average, machine};
 use anyhow::Context;
 use bytes::Bytes;
+use kvroute_core::keys::{HashScheme, KeyScheme};
+use kvroute_redis::RedisIndex;
+use kvroute_testkit::redis_server::RedisServer;
+use kvroute_tokens::{TokenizerOptions, TokenizerRegistry};
 use scorer::candidates::Candidates;
 use scorer::decide::{Prompt as ReqPrompt, RouteRequest};
 use scorer::load::Load;
 use scorer::route::{RouteConfig, Router};
-use shared::index::redis::RedisIndex;
-use shared::keys::{HashScheme, KeyScheme};
-use shared::redis_server::RedisServer;
-use shared::tokens::{TokenizerOptions, TokenizerRegistry};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,5 +1,5 @@
 //! `kvroute-loadtest bench index`: the block index on a local `redis-server`
-//! (started here through `shared::redis_server`) and in memory, each number
+//! (started here through `kvroute_testkit::redis_server`) and in memory, each number
 //! next to a baseline measured in the same run on the same machine:
 //!
 //! 1. blocks stored per second through `RedisIndex::apply` (64-block Store
@@ -13,13 +13,13 @@
 
 use crate::machine::{fmt_int, load_average, machine, redis_benchmark};
 use anyhow::Context;
+use kvroute_core::ids::{BlockKey, ModelName, PodId, Tier};
+use kvroute_core::index::memory::MemoryIndex;
+use kvroute_core::index::{Index, IndexOp, StoredBlock};
+use kvroute_redis::RedisIndex;
+use kvroute_testkit::redis_server::RedisServer;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use shared::ids::{BlockKey, ModelName, PodId, Tier};
-use shared::index::memory::MemoryIndex;
-use shared::index::redis::RedisIndex;
-use shared::index::{Index, IndexOp, StoredBlock};
-use shared::redis_server::RedisServer;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -286,9 +286,13 @@ async fn populate_prompts(
     Ok(prompts)
 }
 
-fn check_depth(depth: u32, pods: usize, holders: usize) -> Result<(), shared::index::IndexError> {
+fn check_depth(
+    depth: u32,
+    pods: usize,
+    holders: usize,
+) -> Result<(), kvroute_core::index::IndexError> {
     if depth as usize != BLOCKS || pods != holders {
-        return Err(shared::index::IndexError::Reply(format!(
+        return Err(kvroute_core::index::IndexError::Reply(format!(
             "lookup found depth {depth} on {pods} pods, expected {BLOCKS} on {holders}"
         )));
     }
@@ -403,7 +407,7 @@ async fn memory_per_entry(
     let block_avg = block_bytes.iter().flatten().sum::<u64>() as f64 / samples as f64;
     let mut pipe = redis::pipe();
     for slot in 0..16384u16 {
-        let tag = shared::index::redis::tag_for_slot(slot);
+        let tag = kvroute_redis::tag_for_slot(slot);
         for p in 0..pods {
             pipe.cmd("MEMORY")
                 .arg("USAGE")

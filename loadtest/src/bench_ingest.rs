@@ -22,10 +22,10 @@ mod probe;
 mod workload;
 
 use anyhow::{Context, bail};
+use kvroute_core::events::Encoding;
+use kvroute_core::keys::{HashScheme, KeyScheme};
+use kvroute_testkit::redis_server::RedisServer;
 use probe::{IngesterProc, LAG, Metrics, Sample, fmt_int, quantile};
-use shared::events::Encoding;
-use shared::keys::{HashScheme, KeyScheme};
-use shared::redis_server::RedisServer;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};

@@ -2,8 +2,8 @@
 //! measured in the same run: the ratio shows what the CBOR encoding and
 //! chaining cost on top of the hash itself.
 
+use kvroute_core::keys::{ChainState, ExtraKeys, HashScheme, KeyScheme, cbor};
 use sha2::{Digest, Sha256};
-use shared::keys::{ChainState, ExtraKeys, HashScheme, KeyScheme, cbor};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 

@@ -8,15 +8,15 @@
 //! which pod each prompt would go to and why, and a pod being cleared.
 
 use anyhow::{Context, bail};
-use shared::events::{
+use kvroute_core::events::{
     BlockHash, BlockStored, Encoding, EventBatch, KvEvent, decode_batch, encode_batch, parse_topic,
 };
-use shared::ids::BlockKey;
-use shared::index::redis::RedisIndex;
-use shared::index::{Index, IndexOp, StoredBlock};
-use shared::keys::{ExtraKeys, HashScheme, KeyScheme};
-use shared::redis_server::RedisServer;
-use shared::scoring::{TierWeights, score_prefixes};
+use kvroute_core::ids::BlockKey;
+use kvroute_core::index::{Index, IndexOp, StoredBlock};
+use kvroute_core::keys::{ExtraKeys, HashScheme, KeyScheme};
+use kvroute_core::scoring::{TierWeights, score_prefixes};
+use kvroute_redis::RedisIndex;
+use kvroute_testkit::redis_server::RedisServer;
 use std::process::Command;
 
 #[derive(clap::Args)]
@@ -173,7 +173,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!("\n== 127.0.0.11:8000 restarts (AllBlocksCleared): its entries go, without SCAN");
     index
         .apply(&[IndexOp::ClearPod {
-            pod: shared::ids::PodId::new("127.0.0.11:8000"),
+            pod: kvroute_core::ids::PodId::new("127.0.0.11:8000"),
         }])
         .await?;
     println!("$ redis-cli HKEYS '{MODEL}@{first}'");
@@ -203,7 +203,7 @@ async fn show_lookups(
     for (name, prompt) in prompts {
         let ks: Vec<BlockKey> = keys.block_keys(prompt, ExtraKeys::NONE);
         let lookup = index
-            .lookup(&shared::ids::ModelName::new(MODEL), &ks, None)
+            .lookup(&kvroute_core::ids::ModelName::new(MODEL), &ks, None)
             .await?;
         let scores = score_prefixes(&lookup.pods, ks.len(), &TierWeights::default());
         println!(

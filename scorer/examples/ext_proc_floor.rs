@@ -1,5 +1,5 @@
 //! The latency floor of kvroute's ext_proc path through a real Envoy, next
-//! to Envoy's direct path, as `notes/envoy-ext-proc.md` measures it: Envoy
+//! to Envoy's direct path, as `docs/envoy-ext-proc.md` measures it: Envoy
 //! 1.40 with `--concurrency 1`, one keep-alive client connection, sequential
 //! requests with a completions body, and a `direct_response` listener as the
 //! pod so only Envoy and the picker cost anything. The picker's `Decide`

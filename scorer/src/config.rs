@@ -6,33 +6,24 @@ use crate::ext_proc::ExtProcConfig;
 use crate::grpc::TlsArgs;
 use crate::route::RouteConfig;
 use crate::tokenize::{PoolConfig, RemoteConfig, TokenizeConfig};
-use shared::config::{KeyArgs, RedisArgs};
-use shared::index::LookupMode;
-use shared::scoring::TierWeights;
-use shared::scoring::pick::{LoadLimits, PickWeights};
-use shared::telemetry::LogArgs;
+use kvroute_core::index::LookupMode;
+use kvroute_core::scoring::TierWeights;
+use kvroute_core::scoring::pick::{LoadLimits, PickWeights};
+use kvroute_service::config::{KeyArgs, RedisArgs};
+use kvroute_service::duration::parse_duration;
+use kvroute_service::telemetry::LogArgs;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else {
-        (s, 1.0)
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?} (e.g. 50ms, 2s)"))?;
-    if !v.is_finite() || v < 0.0 {
-        return Err(format!("invalid duration {s:?}"));
-    }
-    Ok(Duration::from_secs_f64(v * mult))
+/// `--lookup-mode`: `bisect` or `linear`, listed in `--help`, parsed by
+/// [`LookupMode`]'s `FromStr` (kvroute-core has no clap).
+fn lookup_mode_parser() -> impl clap::builder::TypedValueParser<Value = LookupMode> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["bisect", "linear"])
+        // Only the two listed values reach the map, and both parse.
+        .map(|s| s.parse::<LookupMode>().unwrap_or_default())
 }
 
 /// Where requests go and how they are scored.
@@ -131,7 +122,7 @@ pub struct ServeArgs {
     /// blocks) blocks and is exact when pods hold prefixes of the prompt
     /// (what vLLM's hash chaining gives); `linear` reads every block of the
     /// matched prefix and is exact on any index content.
-    #[arg(long, env = "KVROUTE_LOOKUP_MODE", value_enum, default_value_t = LookupMode::Bisect)]
+    #[arg(long, env = "KVROUTE_LOOKUP_MODE", default_value_t = LookupMode::Bisect, value_parser = lookup_mode_parser())]
     pub lookup_mode: LookupMode,
     /// Scrape each endpoint's vLLM /metrics this often.
     #[arg(long, env = "KVROUTE_SCRAPE_INTERVAL", default_value = "200ms", value_parser = parse_duration)]
@@ -259,9 +250,9 @@ mod tests {
 
     #[test]
     fn durations_and_bad_lora() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
-        assert!(parse_duration("x").is_err());
+        // The one grammar both binaries share: minutes work here too.
+        let cli = Cli::try_parse_from(["x", "--dns-refresh", "1m"]).expect("parse");
+        assert_eq!(cli.serve.dns_refresh, Duration::from_secs(60));
         let cli = Cli::try_parse_from(["x", "--lora", "nobase"]).expect("parse");
         assert!(cli.serve.route_config().is_err());
     }

@@ -13,7 +13,7 @@ use crate::decide::Decide;
 use crate::ext_proc::{ExtProcConfig, ext_proc_service};
 use crate::indexer_api::IndexerServiceServer;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
-use shared::health::Readiness;
+use kvroute_service::health::Readiness;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;

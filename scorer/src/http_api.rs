@@ -12,7 +12,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
-use shared::index::Index;
+use kvroute_core::index::Index;
 use std::sync::Arc;
 
 #[derive(serde::Deserialize)]

@@ -28,11 +28,11 @@ use crate::candidates::endpoint_for;
 use crate::decide::{Prompt, RouteRequest};
 use crate::route::RouteConfig;
 use crate::tokenize::Tokenize;
-use shared::ids::ModelName;
-use shared::index::{Index, IndexError};
-use shared::keys::{KeyCache, KeyScheme};
-use shared::scoring::{TierWeights, score_prefixes};
-use shared::tokens::TokenizerRegistry;
+use kvroute_core::ids::ModelName;
+use kvroute_core::index::{Index, IndexError};
+use kvroute_core::keys::{KeyCache, KeyScheme};
+use kvroute_core::scoring::{TierWeights, score_prefixes};
+use kvroute_tokens::TokenizerRegistry;
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -228,7 +228,7 @@ impl<I: Index + 'static> PodScorer<I> {
         tokenizers: Arc<TokenizerRegistry>,
         config: &RouteConfig,
     ) -> Self {
-        let keys = KeyCache::new(keys, shared::keys::cache::DEFAULT_MAX_BYTES);
+        let keys = KeyCache::new(keys, kvroute_core::keys::cache::DEFAULT_MAX_BYTES);
         let tokenize = Tokenize::new(tokenizers, keys, config.tokenize.clone());
         Self::sharing(index, Arc::new(tokenize), config)
     }
@@ -362,14 +362,13 @@ impl<I: Index + 'static> IndexerService for PodScorer<I> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kvroute_core::ids::BlockKey;
+    use kvroute_core::ids::{PodId, Tier};
+    use kvroute_core::index::memory::MemoryIndex;
+    use kvroute_core::index::{IndexOp, StoredBlock};
+    use kvroute_core::keys::{ExtraKeys, HashScheme};
+    use kvroute_tokens::TokenizerOptions;
     use prost::Message;
-    use shared::ids::BlockKey;
-    use shared::ids::{PodId, Tier};
-    use shared::index::memory::MemoryIndex;
-    use shared::index::{IndexOp, StoredBlock};
-    use shared::keys::{ExtraKeys, HashScheme};
-    use shared::tokens::TokenizerOptions;
-    use std::path::PathBuf;
 
     #[test]
     fn wire_format_matches_indexer_proto() {
@@ -416,8 +415,7 @@ mod tests {
         Vec<BlockKey>,
         String,
     ) {
-        let tiny =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/tests/fixtures/tokens/tiny");
+        let tiny = kvroute_testkit::test_env::testdata("tokens/tiny");
         let tokenizers = Arc::new(TokenizerRegistry::new(
             [("tiny".to_string(), tiny)],
             vec![],

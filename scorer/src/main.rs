@@ -47,10 +47,12 @@ async fn main() -> anyhow::Result<()> {
                 eprintln!("kvroute-scorer: {e}");
                 std::process::exit(EX_USAGE);
             }
-            shared::telemetry::init_tracing(&cli.serve.log)?;
-            let metrics = shared::telemetry::install_metrics()?;
+            kvroute_service::telemetry::init_tracing(&cli.serve.log)?;
+            let metrics = kvroute_service::telemetry::install_metrics()?;
             let shutdown = CancellationToken::new();
-            tokio::spawn(shared::telemetry::cancel_on_signal(shutdown.clone()));
+            tokio::spawn(kvroute_service::telemetry::cancel_on_signal(
+                shutdown.clone(),
+            ));
             scorer::service::run(cli.serve, env, Some(metrics), shutdown).await
         }
     }

@@ -11,13 +11,13 @@ use crate::candidates::{Candidates, endpoint_for};
 use crate::decide::{Decide, DecideError, Decision, RouteRequest};
 use crate::load::Load;
 use crate::tokenize::{Tokenize, TokenizeConfig};
+use kvroute_core::ids::ModelName;
+use kvroute_core::index::Index;
+use kvroute_core::keys::{KeyCache, KeyScheme};
+use kvroute_core::scoring::pick::{self, Breakdown, Candidate, LoadLimits, PickWeights};
+use kvroute_core::scoring::{TierWeights, score_prefixes};
+use kvroute_tokens::TokenizerRegistry;
 use parking_lot::Mutex;
-use shared::ids::ModelName;
-use shared::index::Index;
-use shared::keys::{KeyCache, KeyScheme};
-use shared::scoring::pick::{self, Breakdown, Candidate, LoadLimits, PickWeights};
-use shared::scoring::{TierWeights, score_prefixes};
-use shared::tokens::TokenizerRegistry;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -118,7 +118,7 @@ impl<I: Index + 'static> Router<I> {
         config: RouteConfig,
         seed: u64,
     ) -> Self {
-        let key_cache = KeyCache::new(keys, shared::keys::cache::DEFAULT_MAX_BYTES);
+        let key_cache = KeyCache::new(keys, kvroute_core::keys::cache::DEFAULT_MAX_BYTES);
         Router {
             index,
             tokenize: Arc::new(Tokenize::new(
@@ -311,12 +311,12 @@ impl<I: Index + 'static> Decide for Router<I> {
 mod tests {
     use super::*;
     use crate::decide::Prompt;
-    use shared::ids::BlockKey;
-    use shared::ids::{PodId, Tier};
-    use shared::index::memory::MemoryIndex;
-    use shared::index::{IndexOp, StoredBlock};
-    use shared::keys::{ExtraKeys, HashScheme};
-    use shared::tokens::TokenizerOptions;
+    use kvroute_core::ids::BlockKey;
+    use kvroute_core::ids::{PodId, Tier};
+    use kvroute_core::index::memory::MemoryIndex;
+    use kvroute_core::index::{IndexOp, StoredBlock};
+    use kvroute_core::keys::{ExtraKeys, HashScheme};
+    use kvroute_tokens::TokenizerOptions;
     use std::path::PathBuf;
 
     const A: &str = "127.0.0.11:8000";
@@ -327,7 +327,7 @@ mod tests {
     }
 
     fn tiny() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/tests/fixtures/tokens/tiny")
+        kvroute_testkit::test_env::testdata("tokens/tiny")
     }
 
     fn router(limits: LoadLimits) -> (Router<MemoryIndex>, Arc<MemoryIndex>) {

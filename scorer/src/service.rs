@@ -14,9 +14,9 @@ use crate::indexer_api::{IndexerServiceServer, PodScorer};
 use crate::load::Load;
 use crate::route::Router;
 use anyhow::Context;
+use kvroute_service::health::Readiness;
+use kvroute_tokens::{TokenizerOptions, TokenizerRegistry, parse_tokenizer_arg};
 use metrics_exporter_prometheus::PrometheusHandle;
-use shared::health::Readiness;
-use shared::tokens::{TokenizerOptions, TokenizerRegistry, parse_tokenizer_arg};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
@@ -167,8 +167,8 @@ pub async fn run(
                 .await
         });
     }
-    let app =
-        shared::health::router(readiness, metrics).merge(crate::http_api::router(router.clone()));
+    let app = kvroute_service::health::router(readiness, metrics)
+        .merge(crate::http_api::router(router.clone()));
     let http_shutdown = shutdown.clone();
     let http = tokio::spawn(async move {
         axum::serve(http_listener, app)

@@ -4,10 +4,10 @@
 
 use crate::config::ServeArgs;
 use anyhow::{Context, bail};
-use shared::index::Index;
-use shared::keys::ExtraKeys;
-use shared::scoring::score_prefixes;
-use shared::tokens::ChatOptions;
+use kvroute_core::index::Index;
+use kvroute_core::keys::ExtraKeys;
+use kvroute_core::scoring::score_prefixes;
+use kvroute_tokens::ChatOptions;
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -84,7 +84,7 @@ pub async fn run(args: WhyArgs, env: impl Fn(&str) -> Option<String>) -> anyhow:
     let index = s.redis.open(&env).await?;
     index.set_lookup_mode(s.lookup_mode);
     let lookup = index
-        .lookup(&shared::ids::ModelName::new(&base), &block_keys, None)
+        .lookup(&kvroute_core::ids::ModelName::new(&base), &block_keys, None)
         .await?;
     println!(
         "model {base}{}: {} tokens, {} full blocks of {} ({} scheme, seed {:?})",

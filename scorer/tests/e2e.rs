@@ -2,7 +2,7 @@
 //! configured from `deploy/envoy/envoy.yaml.tmpl`) -> ext_proc (the scorer
 //! process) -> fake vLLM pods on 127.0.0.11/12/13, with the index in a real
 //! Redis that the test writes as the ingester would (keys computed with
-//! `shared::keys` from the token ids of the same tokenizers the scorer is
+//! `kvroute_core::keys` from the token ids of the same tokenizers the scorer is
 //! given).
 //!
 //! Processes cost a second or two to start on the 2-core CI machines, so

@@ -395,7 +395,7 @@ mod grpc_server {
             .await
             .expect("connect");
         let mut health = HealthClient::new(channel);
-        let readiness = shared::health::Readiness::default();
+        let readiness = kvroute_service::health::Readiness::default();
         let check = readiness.check("index");
         let shutdown = tokio_util::sync::CancellationToken::new();
         let follower = tokio::spawn({

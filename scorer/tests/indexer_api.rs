@@ -5,16 +5,17 @@
 
 mod support;
 
+use kvroute_core::ids::{ModelName, PodId, Tier};
+use kvroute_core::index::{Index, IndexOp, StoredBlock};
+use kvroute_core::keys::ExtraKeys;
+use kvroute_redis::AnyIndex;
+use kvroute_redis::RedisIndex;
+use kvroute_testkit::redis_server::RedisServer;
 use scorer::background::LateIndex;
 use scorer::ext_proc::ExtProcConfig;
 use scorer::grpc::{self, GrpcHealth, TlsArgs};
 use scorer::indexer_api::{GetPodScoresRequest, IndexerServiceServer, PodScorer};
 use scorer::route::RouteConfig;
-use shared::ids::{ModelName, PodId, Tier};
-use shared::index::redis::RedisIndex;
-use shared::index::{AnyIndex, Index, IndexOp, StoredBlock};
-use shared::keys::ExtraKeys;
-use shared::redis_server::RedisServer;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use support::decide::TableDecide;

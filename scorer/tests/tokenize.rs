@@ -8,6 +8,11 @@
 
 mod support;
 
+use kvroute_core::ids::{ModelName, PodId, Tier};
+use kvroute_core::index::memory::MemoryIndex;
+use kvroute_core::index::{IndexOp, StoredBlock};
+use kvroute_core::keys::ExtraKeys;
+use kvroute_tokens::{TokenizerOptions, TokenizerRegistry};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use scorer::candidates::Candidates;
 use scorer::decide::{Decide, Prompt, RouteRequest};
@@ -15,11 +20,6 @@ use scorer::load::Load;
 use scorer::route::{RouteConfig, Router};
 use scorer::tokenize::{PoolConfig, RemoteConfig, TokenizeConfig};
 use serde_json::json;
-use shared::ids::{ModelName, PodId, Tier};
-use shared::index::memory::MemoryIndex;
-use shared::index::{IndexOp, StoredBlock};
-use shared::keys::ExtraKeys;
-use shared::tokens::{TokenizerOptions, TokenizerRegistry};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -250,7 +250,7 @@ struct FakeVllm {
 
 impl FakeVllm {
     async fn start(ips: &[&str], slow: &[&str]) -> FakeVllm {
-        let python = shared::test_env::venv_python().expect("venv python");
+        let python = kvroute_testkit::test_env::venv_python().expect("venv python");
         let script =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/vllm_tokenize.py");
         let mut cmd = tokio::process::Command::new(&python);

@@ -1,12 +1,12 @@
 //! From a received multipart message to a [`RawBatch`] in the output channel:
-//! frame checks (through `shared::events::parse_frames`), the topic filter,
+//! frame checks (through `kvroute_core::events::parse_frames`), the topic filter,
 //! counting, and the backpressure wait. Shared by both modes so a message is
 //! judged the same way whichever socket read it.
 
 use super::RawBatch;
 use super::stats::{Malformed, SocketStats};
 use bytes::Bytes;
-use shared::events::parse_frames;
+use kvroute_core::events::parse_frames;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;

@@ -2,8 +2,8 @@
 //! relaxed add per message and the metrics module (or a test) reads them
 //! whenever it likes through [`SocketStats::snapshot`].
 
+use kvroute_core::events::FrameError;
 use parking_lot::Mutex;
-use shared::events::FrameError;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 

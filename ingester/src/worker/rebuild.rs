@@ -24,9 +24,9 @@
 
 use super::{Replayer, Worker};
 use crate::metrics as m;
-use shared::events::{Topic, decode_batch};
-use shared::ids::PodId;
-use shared::index::Index;
+use kvroute_core::events::{Topic, decode_batch};
+use kvroute_core::ids::PodId;
+use kvroute_core::index::Index;
 
 /// One publisher stream of a pod: its topic, data-parallel rank and the key
 /// the sequence tracker knows it by.
@@ -149,13 +149,13 @@ mod tests {
     use super::*;
     use crate::keys::Keyer;
     use crate::testing::{Flaky, scheme, stored};
-    use shared::events::{
+    use kvroute_core::events::{
         BlockHash, BlockRemoved, Encoding, EventBatch, KvEvent, Topic, encode_batch,
     };
-    use shared::ids::ModelName;
-    use shared::index::IndexOp;
-    use shared::index::memory::MemoryIndex;
-    use shared::keys::ExtraKeys;
+    use kvroute_core::ids::ModelName;
+    use kvroute_core::index::IndexOp;
+    use kvroute_core::index::memory::MemoryIndex;
+    use kvroute_core::keys::ExtraKeys;
     use std::sync::Arc;
     use std::time::Duration;
 

@@ -3,12 +3,12 @@
 
 use super::*;
 use crate::testing::{Flaky, scheme, stored};
-use shared::events::{
+use kvroute_core::events::{
     AllBlocksCleared, BlockHash, BlockRemoved, Encoding, EventBatch, encode_batch,
 };
-use shared::ids::{BlockKey, ModelName};
-use shared::index::memory::MemoryIndex;
-use shared::keys::ExtraKeys;
+use kvroute_core::ids::{BlockKey, ModelName};
+use kvroute_core::index::memory::MemoryIndex;
+use kvroute_core::keys::ExtraKeys;
 
 const TOPIC: &str = "kv@127.0.0.11:8000@m";
 
@@ -148,16 +148,16 @@ async fn malformed_payloads_and_topics_are_skipped() {
 struct DownIndex;
 
 impl Index for DownIndex {
-    async fn apply(&self, _: &[IndexOp]) -> Result<(), shared::index::IndexError> {
-        Err(shared::index::IndexError::Topology("down".into()))
+    async fn apply(&self, _: &[IndexOp]) -> Result<(), kvroute_core::index::IndexError> {
+        Err(kvroute_core::index::IndexError::Topology("down".into()))
     }
     async fn lookup(
         &self,
         _: &ModelName,
         _: &[BlockKey],
         _: Option<&[PodId]>,
-    ) -> Result<shared::index::Lookup, shared::index::IndexError> {
-        Err(shared::index::IndexError::Topology("down".into()))
+    ) -> Result<kvroute_core::index::Lookup, kvroute_core::index::IndexError> {
+        Err(kvroute_core::index::IndexError::Topology("down".into()))
     }
 }
 
@@ -303,11 +303,11 @@ impl Gated {
 }
 
 impl Index for Gated {
-    async fn apply(&self, ops: &[IndexOp]) -> Result<(), shared::index::IndexError> {
+    async fn apply(&self, ops: &[IndexOp]) -> Result<(), kvroute_core::index::IndexError> {
         self.started.lock().push(ops.to_vec());
         self.gate.acquire().await.expect("gate open").forget();
         if self.fail.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(shared::index::IndexError::Topology("down".into()));
+            return Err(kvroute_core::index::IndexError::Topology("down".into()));
         }
         self.inner.apply(ops).await
     }
@@ -316,7 +316,7 @@ impl Index for Gated {
         model: &ModelName,
         keys: &[BlockKey],
         candidates: Option<&[PodId]>,
-    ) -> Result<shared::index::Lookup, shared::index::IndexError> {
+    ) -> Result<kvroute_core::index::Lookup, kvroute_core::index::IndexError> {
         self.inner.lookup(model, keys, candidates).await
     }
 }

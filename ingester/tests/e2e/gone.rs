@@ -8,8 +8,8 @@ use super::harness::{Engine, Peer, SEED, batch, free_port, gpu, keys, tokens, to
 use super::{index, redis};
 use clap::Parser;
 use ingester::config::RunArgs;
+use kvroute_core::keys::HashScheme;
 use serde_json::json;
-use shared::keys::HashScheme;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;

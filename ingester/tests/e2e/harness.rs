@@ -2,15 +2,15 @@
 //! process (admin HTTP over a minimal HTTP/1.1 client, SIGTERM via `kill`),
 //! the Python vLLM publisher (`tests/peers/vllm_publisher.py`) with its
 //! `wait` steps, the Redis index read directly (HKEYS, GET), and vLLM-side
-//! block hashes computed with `shared::keys` (the publisher's own scheme and
+//! block hashes computed with `kvroute_core::keys` (the publisher's own scheme and
 //! seed, which may differ from the ingester's on purpose).
 //!
 //! Every wait is a poll with a deadline, never a fixed sleep: the whole file
 //! has to stay fast on two cores.
 
+use kvroute_core::ids::BlockKey;
+use kvroute_core::keys::{ChainState, ExtraKeys, HashScheme, KeyScheme};
 use serde_json::{Value, json};
-use shared::ids::BlockKey;
-use shared::keys::{ChainState, ExtraKeys, HashScheme, KeyScheme};
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -409,7 +409,7 @@ pub async fn purge_cli(redis_url: &str, pods: &[&str]) -> (bool, String) {
 /// The venv interpreter with pyzmq and msgspec. Missing: the test fails
 /// (a skipped interoperability test proves nothing).
 pub fn python() -> PathBuf {
-    let path = shared::test_env::venv_python().unwrap_or_default();
+    let path = kvroute_testkit::test_env::venv_python().unwrap_or_default();
     assert!(
         path.is_file(),
         "no Python with pyzmq and msgspec at {path:?} ($KVROUTE_PYTHON, else ~/.cache/kvroute/venv/bin/python): run ./scripts/test.sh once to create it"

@@ -5,9 +5,9 @@ use super::harness::{
     BLOCK_SIZE, Engine, Ingester, Peer, SEED, batch, connecting, gpu, keys, tokens, topic,
 };
 use super::{BATCHES, index, redis};
+use kvroute_core::events::{BlockHash, BlockStored, Encoding, EventBatch, KvEvent, encode_batch};
+use kvroute_core::keys::HashScheme;
 use serde_json::json;
-use shared::events::{BlockHash, BlockStored, Encoding, EventBatch, KvEvent, encode_batch};
-use shared::keys::HashScheme;
 
 const MALFORMED: &str = "kvroute_ingester_malformed_total";
 

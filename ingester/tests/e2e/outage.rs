@@ -5,9 +5,9 @@ use super::harness::{
     Engine, Index, Ingester, Peer, SEED, batch, connecting, gpu, keys, purge_cli, tokens, topic,
 };
 use super::{BATCHES, index, redis};
+use kvroute_core::ids::BlockKey;
+use kvroute_core::keys::HashScheme;
 use serde_json::{Value, json};
-use shared::ids::BlockKey;
-use shared::keys::HashScheme;
 use std::time::{Duration, Instant};
 
 const SCHEME: HashScheme = HashScheme::Sha256Cbor64;

@@ -7,11 +7,11 @@ use super::harness::{
     topic,
 };
 use super::{index, redis};
+use kvroute_core::ids::{ModelName, PodId, Tier};
+use kvroute_core::index::{Index as _, IndexOp, StoredBlock};
+use kvroute_core::keys::HashScheme;
+use kvroute_redis::RedisIndex;
 use serde_json::json;
-use shared::ids::{ModelName, PodId, Tier};
-use shared::index::redis::RedisIndex;
-use shared::index::{Index as _, IndexOp, StoredBlock};
-use shared::keys::HashScheme;
 use std::time::{Duration, Instant};
 
 const SCHEME: HashScheme = HashScheme::Sha256Cbor64;

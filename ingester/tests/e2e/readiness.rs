@@ -6,8 +6,8 @@ use super::harness::{
     Engine, Ingester, Peer, SEED, batch, bind_endpoint, connecting, gpu, keys, tokens, topic,
 };
 use super::{index, redis};
+use kvroute_core::keys::HashScheme;
 use serde_json::json;
-use shared::keys::HashScheme;
 
 const SCHEME: HashScheme = HashScheme::Sha256Cbor64;
 

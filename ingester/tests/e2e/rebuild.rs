@@ -6,8 +6,8 @@ use super::harness::{
     Engine, Ingester, Peer, SEED, batch, bind_endpoint, gpu, keys, removed, tokens, topic,
 };
 use super::{BATCHES, index, redis};
+use kvroute_core::keys::HashScheme;
 use serde_json::{Value, json};
-use shared::keys::HashScheme;
 
 const SCHEME: HashScheme = HashScheme::Sha256Cbor64;
 

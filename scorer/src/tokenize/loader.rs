@@ -12,7 +12,7 @@
 //! as long as its [`Loader`] (dropping the loader closes the channel and
 //! the thread ends).
 
-use shared::tokens::{Tokenizer, TokenizerRegistry, TokensError};
+use kvroute_tokens::{Tokenizer, TokenizerRegistry, TokensError};
 use std::sync::Arc;
 use std::sync::mpsc;
 
@@ -98,13 +98,11 @@ impl Loader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shared::tokens::TokenizerOptions;
-    use std::path::PathBuf;
+    use kvroute_tokens::TokenizerOptions;
 
     #[tokio::test]
     async fn loads_on_its_thread_once_and_reports_unknown_models() {
-        let tiny =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/tests/fixtures/tokens/tiny");
+        let tiny = kvroute_testkit::test_env::testdata("tokens/tiny");
         let registry = Arc::new(TokenizerRegistry::new(
             [("tiny".to_string(), tiny)],
             vec![],

@@ -13,7 +13,7 @@
 //!   cache makes a repeated prefix ~65 µs at 2048 blocks, and an uncached
 //!   one costs ~0.3 ms, a hundredth of tokenizing it).
 //! - `cached`: the model's tokenizer is loaded and every piece of the prompt
-//!   is in its prefix cache ([`shared::tokens::Tokenizer::encode_cached`]:
+//!   is in its prefix cache ([`kvroute_tokens::Tokenizer::encode_cached`]:
 //!   a boundary scan and a lookup per piece, ~50 µs at 2048 blocks); chat
 //!   templates of up to [`TokenizeConfig::inline_render_bytes`] of message
 //!   text are rendered inline first (~10 µs for 21 KiB). No thread hop.
@@ -34,10 +34,10 @@ pub use pool::{BlockingPool, PoolConfig, PoolError};
 pub use remote::{RemoteConfig, RemoteError, RemotePrompt, RemoteTokenizer};
 
 use crate::decide::{Prompt, RouteRequest};
+use kvroute_core::ids::BlockKey;
+use kvroute_core::keys::{ExtraKeys, KeyCache};
+use kvroute_tokens::{ChatOptions, Tokenizer, TokenizerRegistry, TokensError};
 use serde_json::Value as Json;
-use shared::ids::BlockKey;
-use shared::keys::{ExtraKeys, KeyCache};
-use shared::tokens::{ChatOptions, Tokenizer, TokenizerRegistry, TokensError};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 

@@ -8,8 +8,8 @@ use super::http::{self, Client, Reply};
 use super::index::{key_args, tokenizer_args};
 use super::pods::Fleet;
 use super::scorer_proc::{ScorerProc, bin, tail};
+use kvroute_testkit::redis_server::RedisServer;
 use serde_json::json;
-use shared::redis_server::RedisServer;
 
 pub const JSON: (&str, &str) = ("content-type", "application/json");
 /// The subset hint of Envoy's second listener when a test wants no

@@ -156,7 +156,7 @@ pub fn binary() -> PathBuf {
     if let Some(path) = std::env::var_os("KVROUTE_ENVOY") {
         return PathBuf::from(path);
     }
-    let venv = shared::test_env::venv_dir();
+    let venv = kvroute_testkit::test_env::venv_dir();
     let found = venv.as_deref().and_then(|venv| {
         let lib = fs::read_dir(venv.join("lib")).ok()?;
         let wheel = lib

