@@ -1,4 +1,4 @@
-//! End to end: vLLM-format publishers (`tests/peers/vllm_publisher.py`:
+//! End to end: vLLM-format publishers (`crates/testkit/peers/vllm_publisher.py`:
 //! pyzmq + msgspec, vLLM's bytes) -> the real `kvroute-ingester` binary ->
 //! a real `redis-server` -> the index read back with HKEYS/GET, keys
 //! computed independently with `kvroute_core::keys` from the tokens sent.

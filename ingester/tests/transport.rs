@@ -1,4 +1,4 @@
-//! The transport layer against real ZeroMQ peers: `tests/peers/vllm_publisher.py`
+//! The transport layer against real ZeroMQ peers: `kvroute_testkit::publisher`
 //! (pyzmq/libzmq + msgspec, vLLM's wire format) publishing to the ingester's
 //! SUB sockets in both modes, a publisher restart in connect mode, malformed
 //! frames, vLLM's replay ROUTER in both reply shapes, and runtime changes of
@@ -12,12 +12,9 @@ use ingester::worker::Replayer;
 use kvroute_core::events::{KvEvent, decode_batch, parse_topic};
 use serde_json::{Value, json};
 use std::collections::{BTreeSet, HashMap};
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -30,85 +27,10 @@ fn init_tracing() {
         .try_init();
 }
 
-/// The venv interpreter with pyzmq and msgspec. A missing one fails the test:
-/// a skipped interoperability test proves nothing.
-fn python() -> PathBuf {
-    let path = kvroute_testkit::test_env::venv_python().unwrap_or_default();
-    assert!(
-        path.is_file(),
-        "no Python with pyzmq and msgspec at {path:?} ($KVROUTE_PYTHON, else ~/.cache/kvroute/venv/bin/python): run ./scripts/test.sh once to create it"
-    );
-    path
-}
-
-/// A running `vllm_publisher.py`.
-struct Peer {
-    child: Child,
-    lines: Lines<BufReader<ChildStdout>>,
-    pub_ep: String,
-    replay_ep: Option<String>,
-    /// When its READY line was read: its sockets were up by then.
-    ready_at: Instant,
-}
-
-impl Peer {
-    async fn spawn(script: Value) -> Peer {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peers/vllm_publisher.py");
-        let mut child = Command::new(python())
-            .arg(path)
-            .arg(script.to_string())
-            // The peer exits on stdin EOF: no orphan if this process dies.
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start vllm_publisher.py");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let line = next_line(&mut lines, "READY").await;
-        let ready_at = Instant::now();
-        let info: Value =
-            serde_json::from_str(line.trim_start_matches("READY ")).expect("READY json");
-        Peer {
-            child,
-            lines,
-            pub_ep: info["pub"].as_str().expect("pub endpoint").to_owned(),
-            replay_ep: info["replay"].as_str().map(str::to_owned),
-            ready_at,
-        }
-    }
-
-    async fn wait_for(&mut self, prefix: &str) -> String {
-        next_line(&mut self.lines, prefix).await
-    }
-
-    async fn kill(mut self) {
-        self.child.kill().await.expect("kill peer");
-    }
-}
-
-async fn next_line(lines: &mut Lines<BufReader<ChildStdout>>, prefix: &str) -> String {
-    let read = async {
-        while let Some(line) = lines.next_line().await.expect("peer stdout") {
-            if line.starts_with(prefix) {
-                return line;
-            }
-        }
-        panic!(
-            "peer exited before printing {prefix} (pyzmq or msgspec missing? run ./scripts/test.sh)"
-        );
-    };
-    tokio::time::timeout(Duration::from_secs(10), read)
-        .await
-        .unwrap_or_else(|_| panic!("peer printed no {prefix} line within 10 s"))
-}
+use kvroute_testkit::publisher::{Peer, python};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    kvroute_testkit::net::free_port().expect("free port")
 }
 
 /// The token ids the peer generates for batch `seq`.
@@ -483,9 +405,8 @@ async fn endpoint_set_changes_at_runtime() {
 /// reference vectors byte for byte (`testdata/vllm`).
 #[tokio::test]
 async fn python_peer_reproduces_vllm_payload_bytes() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let out = Command::new(python())
-        .arg(root.join("tests/peers/vllm_publisher.py"))
+        .arg(kvroute_testkit::publisher::script_path())
         .arg("--check-fixtures")
         .arg(kvroute_testkit::test_env::testdata("vllm"))
         .output()

@@ -307,7 +307,8 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
         tokenizers: tokenizer_args.clone(),
         endpoints: &endpoints,
         seed: args.seed,
-    })?;
+    })
+    .await?;
     let probe = serde_json::json!({
         "model": prompts::model(args.pods[0]),
         "prompt": prompts[0].text,

@@ -9,8 +9,8 @@
 mod support;
 
 use kvroute_core::ids::{ModelName, PodId, Tier};
+use kvroute_core::index::IndexOp;
 use kvroute_core::index::memory::MemoryIndex;
-use kvroute_core::index::{IndexOp, StoredBlock};
 use kvroute_core::keys::ExtraKeys;
 use kvroute_tokens::{TokenizerOptions, TokenizerRegistry};
 use metrics_exporter_prometheus::PrometheusBuilder;
@@ -65,15 +65,12 @@ fn llama_only() -> TokenizerRegistry {
 
 fn store(index: &MemoryIndex, pod: &str, model: &str, tokens: &[u32]) -> usize {
     let keys = key_scheme().block_keys(tokens, ExtraKeys::NONE);
-    index.apply_sync(&[IndexOp::Store {
-        model: ModelName::new(model),
-        pod: PodId::new(pod),
-        tier: Tier::gpu(),
-        blocks: keys
-            .iter()
-            .map(|&key| StoredBlock { key, engine: None })
-            .collect(),
-    }]);
+    index.apply_sync(&[IndexOp::store_keys(
+        &ModelName::new(model),
+        &PodId::new(pod),
+        Tier::gpu(),
+        &keys,
+    )]);
     keys.len()
 }
 

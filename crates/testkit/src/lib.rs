@@ -3,5 +3,10 @@
 //! `redis-server`, a local Redis Cluster, the Python test peers) on loopback.
 #![forbid(unsafe_code)]
 
+pub mod envoy;
+pub mod net;
+pub mod process;
+pub mod publisher;
 pub mod redis_server;
+pub mod scorer;
 pub mod test_env;

@@ -4,19 +4,17 @@
 //! Each server listens on a free loopback port, persists nothing, keeps its
 //! files in its own temporary directory (removed on drop) and dies with the
 //! process that started it, even when that process is killed (a nextest
-//! timeout): it is launched through `sh`, whose background watchdog holds
-//! the read end of a pipe this process writes; when the write end closes
-//! (this process exits, or the fixture is dropped) the watchdog kills the
-//! server. No `unsafe` (no `prctl`), no polling.
+//! timeout): see [`crate::process`].
 //!
 //! Compiled in every build (not only `cfg(test)`) because
 //! `kvroute-loadtest bench` starts its Redis with it too.
 
+use crate::net::free_port;
+use crate::process::{Guarded, tail};
 use std::fs;
 use std::io;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -28,14 +26,6 @@ const CLUSTER_TIMEOUT: Duration = Duration::from_secs(15);
 /// Spawn attempts when a picked port was taken in between (parallel tests).
 const PORT_ATTEMPTS: usize = 5;
 
-/// `$0` of the launcher; the rest of its arguments are the server command.
-/// fd 3 keeps the pipe for the watchdog; the server gets /dev/null as stdin so
-/// only the watchdog holds the pipe. `$$` is the shell's pid, which `exec`
-/// hands to redis-server, so the watchdog kills the server itself.
-const LAUNCHER: &str = r#"exec 3<&0
-(read _lifeline <&3; kill -9 $$) >/dev/null 2>&1 &
-exec "$@" </dev/null 3<&-"#;
-
 static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
 
 /// One `redis-server` child process.
@@ -45,9 +35,8 @@ pub struct RedisServer {
     dir: PathBuf,
     /// Arguments after `--port`, reused by [`RedisServer::restart`].
     extra_args: Vec<String>,
-    child: Option<Child>,
-    /// Write end of the watchdog's pipe; dropping it kills the server.
-    lifeline: Option<ChildStdin>,
+    /// The running server; `None` after [`RedisServer::kill`].
+    child: Option<Guarded>,
 }
 
 impl RedisServer {
@@ -67,7 +56,6 @@ impl RedisServer {
                 extra_args: extra(&dir),
                 dir,
                 child: None,
-                lifeline: None,
             };
             match server.spawn(&binary) {
                 Ok(()) => return Ok(server),
@@ -81,31 +69,27 @@ impl RedisServer {
     fn spawn(&mut self, binary: &Path) -> io::Result<()> {
         let log_path = self.dir.join("redis.log");
         let log = fs::File::create(&log_path)?;
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(LAUNCHER)
-            .arg("kvroute-redis-launcher")
-            .arg(binary)
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-                "--logfile",
-                "",
-            ])
-            .arg("--dir")
-            .arg(&self.dir)
-            .args(&self.extra_args)
-            .stdin(Stdio::piped())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        self.lifeline = child.stdin.take();
-        self.child = Some(child);
+        let mut args = vec![
+            "--port".to_string(),
+            self.port.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--save".into(),
+            String::new(),
+            "--appendonly".into(),
+            "no".into(),
+            "--daemonize".into(),
+            "no".into(),
+            "--logfile".into(),
+            String::new(),
+            "--dir".into(),
+            self.dir.display().to_string(),
+        ];
+        args.extend(self.extra_args.iter().cloned());
+        let out = log.try_clone()?;
+        self.child = Some(Guarded::spawn(binary, &args, |c| {
+            c.stdout(out).stderr(log);
+        })?);
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if ping(self.port).is_ok() {
@@ -162,23 +146,9 @@ impl RedisServer {
     /// Kills the server abruptly (SIGKILL, nothing saved) and waits for it.
     /// The port and directory are kept for [`RedisServer::restart`].
     pub fn kill(&mut self) {
-        // Closing the pipe makes the watchdog kill the server; waiting for
-        // that (rather than killing first) lets the watchdog exit before the
-        // server's pid is reaped and could be reused.
-        self.lifeline = None;
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < deadline {
-            match child.try_wait() {
-                Ok(Some(_)) | Err(_) => return,
-                Ok(None) => sleep(Duration::from_millis(5)),
-            }
+        if let Some(mut child) = self.child.take() {
+            child.stop();
         }
-        // The watchdog failed (it should not): kill directly.
-        let _ = child.kill();
-        let _ = child.wait();
     }
 
     /// Starts the server again on the same port (after [`RedisServer::kill`];
@@ -191,9 +161,7 @@ impl RedisServer {
 
     /// Whether the server process is alive.
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child.as_mut().is_some_and(Guarded::is_running)
     }
 }
 
@@ -312,12 +280,6 @@ fn ping(port: u16) -> io::Result<()> {
     }
 }
 
-/// A port nothing listens on right now (the OS picks it; released at once,
-/// so a parallel test may take it: callers retry on AddrInUse).
-fn free_port() -> io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// A fresh directory under the system temp dir, unique per process and call.
 fn temp_dir() -> io::Result<PathBuf> {
     let nanos = SystemTime::now()
@@ -344,9 +306,4 @@ fn find_in_path(name: &str) -> io::Result<PathBuf> {
                 ),
             )
         })
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }

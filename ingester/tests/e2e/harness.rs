@@ -1,6 +1,6 @@
 //! What `e2e.rs` drives and reads: the `kvroute-ingester` binary as a child
 //! process (admin HTTP over a minimal HTTP/1.1 client, SIGTERM via `kill`),
-//! the Python vLLM publisher (`tests/peers/vllm_publisher.py`) with its
+//! the Python vLLM publisher (`kvroute_testkit::publisher`) with its
 //! `wait` steps, the Redis index read directly (HKEYS, GET), and vLLM-side
 //! block hashes computed with `kvroute_core::keys` (the publisher's own scheme and
 //! seed, which may differ from the ingester's on purpose).
@@ -14,11 +14,10 @@ use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
 
 /// Tokens per block, on both sides.
 pub const BLOCK_SIZE: usize = 16;
@@ -48,10 +47,7 @@ where
 
 /// A port nothing listens on right now (the OS picks it).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    kvroute_testkit::net::free_port().expect("free port")
 }
 
 // ---------------------------------------------------------------- keys
@@ -321,6 +317,20 @@ impl Ingester {
         .await
     }
 
+    /// Waits until the metric equals `value` (a counter that settles: the
+    /// worker may still be shedding when an earlier metric is reached).
+    pub async fn expect_metric_eq(&self, name: &str, labels: &[(&str, &str)], value: f64) {
+        until(&format!("{name}{labels:?} == {value}"), || async move {
+            let v = self.metric(name, labels).await;
+            if v == value {
+                Ok(())
+            } else {
+                Err(format!("{v}"))
+            }
+        })
+        .await
+    }
+
     /// Sends SIGTERM (through `kill`: the crate forbids unsafe, so no libc).
     pub fn sigterm(&self) {
         let pid = self.child.id().expect("running");
@@ -406,88 +416,7 @@ pub async fn purge_cli(redis_url: &str, pods: &[&str]) -> (bool, String) {
 
 // ---------------------------------------------------------------- peer
 
-/// The venv interpreter with pyzmq and msgspec. Missing: the test fails
-/// (a skipped interoperability test proves nothing).
-pub fn python() -> PathBuf {
-    let path = kvroute_testkit::test_env::venv_python().unwrap_or_default();
-    assert!(
-        path.is_file(),
-        "no Python with pyzmq and msgspec at {path:?} ($KVROUTE_PYTHON, else ~/.cache/kvroute/venv/bin/python): run ./scripts/test.sh once to create it"
-    );
-    path
-}
-
-/// A running `vllm_publisher.py`.
-pub struct Peer {
-    child: Child,
-    stdin: ChildStdin,
-    lines: Lines<BufReader<ChildStdout>>,
-    /// Its PUB endpoint (resolved when it bound port 0).
-    pub pub_ep: String,
-    pub replay_ep: Option<String>,
-}
-
-impl Peer {
-    /// Starts the peer with `script` and waits for its READY line.
-    pub async fn spawn(script: Value) -> Peer {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peers/vllm_publisher.py");
-        let mut child = Command::new(python())
-            .arg(path)
-            .arg(script.to_string())
-            // A piped stdin is the peer's lifeline and carries `wait` lines.
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start vllm_publisher.py");
-        let stdin = child.stdin.take().expect("piped stdin");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let line = next_line(&mut lines, "READY").await;
-        let info: Value =
-            serde_json::from_str(line.trim_start_matches("READY ")).expect("READY json");
-        Peer {
-            child,
-            stdin,
-            lines,
-            pub_ep: info["pub"].as_str().expect("pub endpoint").to_owned(),
-            replay_ep: info["replay"].as_str().map(str::to_owned),
-        }
-    }
-
-    /// Waits for a stdout line starting with `prefix`.
-    pub async fn wait_for(&mut self, prefix: &str) -> String {
-        next_line(&mut self.lines, prefix).await
-    }
-
-    /// Ends a `{"wait": name}` step.
-    pub async fn resume(&mut self, name: &str) {
-        self.stdin
-            .write_all(format!("{name}\n").as_bytes())
-            .await
-            .expect("write to peer");
-        self.stdin.flush().await.expect("flush peer stdin");
-    }
-
-    pub async fn kill(mut self) {
-        let _ = self.child.kill().await;
-    }
-}
-
-async fn next_line(lines: &mut Lines<BufReader<ChildStdout>>, prefix: &str) -> String {
-    let read = async {
-        while let Some(line) = lines.next_line().await.expect("peer stdout") {
-            if line.starts_with(prefix) {
-                return line;
-            }
-        }
-        panic!("peer exited before printing {prefix} (pyzmq or msgspec missing?)");
-    };
-    tokio::time::timeout(DEADLINE, read)
-        .await
-        .unwrap_or_else(|_| panic!("peer printed no {prefix} line within {DEADLINE:?}"))
-}
+pub use kvroute_testkit::publisher::Peer;
 
 /// A script for a peer that connects to the ingester's bound SUB, waits for
 /// its subscription, then runs `steps` under `topic`.

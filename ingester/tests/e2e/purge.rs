@@ -8,7 +8,7 @@ use super::harness::{
 };
 use super::{index, redis};
 use kvroute_core::ids::{ModelName, PodId, Tier};
-use kvroute_core::index::{Index as _, IndexOp, StoredBlock};
+use kvroute_core::index::{Index as _, IndexOp};
 use kvroute_core::keys::HashScheme;
 use kvroute_redis::RedisIndex;
 use serde_json::json;
@@ -121,15 +121,12 @@ async fn silent_pods_are_purged_active_and_connect_pods_are_kept() {
 /// Entries of `pod` for `tokens`, written straight into Redis as another
 /// ingester (or an earlier process) would have.
 fn store_op(model: &str, pod: &str, t: &[u32]) -> IndexOp {
-    IndexOp::Store {
-        model: ModelName::new(model),
-        pod: PodId::new(pod),
-        tier: Tier::gpu(),
-        blocks: keys(SCHEME, t)
-            .into_iter()
-            .map(|key| StoredBlock { key, engine: None })
-            .collect(),
-    }
+    IndexOp::store_keys(
+        &ModelName::new(model),
+        &PodId::new(pod),
+        Tier::gpu(),
+        &keys(SCHEME, t),
+    )
 }
 
 /// Purging an endpoint clears every data-parallel rank registered in

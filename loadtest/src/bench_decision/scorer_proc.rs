@@ -1,8 +1,7 @@
 //! The scorer as operators run it: the `kvroute-scorer` binary in its own
 //! process (so its CPU time can be read from `/proc/<pid>/stat` apart from
-//! the load generator's), killed and reaped by this process when dropped.
+//! the load generator's), through `kvroute_testkit::scorer`.
 
-use super::envoy::free_port;
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -10,12 +9,12 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 pub struct ScorerProcess {
-    child: Child,
+    inner: kvroute_testkit::scorer::ScorerProcess,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
 }
@@ -36,26 +35,40 @@ pub fn binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
 }
 
 impl ScorerProcess {
-    pub fn start(launch: &Launch<'_>) -> anyhow::Result<Self> {
-        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let http = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let child = Command::new(launch.binary)
-            .args(["--redis-url", &launch.redis_url])
-            .args(["--grpc-addr", &grpc.to_string()])
-            .args(["--http-addr", &http.to_string()])
-            .args(["--tokenizer", &launch.tokenizers.join(",")])
-            .args(["--endpoints", &launch.endpoints.join(",")])
-            .args(["--seed", &launch.seed.to_string()])
-            .args(["--log", "warn"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
+    /// Starts the process (returns once its `/readyz` answers 200).
+    pub async fn start(launch: &Launch<'_>) -> anyhow::Result<Self> {
+        let args: Vec<String> = [
+            "--redis-url",
+            &launch.redis_url,
+            "--tokenizer",
+            &launch.tokenizers.join(","),
+            "--endpoints",
+            &launch.endpoints.join(","),
+            "--seed",
+            &launch.seed.to_string(),
+            "--log",
+            "warn",
+        ]
+        .map(String::from)
+        .into();
+        let inner =
+            kvroute_testkit::scorer::ScorerProcess::start(&kvroute_testkit::scorer::Launch {
+                binary: launch.binary,
+                args: &args,
+                name: "bench",
+                clear_env: false,
+            })
+            .await
             .with_context(|| format!("starting {}", launch.binary.display()))?;
-        Ok(ScorerProcess { child, grpc, http })
+        Ok(ScorerProcess {
+            grpc: inner.grpc,
+            http: inner.http,
+            inner,
+        })
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+    pub fn pid(&self) -> anyhow::Result<u32> {
+        self.inner.pid().context("the scorer process is gone")
     }
 
     /// Waits until `/v1/score` of `probe` answers with a prefix decision:
@@ -64,8 +77,11 @@ impl ScorerProcess {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut last = String::new();
         while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("kvroute-scorer exited during startup ({status})");
+            if !self.inner.is_running() {
+                bail!(
+                    "kvroute-scorer exited during startup:\n{}",
+                    self.inner.log()
+                );
             }
             match score(self.http, probe).await {
                 Ok(reply) if reply.contains("\"reason\":\"prefix\"") => return Ok(()),
@@ -79,14 +95,7 @@ impl ScorerProcess {
 
     /// CPU seconds (user + system) the process has used.
     pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
-        cpu_seconds(self.pid())
-    }
-}
-
-impl Drop for ScorerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        cpu_seconds(self.pid()?)
     }
 }
 

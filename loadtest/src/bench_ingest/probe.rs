@@ -176,9 +176,7 @@ pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> 
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(kvroute_testkit::net::free_port()?)
 }
 
 /// CPU seconds (user + system) a process has used, from `/proc/<pid>/stat`.

@@ -7,7 +7,8 @@ use super::envoy::Envoy;
 use super::http::{self, Client, Reply};
 use super::index::{key_args, tokenizer_args};
 use super::pods::Fleet;
-use super::scorer_proc::{ScorerProc, bin, tail};
+use super::scorer_proc::{ScorerProc, bin};
+use kvroute_testkit::process::tail;
 use kvroute_testkit::redis_server::RedisServer;
 use serde_json::json;
 

@@ -5,7 +5,7 @@
 //! blocks for a pod in Redis through `shared`'s index, as the ingester would.
 
 use kvroute_core::ids::{BlockKey, ModelName, PodId, Tier};
-use kvroute_core::index::{Index, IndexOp, StoredBlock};
+use kvroute_core::index::{Index, IndexOp};
 use kvroute_core::keys::{ExtraKeys, HashScheme, KeyScheme};
 use kvroute_redis::RedisIndex;
 use kvroute_tokens::{ChatOptions, TokenizerOptions, TokenizerRegistry};
@@ -132,15 +132,12 @@ impl IndexWriter {
         let keys = self.keys.block_keys(tokens, ExtraKeys::NONE);
         assert!(!keys.is_empty(), "prompt shorter than a block");
         self.index
-            .apply(&[IndexOp::Store {
-                model: ModelName::new(model),
-                pod: PodId::new(pod),
-                tier: Tier::gpu(),
-                blocks: keys
-                    .iter()
-                    .map(|&key| StoredBlock { key, engine: None })
-                    .collect(),
-            }])
+            .apply(&[IndexOp::store_keys(
+                &ModelName::new(model),
+                &PodId::new(pod),
+                Tier::gpu(),
+                &keys,
+            )])
             .await
             .expect("store blocks");
         keys

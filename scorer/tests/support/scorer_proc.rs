@@ -3,16 +3,14 @@
 //! directory (attached to failures), readiness polled on `/readyz`, and the
 //! HTTP API (`/v1/score`, `/metrics`) a test inspects it through.
 //!
-//! The process is started through `sh` with a watchdog holding a pipe this
-//! process writes (the Redis fixture's trick): when the test process dies —
-//! a nextest timeout included — the pipe closes and the watchdog kills the
-//! scorer, so no orphan keeps ports or CPU.
+//! Started, watched and stopped by `kvroute_testkit::scorer` (the process
+//! dies with the test, a nextest timeout included).
 
 use super::http::{self, Client};
-use std::fs;
-use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use kvroute_testkit::process::tail;
+use kvroute_testkit::scorer::{Launch, ScorerProcess};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// The binary under test. Cargo defines `CARGO_BIN_EXE_*` for integration
@@ -25,97 +23,36 @@ pub fn bin() -> &'static str {
     }
 }
 
-/// `exec`s the command after forking a watchdog that kills it (`$$` is the
-/// shell's pid, which `exec` hands on) when stdin (fd 3) reaches EOF.
-const LAUNCHER: &str = r#"exec 3<&0
-(read _lifeline <&3; kill -9 $$) >/dev/null 2>&1 &
-exec "$@" </dev/null 3<&-"#;
-
 pub struct ScorerProc {
+    inner: ScorerProcess,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
-    child: Option<Child>,
-    lifeline: Option<ChildStdin>,
-    dir: PathBuf,
 }
 
 impl ScorerProc {
     /// Starts `kvroute-scorer` with `args` (plus its listen addresses and a
-    /// log filter) and returns once `/readyz` answers 200.
+    /// log filter) from an empty environment and returns once `/readyz`
+    /// answers 200.
     pub async fn start(name: &str, args: &[String]) -> ScorerProc {
-        let mut last = String::new();
-        for _ in 0..3 {
-            match Self::try_start(name, args).await {
-                Ok(p) => return p,
-                // A port taken between picking and binding: pick again.
-                Err(log) if log.contains("binding --") => last = log,
-                Err(log) => panic!("kvroute-scorer {name} did not start:\n{log}"),
-            }
+        let mut all = vec!["--log".to_string(), "info,scorer=debug".into()];
+        all.extend(args.iter().cloned());
+        let inner = ScorerProcess::start(&Launch {
+            binary: Path::new(bin()),
+            args: &all,
+            name,
+            clear_env: true,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("kvroute-scorer {name} did not start: {e}"));
+        ScorerProc {
+            grpc: inner.grpc,
+            http: inner.http,
+            inner,
         }
-        panic!("kvroute-scorer {name} could not bind:\n{last}");
-    }
-
-    async fn try_start(name: &str, args: &[String]) -> Result<ScorerProc, String> {
-        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let dir = std::env::temp_dir().join(format!(
-            "kvroute-scorer-{}-{name}-{}",
-            std::process::id(),
-            http.port()
-        ));
-        fs::create_dir_all(&dir).expect("scorer temp dir");
-        let log = fs::File::create(dir.join("scorer.log")).expect("scorer log");
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(LAUNCHER)
-            .arg("kvroute-scorer-launcher")
-            .arg(bin())
-            .arg("--grpc-addr")
-            .arg(grpc.to_string())
-            .arg("--http-addr")
-            .arg(http.to_string())
-            .args(["--log", "info,scorer=debug"])
-            .args(args)
-            // Nothing from the test's environment (KVROUTE_*, llm-d's
-            // KVCACHE_INDEXER_REDIS_ADDR) may configure the scorer.
-            .env_clear()
-            .env("RUST_BACKTRACE", "1")
-            .stdin(Stdio::piped())
-            .stdout(log.try_clone().expect("log handle"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", bin()));
-        let lifeline = child.stdin.take();
-        let mut proc = ScorerProc {
-            grpc,
-            http,
-            child: Some(child),
-            lifeline,
-            dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if proc.exited() {
-                return Err(proc.log());
-            }
-            if proc.try_get("/readyz").await.is_some_and(|(s, _)| s == 200) {
-                return Ok(proc);
-            }
-            if Instant::now() > deadline {
-                return Err(format!("not ready after 20 s\n{}", proc.log()));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn exited(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_none_or(|c| !matches!(c.try_wait(), Ok(None)))
     }
 
     pub fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("scorer.log")).unwrap_or_default()
+        self.inner.log()
     }
 
     async fn try_get(&self, path: &str) -> Option<(u16, String)> {
@@ -185,24 +122,6 @@ impl ScorerProc {
     }
 }
 
-impl Drop for ScorerProc {
-    fn drop(&mut self) {
-        // Closing the pipe makes the watchdog kill the scorer; waiting for
-        // that before killing directly keeps the pid from being reused under
-        // the watchdog.
-        self.lifeline = None;
-        if let Some(mut child) = self.child.take() {
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// One score per endpoint from a `/v1/score` report: `(endpoint, field)`.
 pub fn per_endpoint(report: &serde_json::Value, field: &str) -> Vec<(String, serde_json::Value)> {
     report["scores"]
@@ -249,16 +168,4 @@ pub fn sum_samples(text: &str, name: &str, labels: &[&str]) -> f64 {
                 .flatten()
         })
         .sum()
-}
-
-pub fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }

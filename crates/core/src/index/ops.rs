@@ -45,6 +45,23 @@ pub enum IndexOp {
     ClearPod { pod: PodId },
 }
 
+impl IndexOp {
+    /// `Store` of blocks whose engine hash is the router key itself (what
+    /// every engine that hashes as kvroute does publishes): the one way
+    /// tests, benchmarks and the simulator build a store.
+    pub fn store_keys(model: &ModelName, pod: &PodId, tier: Tier, keys: &[BlockKey]) -> IndexOp {
+        IndexOp::Store {
+            model: model.clone(),
+            pod: pod.clone(),
+            tier,
+            blocks: keys
+                .iter()
+                .map(|&key| StoredBlock { key, engine: None })
+                .collect(),
+        }
+    }
+}
+
 /// One candidate's match against a prompt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodPrefix {

@@ -1,0 +1,140 @@
+//! Child processes that die with the test that started them.
+//!
+//! A fixture process (redis-server, the scorer, Envoy) is launched through
+//! `sh`, whose background watchdog holds the read end of a pipe this process
+//! writes; when the write end closes — this process exits, is killed by a
+//! nextest timeout, or the guard drops — the watchdog kills the child. No
+//! `unsafe` (no `prctl`), no polling, no orphan holding ports or CPU.
+
+use std::ffi::OsStr;
+use std::io;
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+/// `$0` of the launcher is a label; the rest of its arguments are the
+/// command. fd 3 keeps the pipe for the watchdog; the command gets
+/// /dev/null as stdin so only the watchdog holds the pipe. `$$` is the
+/// shell's pid, which `exec` hands to the command, so the watchdog kills the
+/// command itself (and [`Guarded::id`] is the command's pid).
+const LAUNCHER: &str = r#"exec 3<&0
+(read _lifeline <&3; kill -9 $$) >/dev/null 2>&1 &
+exec "$@" </dev/null 3<&-"#;
+
+/// A running child under the watchdog.
+#[derive(Debug)]
+pub struct Guarded {
+    child: Option<Child>,
+    /// Write end of the watchdog's pipe; dropping it kills the child.
+    lifeline: Option<ChildStdin>,
+}
+
+impl Guarded {
+    /// Starts `program args...`; `configure` sets environment and output
+    /// (stdin belongs to the watchdog).
+    pub fn spawn<I, S>(
+        program: impl AsRef<OsStr>,
+        args: I,
+        configure: impl FnOnce(&mut Command),
+    ) -> io::Result<Guarded>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(LAUNCHER)
+            .arg("kvroute-fixture")
+            .arg(program)
+            .args(args);
+        configure(&mut cmd);
+        let mut child = cmd.stdin(Stdio::piped()).spawn()?;
+        let lifeline = child.stdin.take();
+        Ok(Guarded {
+            child: Some(child),
+            lifeline,
+        })
+    }
+
+    /// The command's pid (the shell `exec`s into it).
+    pub fn id(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `Some(status)` once it exited (a stopped guard counts as exited).
+    pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait(),
+            None => Ok(Some(ExitStatus::default())),
+        }
+    }
+
+    /// Whether the command is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.try_wait(), Ok(None))
+    }
+
+    /// Kills the command (SIGKILL through the watchdog) and reaps it.
+    pub fn stop(&mut self) {
+        // Closing the pipe makes the watchdog kill the command; waiting for
+        // that (rather than killing first) lets the watchdog exit before the
+        // pid is reaped and could be reused under it.
+        self.lifeline = None;
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            match child.try_wait() {
+                Ok(Some(_)) | Err(_) => return,
+                Ok(None) => sleep(Duration::from_millis(5)),
+            }
+        }
+        // The watchdog failed (it should not): kill directly.
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The last `lines` lines of `text` (a log attached to a failure).
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_kills_the_command() {
+        let mut g = Guarded::spawn("sleep", ["30"], |c| {
+            c.stdout(Stdio::null());
+        })
+        .expect("spawn sleep");
+        assert!(g.is_running());
+        let pid = g.id().expect("pid");
+        g.stop();
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists() || {
+                // A zombie entry may linger until reaped by its parent (us: done).
+                std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                    .unwrap_or_default()
+                    .is_empty()
+            }
+        );
+        assert!(g.try_wait().expect("wait").is_some());
+    }
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        assert_eq!(tail("a\nb\nc", 2), "b\nc");
+        assert_eq!(tail("a", 5), "a");
+    }
+}
