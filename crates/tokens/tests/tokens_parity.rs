@@ -18,8 +18,6 @@ use std::time::{Duration, Instant};
 use kvroute_tokens::{ChatOptions, SegmentationMode, Tokenizer, TokenizerOptions};
 use serde_json::{Value, json};
 
-const MANIFEST: &str = env!("CARGO_MANIFEST_DIR");
-
 fn python() -> PathBuf {
     let python = kvroute_testkit::test_env::venv_python().unwrap_or_default();
     assert!(
@@ -34,7 +32,7 @@ fn python() -> PathBuf {
 }
 
 fn run_reference(request: &Value) -> Value {
-    let script = Path::new(MANIFEST).join("../scripts/tokens_reference.py");
+    let script = kvroute_testkit::test_env::repo_root().join("scripts/tokens_reference.py");
     let mut child = Command::new(python())
         .arg(&script)
         .stdin(Stdio::piped())

@@ -16,7 +16,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
 /// Tokens per block, on both sides.
@@ -376,28 +375,9 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 
 /// One HTTP/1.1 request with `Connection: close`: (status, body).
 pub async fn http(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String), String> {
-    let mut s = tokio::net::TcpStream::connect(addr)
+    kvroute_testkit::net::http(method, addr, path)
         .await
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    s.write_all(req.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-        .await
-        .map_err(|_| "HTTP response timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("bad HTTP response {head:?}"))?;
-    Ok((code, body.to_string()))
+        .map_err(|e| format!("{method} {addr}{path}: {e}"))
 }
 
 /// Runs `kvroute-ingester purge --redis-url URL PODS...`: (exit ok, stdout).

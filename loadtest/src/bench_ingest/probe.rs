@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
@@ -158,46 +157,16 @@ pub fn quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f
 
 /// One HTTP/1.1 GET with `Connection: close`: (status, body).
 pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-        .await
-        .context("HTTP response timed out")??;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("bad HTTP response {head:?}"))?;
-    Ok((code, body.to_owned()))
+    Ok(kvroute_testkit::net::http("GET", addr, path).await?)
 }
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(kvroute_testkit::net::free_port()?)
 }
 
-/// CPU seconds (user + system) a process has used, from `/proc/<pid>/stat`.
+/// CPU seconds (user + system) a process has used (`machine::cpu_seconds`).
 pub fn cpu_seconds(pid: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces: fields are counted after its ')'.
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / clock_ticks())
-}
-
-/// `getconf CLK_TCK` (100 on Linux nearly everywhere).
-fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
+    crate::machine::cpu_seconds(pid.parse().ok()?).ok()
 }
 
 /// The redis-server pid, from `INFO server`.
