@@ -2,6 +2,7 @@
 //! runs them until `shutdown`, then drains.
 //!
 //! sockets --RawBatch--> dispatcher --(FNV-1a of topic)--> workers --> index
+//! (one [`RawBatch`] type all the way; the worker parses its topic)
 //!
 //! Startup order: metrics and the admin server first (so `/healthz` answers
 //! and `/readyz` explains what is missing), then the index (retried until
@@ -16,15 +17,15 @@ use crate::admin;
 use crate::config::RunArgs;
 use crate::keys::Keyer;
 use crate::metrics as m;
-use crate::pipeline::Workers;
+use crate::pipeline::{self, Workers};
 use crate::purge::{self, LastHeard, PurgePolicy};
 use crate::replay::{ReplayOptions, RouterReplayer};
 use crate::socket::{self, Malformed, RawBatch, SocketConfig, SocketStats, SubOptions};
 use crate::targets::{Discovery, Shard};
-use crate::worker::{Incoming, NoReplay, Replayer, Worker, WorkerConfig};
+use crate::worker::{NoReplay, Replayer, Worker, WorkerConfig};
 use crate::write_health::WatchedIndex;
 use anyhow::Context;
-use kvroute_core::events::{Topic, parse_topic_with_prefix};
+use kvroute_core::events::Topic;
 use kvroute_redis::AnyIndex;
 use kvroute_service::health::{Check, Readiness};
 use std::collections::BTreeSet;
@@ -133,6 +134,11 @@ pub async fn run_with_targets(
     redis_ok.pass();
     let watched = Arc::new(WatchedIndex::new(index.clone(), writes_ok));
 
+    let policy = PurgePolicy {
+        gone_after: args.purge_after,
+        silent_after: args.purge_silent_after,
+    };
+    let heard = policy.is_enabled().then(LastHeard::default);
     let keyer = Keyer::new(keys, args.chain_cache);
     let worker_config = WorkerConfig {
         topic_prefix: args
@@ -143,6 +149,7 @@ pub async fn run_with_targets(
             .to_string(),
         max_pending_ops: args.max_pending_ops,
         max_inflight_writes: args.max_inflight_writes,
+        heard: heard.clone(),
         ..WorkerConfig::default()
     };
     let workers: Vec<_> = (0..args.workers)
@@ -190,13 +197,9 @@ pub async fn run_with_targets(
         )
     };
     let purge_targets = connect.clone();
-    let policy = PurgePolicy {
-        gone_after: args.purge_after,
-        silent_after: args.purge_silent_after,
-    };
 
     let stats = Arc::new(SocketStats::default());
-    let (tx, mut rx) = mpsc::channel::<RawBatch>(args.queue);
+    let (tx, rx) = mpsc::channel::<RawBatch>(args.queue);
     let socket_config = SocketConfig {
         options: SubOptions {
             topic_filter: args.topic_filter.clone(),
@@ -230,7 +233,6 @@ pub async fn run_with_targets(
     });
 
     spawn_health(index.clone(), redis_ok, stats.clone(), shutdown.clone());
-    let heard = policy.is_enabled().then(LastHeard::default);
     if let Some(heard) = &heard {
         purge::spawn(
             policy,
@@ -242,24 +244,8 @@ pub async fn run_with_targets(
         );
     }
 
-    // Dispatcher: runs until the sockets stop and the channel drains.
-    let prefix = worker_config.topic_prefix.clone();
-    while let Some(batch) = rx.recv().await {
-        if let Some(heard) = &heard
-            && let Ok(t) = parse_topic_with_prefix(&batch.topic, &prefix)
-        {
-            heard.record(&t.pod, &batch.source, tokio::time::Instant::now());
-        }
-        let msg = Incoming {
-            topic: batch.topic,
-            seq: batch.seq,
-            payload: batch.payload,
-        };
-        if !workers.dispatch(msg).await {
-            break;
-        }
-        metrics::gauge!(m::QUEUE_DEPTH).set(workers.queued() as f64);
-    }
+    // Runs until the sockets stop and the channel drains.
+    pipeline::run_dispatcher(rx, &workers).await;
     sockets_ok.fail("shutting down");
     tracing::info!(grace = ?args.drain_timeout, "draining worker queues");
     workers.shutdown().await;
