@@ -19,10 +19,10 @@ use crate::keys::Keyer;
 use crate::metrics as m;
 use crate::pipeline::{self, Workers};
 use crate::purge::{self, LastHeard, PurgePolicy};
-use crate::replay::{ReplayOptions, RouterReplayer};
+use crate::replay::{ReplayError, ReplayOptions, RouterReplayer};
 use crate::socket::{self, Malformed, RawBatch, SocketConfig, SocketStats, SubOptions};
 use crate::targets::{Discovery, Shard};
-use crate::worker::{NoReplay, Replayer, Worker, WorkerConfig};
+use crate::worker::{NoReplay, ReplayedBatches, Replayer, Worker, WorkerConfig};
 use crate::write_health::WatchedIndex;
 use anyhow::Context;
 use kvroute_core::events::Topic;
@@ -41,7 +41,7 @@ pub enum AnyReplayer {
 }
 
 impl Replayer for AnyReplayer {
-    async fn fetch(&self, topic: &Topic, from: u64) -> Result<Vec<(u64, Vec<u8>)>, String> {
+    async fn fetch(&self, topic: &Topic, from: u64) -> Result<ReplayedBatches, ReplayError> {
         match self {
             AnyReplayer::None(r) => r.fetch(topic, from).await,
             AnyReplayer::Router(r) => r.fetch(topic, from).await,
@@ -53,7 +53,7 @@ impl Replayer for AnyReplayer {
         topic: &Topic,
         rank: Option<u32>,
         from: u64,
-    ) -> Result<Vec<(u64, Vec<u8>)>, String> {
+    ) -> Result<ReplayedBatches, ReplayError> {
         match self {
             AnyReplayer::None(r) => r.fetch_rank(topic, rank, from).await,
             AnyReplayer::Router(r) => r.fetch_rank(topic, rank, from).await,
@@ -68,15 +68,22 @@ impl Replayer for AnyReplayer {
     }
 }
 
-/// Runs the ingester until `shutdown` is cancelled. `env` reads environment
-/// variables (the process environment in `main`, a map in tests).
+/// Runs the ingester until `shutdown` is cancelled, serving the admin HTTP
+/// API on `admin` (bound by the caller, from `--http-addr` in `main`: a test
+/// binds port 0 and reads the port back, with no free-port race). `env` reads
+/// environment variables (the process environment in `main`, a map in tests).
+///
+/// The ZeroMQ bind addresses stay addresses: the `zeromq` crate's
+/// `Socket::bind` takes an endpoint string and binds its own listener; it
+/// cannot adopt one bound beforehand.
 pub async fn run(
     args: RunArgs,
+    admin: tokio::net::TcpListener,
     env: impl Fn(&str) -> Option<String>,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    run_with_targets(args, env, metrics, shutdown, None).await
+    run_with_targets(args, admin, env, metrics, shutdown, None).await
 }
 
 /// [`run`], with the connect-mode endpoint set given by the caller instead
@@ -84,6 +91,7 @@ pub async fn run(
 /// a publisher out of the set, as a DNS change would.
 pub async fn run_with_targets(
     args: RunArgs,
+    admin: tokio::net::TcpListener,
     env: impl Fn(&str) -> Option<String>,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: CancellationToken,
@@ -98,16 +106,14 @@ pub async fn run_with_targets(
     redis_ok.fail("not connected yet");
     sockets_ok.fail("not bound yet");
 
-    let listener = tokio::net::TcpListener::bind(args.http_addr)
-        .await
-        .with_context(|| format!("binding the admin address {}", args.http_addr))?;
-    tracing::info!(addr = %args.http_addr, "admin HTTP listening (/healthz /readyz /metrics /admin/purge)");
+    let addr = admin.local_addr().context("the admin listener's address")?;
+    tracing::info!(%addr, "admin HTTP listening (/healthz /readyz /metrics /admin/purge)");
     // Served from now on, so `/readyz` explains a startup waiting for Redis.
     let admin_slot = admin::AdminSlot::default();
     let http_shutdown = shutdown.clone();
     let app = admin::router(readiness.clone(), metrics, admin_slot.clone());
     let http = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
+        let served = axum::serve(admin, app)
             .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
             .await;
         if let Err(e) = served {

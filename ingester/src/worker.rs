@@ -20,8 +20,10 @@ use crate::keys::{KeyOutcome, Keyer};
 use crate::metrics as m;
 use crate::order::{SeqTracker, SeqVerdict};
 use crate::purge::LastHeard;
+use crate::replay::ReplayError;
 use crate::socket::RawBatch;
 use crate::writes::{WriteConfig, Writes};
+use bytes::Bytes;
 use kvroute_core::events::{DecodedBatch, KvEvent, Topic, decode_batch, parse_topic_with_prefix};
 use kvroute_core::ids::PodId;
 use kvroute_core::index::{Index, IndexOp};
@@ -35,6 +37,10 @@ mod run;
 
 pub use run::Command;
 
+/// Replayed batches: `(seq, payload)`, the payload shared with the receive
+/// buffer it arrived in (not copied).
+pub type ReplayedBatches = Vec<(u64, Bytes)>;
+
 /// Fetches missed batches `from..to` of a topic; implemented over vLLM's
 /// replay ROUTER by the replay module, absent when no replay endpoint is set.
 pub trait Replayer: Send + Sync {
@@ -42,7 +48,7 @@ pub trait Replayer: Send + Sync {
         &self,
         topic: &Topic,
         from: u64,
-    ) -> impl Future<Output = Result<Vec<(u64, Vec<u8>)>, String>> + Send;
+    ) -> impl Future<Output = Result<ReplayedBatches, ReplayError>> + Send;
 
     /// [`Replayer::fetch`] for one data-parallel rank's stream. vLLM runs a
     /// publisher per rank, each with its own replay socket (at the configured
@@ -53,7 +59,7 @@ pub trait Replayer: Send + Sync {
         topic: &Topic,
         rank: Option<u32>,
         from: u64,
-    ) -> impl Future<Output = Result<Vec<(u64, Vec<u8>)>, String>> + Send {
+    ) -> impl Future<Output = Result<ReplayedBatches, ReplayError>> + Send {
         let _ = rank;
         self.fetch(topic, from)
     }
@@ -69,8 +75,8 @@ pub trait Replayer: Send + Sync {
 pub struct NoReplay;
 
 impl Replayer for NoReplay {
-    async fn fetch(&self, _: &Topic, _: u64) -> Result<Vec<(u64, Vec<u8>)>, String> {
-        Err("no replay endpoint configured".into())
+    async fn fetch(&self, _: &Topic, _: u64) -> Result<ReplayedBatches, ReplayError> {
+        Err(ReplayError::NotConfigured)
     }
 
     fn can_replay(&self) -> bool {

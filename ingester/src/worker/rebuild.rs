@@ -163,10 +163,14 @@ mod tests {
 
     /// A replay buffer: every batch published, as vLLM's ring holds them.
     #[derive(Default)]
-    struct Buffer(parking_lot::Mutex<Vec<(u64, Vec<u8>)>>);
+    struct Buffer(parking_lot::Mutex<Vec<(u64, bytes::Bytes)>>);
 
     impl Replayer for Arc<Buffer> {
-        async fn fetch(&self, _: &Topic, from: u64) -> Result<Vec<(u64, Vec<u8>)>, String> {
+        async fn fetch(
+            &self,
+            _: &Topic,
+            from: u64,
+        ) -> Result<crate::worker::ReplayedBatches, crate::replay::ReplayError> {
             Ok(self
                 .0
                 .lock()
@@ -186,11 +190,12 @@ mod tests {
             },
             Encoding::Map,
         );
+        let payload = bytes::Bytes::from(payload);
         buffer.0.lock().push((seq, payload.clone()));
         RawBatch {
             topic: TOPIC.into(),
             seq,
-            payload: payload.into(),
+            payload,
             received_at: std::time::Instant::now(),
             source: "test".into(),
         }
