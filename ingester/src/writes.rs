@@ -228,8 +228,9 @@ impl<I: Index + 'static> Writes<I> {
     }
 
     /// Starts writes for every pod without one in flight, spread over the
-    /// free write slots: [`plan::plan`] decides, [`Writes::spawn`] starts
-    /// each planned write. Does nothing while a failed write's backoff runs.
+    /// free write slots: `plan::plan` (`writes/plan.rs`) decides, and
+    /// `Writes::spawn` starts each planned write. Does nothing while a failed
+    /// write's backoff runs.
     pub fn launch(&mut self) {
         if let Some(at) = self.retry_at
             && Instant::now() < at

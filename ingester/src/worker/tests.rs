@@ -28,13 +28,7 @@ fn msg(seq: u64, events: Vec<KvEvent>, encoding: Encoding) -> RawBatch {
         events,
         data_parallel_rank: None,
     };
-    RawBatch {
-        topic: TOPIC.into(),
-        seq,
-        payload: encode_batch(&batch, encoding).into(),
-        received_at: std::time::Instant::now(),
-        source: "test".into(),
-    }
+    RawBatch::new(TOPIC, seq, encode_batch(&batch, encoding), "test")
 }
 
 fn depth(w: &Worker<MemoryIndex>, tokens: &[u32]) -> u32 {
@@ -99,14 +93,8 @@ async fn purge_clears_every_data_parallel_rank_of_the_endpoint() {
             events: vec![stored(&tokens)],
             data_parallel_rank: Some(rank),
         };
-        w.handle(RawBatch {
-            topic: TOPIC.into(),
-            seq: 0,
-            payload: encode_batch(&batch, Encoding::Map).into(),
-            received_at: std::time::Instant::now(),
-            source: "test".into(),
-        })
-        .await;
+        let payload = encode_batch(&batch, Encoding::Map);
+        w.handle(RawBatch::new(TOPIC, 0, payload, "test")).await;
     }
     assert!(w.writes.flush().await);
     let keys = scheme().block_keys(&tokens, ExtraKeys::NONE);
@@ -129,22 +117,10 @@ async fn purge_clears_every_data_parallel_rank_of_the_endpoint() {
 #[tokio::test]
 async fn malformed_payloads_and_topics_are_skipped() {
     let mut w = worker();
-    w.handle(RawBatch {
-        topic: TOPIC.into(),
-        seq: 0,
-        payload: vec![0x93, 0xc1].into(),
-        received_at: std::time::Instant::now(),
-        source: "test".into(),
-    })
-    .await;
-    w.handle(RawBatch {
-        topic: "other@x".into(),
-        seq: 0,
-        payload: Default::default(),
-        received_at: std::time::Instant::now(),
-        source: "test".into(),
-    })
-    .await;
+    w.handle(RawBatch::new(TOPIC, 0, vec![0x93, 0xc1], "test"))
+        .await;
+    w.handle(RawBatch::new("other@x", 0, Vec::new(), "test"))
+        .await;
     assert_eq!(w.writes.unwritten(), 0);
     let tokens: Vec<u32> = (0..4).collect();
     w.handle(msg(1, vec![stored(&tokens)], Encoding::Map)).await;
