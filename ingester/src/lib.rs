@@ -1,9 +1,11 @@
 //! `kvroute-ingester`: the write path. vLLM KV events arrive over ZeroMQ and
 //! leave as index operations, in per-pod publication order:
 //!
-//! socket (frames) -> `kvroute_core::events` (decode) -> [`order`] (sequence: gap,
-//! restart, duplicate) -> [`keys`] (router keys from token ids) -> [`writes`]
-//! (index writes, several in flight, one per pod at a time) -> index.
+//! [`socket`] (frames -> [`socket::RawBatch`]) -> [`pipeline`] (dispatcher:
+//! the batch to its worker) -> [`worker`] (topic parsed, payload decoded by
+//! `kvroute_core::events`) -> [`order`] (sequence: gap, restart, duplicate) ->
+//! [`keys`] (router keys from token ids) -> [`writes`] (index writes, several
+//! in flight, one per pod at a time) -> index.
 //!
 //! Around it: [`service`] wires the stages, [`write_health`] turns write
 //! outcomes into readiness, [`purge`] removes pods that went away without

@@ -1,5 +1,6 @@
 //! `kvroute-ingester`: thin entry point; everything lives in the library.
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ingester::config::RunArgs;
 use ingester::purge::with_ranks;
@@ -63,7 +64,10 @@ async fn main() -> anyhow::Result<()> {
             tokio::spawn(kvroute_service::telemetry::cancel_on_signal(
                 shutdown.clone(),
             ));
-            ingester::service::run(cli.run, env, Some(metrics), shutdown).await
+            let admin = tokio::net::TcpListener::bind(cli.run.http_addr)
+                .await
+                .with_context(|| format!("binding the admin address {}", cli.run.http_addr))?;
+            ingester::service::run(cli.run, admin, env, Some(metrics), shutdown).await
         }
     }
 }

@@ -1,7 +1,7 @@
-//! Stage wiring after the sockets: a dispatcher shards messages by FNV-1a of
-//! their topic onto ordering workers (so one pod's batches stay in order
-//! without cross-worker locks), each worker drains what has queued up into
-//! index writes (several in flight, never two for one pod: `writes.rs`) and
+//! Stage wiring after the sockets: a dispatcher ([`run_dispatcher`]) shards
+//! messages by FNV-1a of their topic onto ordering workers (so one pod's
+//! batches stay in order without cross-worker locks), each worker
+//! ([`Worker::run`]) drains what has queued up into index writes (several in flight, never two for one pod: `writes.rs`) and
 //! keeps keying the next batches meanwhile, and shutdown drains the queues
 //! within a grace period.
 //!
@@ -12,25 +12,16 @@
 //! applies; the sequence numbers then show any loss as a gap, which replay
 //! refills.
 
-use crate::worker::{Incoming, Replayer, Worker};
+use crate::metrics as m;
+use crate::socket::RawBatch;
+pub use crate::worker::Command;
+use crate::worker::{Replayer, Worker};
 use kvroute_core::ids::PodId;
 use kvroute_core::index::Index;
 use std::hash::Hasher;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tokio::time::Instant;
-
-/// What a worker is asked to do, in order with the batches.
-#[derive(Debug)]
-pub enum Command {
-    Batch(Incoming),
-    /// Forget everything of a pod (admin purge, pod gone).
-    Purge(PodId),
-}
-
-/// Messages drained from a queue into one index write at most.
-const DRAIN_BATCHES: usize = 256;
 
 /// The worker index for a topic: FNV-1a, stable across restarts and replicas.
 pub fn shard(topic: &str, workers: usize) -> usize {
@@ -57,14 +48,14 @@ impl Workers {
         for (i, w) in workers.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel(queue);
             senders.push(tx);
-            tasks.spawn(run_worker(i, w, rx, drain_timeout));
+            tasks.spawn(w.run(i, rx, drain_timeout));
         }
         Workers { senders, tasks }
     }
 
     /// Routes a message to its worker, waiting while that queue is full.
     /// Returns false once the workers are gone.
-    pub async fn dispatch(&self, msg: Incoming) -> bool {
+    pub async fn dispatch(&self, msg: RawBatch) -> bool {
         let i = shard(&msg.topic, self.senders.len());
         self.senders[i].send(Command::Batch(msg)).await.is_ok()
     }
@@ -118,79 +109,17 @@ impl Purger {
     }
 }
 
-async fn run_worker<I: Index + 'static, R: Replayer>(
-    id: usize,
-    mut w: Worker<I, R>,
-    mut rx: mpsc::Receiver<Command>,
-    drain_timeout: Duration,
-) {
-    loop {
-        let retry = w.retry_at().map(Instant::from_std);
-        let idle = w.in_flight() == 0;
-        tokio::select! {
-            cmd = rx.recv(), if w.can_accept() => {
-                let Some(cmd) = cmd else { break };
-                apply(&mut w, cmd).await;
-                // Opportunistic batching: whatever queued meanwhile goes into
-                // the same index writes.
-                for _ in 0..DRAIN_BATCHES {
-                    match rx.try_recv() {
-                        Ok(cmd) => apply(&mut w, cmd).await,
-                        Err(_) => break,
-                    }
-                }
-                launch(&mut w).await;
-            }
-            Some(done) = w.next_done(), if !idle => {
-                w.complete(done);
-                launch(&mut w).await;
-            }
-            _ = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() && idle => {
-                launch(&mut w).await;
-            }
+/// The dispatcher: routes every batch the sockets deliver to its worker
+/// (waiting while that worker's queue is full, which is what pushes back on
+/// the sockets) until the sockets stop and the channel has drained, or the
+/// workers are gone. The topic is not parsed here: the worker parses it once
+/// and shards need only its bytes.
+pub async fn run_dispatcher(mut batches: mpsc::Receiver<RawBatch>, workers: &Workers) {
+    while let Some(batch) = batches.recv().await {
+        if !workers.dispatch(batch).await {
+            break;
         }
-    }
-    // Queue closed (shutdown): write what is left, retrying until the grace period ends.
-    let deadline = Instant::now() + drain_timeout;
-    while w.pending_ops() > 0 && Instant::now() < deadline {
-        w.launch();
-        if w.in_flight() > 0 {
-            if let Ok(Some(done)) = tokio::time::timeout_at(deadline, w.next_done()).await {
-                w.complete(done);
-            }
-        } else {
-            let next = w
-                .retry_at()
-                .map(Instant::from_std)
-                .unwrap_or_else(Instant::now);
-            tokio::time::sleep_until(next.min(deadline)).await;
-        }
-    }
-    if w.pending_ops() > 0 {
-        tracing::warn!(
-            worker = id,
-            lost = w.pending_ops(),
-            "shutdown grace period ended with unwritten operations"
-        );
-    } else {
-        tracing::debug!(worker = id, "worker drained");
-    }
-}
-
-/// Starts the writes that can start; once every write is done and that
-/// included the clear of a shed pod, first asks the pod's replay socket for
-/// what it still buffers (see `worker/rebuild.rs`), which queues more.
-async fn launch<I: Index + 'static, R: Replayer>(w: &mut Worker<I, R>) {
-    if w.rebuild_due() {
-        w.rebuild_from_replay().await;
-    }
-    w.launch();
-}
-
-async fn apply<I: Index + 'static, R: Replayer>(w: &mut Worker<I, R>, cmd: Command) {
-    match cmd {
-        Command::Batch(msg) => w.handle(msg).await,
-        Command::Purge(pod) => w.purge(&pod),
+        metrics::gauge!(m::QUEUE_DEPTH).set(workers.queued() as f64);
     }
 }
 

@@ -69,7 +69,8 @@ pub struct Heard {
 }
 
 /// Pods heard, by the pod id in their topic (without a data-parallel rank):
-/// written by the dispatcher per message, read by the sweeper.
+/// written by the workers per message (where its topic is parsed), read by
+/// the sweeper.
 #[derive(Debug, Clone, Default)]
 pub struct LastHeard(Arc<Mutex<HashMap<String, Heard>>>);
 

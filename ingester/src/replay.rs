@@ -17,7 +17,7 @@
 //! socket each time: gaps are rare, and a socket left connected to a pod
 //! that restarted would be one more thing to supervise.
 
-use crate::worker::Replayer;
+use crate::worker::{ReplayedBatches, Replayer};
 use bytes::Bytes;
 use kvroute_core::events::{FrameError, PodAddr, Topic, parse_replay_frames};
 use std::time::Duration;
@@ -57,6 +57,9 @@ impl ReplayOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
+    /// No `--replay-endpoint`: gaps are counted, not refilled.
+    #[error("no replay endpoint configured")]
+    NotConfigured,
     #[error("replay {endpoint}: cannot connect: {source}")]
     Connect {
         endpoint: String,
@@ -240,7 +243,7 @@ fn offset_port(endpoint: &str, offset: u32) -> Option<String> {
 }
 
 impl Replayer for RouterReplayer {
-    async fn fetch(&self, topic: &Topic, from: u64) -> Result<Vec<(u64, Vec<u8>)>, String> {
+    async fn fetch(&self, topic: &Topic, from: u64) -> Result<ReplayedBatches, ReplayError> {
         self.fetch_rank(topic, None, from).await
     }
 
@@ -249,15 +252,11 @@ impl Replayer for RouterReplayer {
         topic: &Topic,
         rank: Option<u32>,
         from: u64,
-    ) -> Result<Vec<(u64, Vec<u8>)>, String> {
+    ) -> Result<ReplayedBatches, ReplayError> {
         let endpoint = self.endpoint_for_rank(topic, rank);
-        let batches = replay_with(&endpoint, from, self.options)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(batches
-            .into_iter()
-            .map(|b| (b.seq, b.payload.to_vec()))
-            .collect())
+        let batches = replay_with(&endpoint, from, self.options).await?;
+        // The payloads move out of the replies: no copy.
+        Ok(batches.into_iter().map(|b| (b.seq, b.payload)).collect())
     }
 }
 

@@ -2,6 +2,7 @@
 //! runs them until `shutdown`, then drains.
 //!
 //! sockets --RawBatch--> dispatcher --(FNV-1a of topic)--> workers --> index
+//! (one [`RawBatch`] type all the way; the worker parses its topic)
 //!
 //! Startup order: metrics and the admin server first (so `/healthz` answers
 //! and `/readyz` explains what is missing), then the index (retried until
@@ -16,15 +17,15 @@ use crate::admin;
 use crate::config::RunArgs;
 use crate::keys::Keyer;
 use crate::metrics as m;
-use crate::pipeline::Workers;
+use crate::pipeline::{self, Workers};
 use crate::purge::{self, LastHeard, PurgePolicy};
-use crate::replay::{ReplayOptions, RouterReplayer};
+use crate::replay::{ReplayError, ReplayOptions, RouterReplayer};
 use crate::socket::{self, Malformed, RawBatch, SocketConfig, SocketStats, SubOptions};
 use crate::targets::{Discovery, Shard};
-use crate::worker::{Incoming, NoReplay, Replayer, Worker, WorkerConfig};
+use crate::worker::{NoReplay, ReplayedBatches, Replayer, Worker, WorkerConfig};
 use crate::write_health::WatchedIndex;
 use anyhow::Context;
-use kvroute_core::events::{Topic, parse_topic_with_prefix};
+use kvroute_core::events::Topic;
 use kvroute_redis::AnyIndex;
 use kvroute_service::health::{Check, Readiness};
 use std::collections::BTreeSet;
@@ -40,7 +41,7 @@ pub enum AnyReplayer {
 }
 
 impl Replayer for AnyReplayer {
-    async fn fetch(&self, topic: &Topic, from: u64) -> Result<Vec<(u64, Vec<u8>)>, String> {
+    async fn fetch(&self, topic: &Topic, from: u64) -> Result<ReplayedBatches, ReplayError> {
         match self {
             AnyReplayer::None(r) => r.fetch(topic, from).await,
             AnyReplayer::Router(r) => r.fetch(topic, from).await,
@@ -52,7 +53,7 @@ impl Replayer for AnyReplayer {
         topic: &Topic,
         rank: Option<u32>,
         from: u64,
-    ) -> Result<Vec<(u64, Vec<u8>)>, String> {
+    ) -> Result<ReplayedBatches, ReplayError> {
         match self {
             AnyReplayer::None(r) => r.fetch_rank(topic, rank, from).await,
             AnyReplayer::Router(r) => r.fetch_rank(topic, rank, from).await,
@@ -67,15 +68,22 @@ impl Replayer for AnyReplayer {
     }
 }
 
-/// Runs the ingester until `shutdown` is cancelled. `env` reads environment
-/// variables (the process environment in `main`, a map in tests).
+/// Runs the ingester until `shutdown` is cancelled, serving the admin HTTP
+/// API on `admin` (bound by the caller, from `--http-addr` in `main`: a test
+/// binds port 0 and reads the port back, with no free-port race). `env` reads
+/// environment variables (the process environment in `main`, a map in tests).
+///
+/// The ZeroMQ bind addresses stay addresses: the `zeromq` crate's
+/// `Socket::bind` takes an endpoint string and binds its own listener; it
+/// cannot adopt one bound beforehand.
 pub async fn run(
     args: RunArgs,
+    admin: tokio::net::TcpListener,
     env: impl Fn(&str) -> Option<String>,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    run_with_targets(args, env, metrics, shutdown, None).await
+    run_with_targets(args, admin, env, metrics, shutdown, None).await
 }
 
 /// [`run`], with the connect-mode endpoint set given by the caller instead
@@ -83,6 +91,7 @@ pub async fn run(
 /// a publisher out of the set, as a DNS change would.
 pub async fn run_with_targets(
     args: RunArgs,
+    admin: tokio::net::TcpListener,
     env: impl Fn(&str) -> Option<String>,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: CancellationToken,
@@ -97,16 +106,14 @@ pub async fn run_with_targets(
     redis_ok.fail("not connected yet");
     sockets_ok.fail("not bound yet");
 
-    let listener = tokio::net::TcpListener::bind(args.http_addr)
-        .await
-        .with_context(|| format!("binding the admin address {}", args.http_addr))?;
-    tracing::info!(addr = %args.http_addr, "admin HTTP listening (/healthz /readyz /metrics /admin/purge)");
+    let addr = admin.local_addr().context("the admin listener's address")?;
+    tracing::info!(%addr, "admin HTTP listening (/healthz /readyz /metrics /admin/purge)");
     // Served from now on, so `/readyz` explains a startup waiting for Redis.
     let admin_slot = admin::AdminSlot::default();
     let http_shutdown = shutdown.clone();
     let app = admin::router(readiness.clone(), metrics, admin_slot.clone());
     let http = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
+        let served = axum::serve(admin, app)
             .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
             .await;
         if let Err(e) = served {
@@ -133,6 +140,11 @@ pub async fn run_with_targets(
     redis_ok.pass();
     let watched = Arc::new(WatchedIndex::new(index.clone(), writes_ok));
 
+    let policy = PurgePolicy {
+        gone_after: args.purge_after,
+        silent_after: args.purge_silent_after,
+    };
+    let heard = policy.is_enabled().then(LastHeard::default);
     let keyer = Keyer::new(keys, args.chain_cache);
     let worker_config = WorkerConfig {
         topic_prefix: args
@@ -143,6 +155,7 @@ pub async fn run_with_targets(
             .to_string(),
         max_pending_ops: args.max_pending_ops,
         max_inflight_writes: args.max_inflight_writes,
+        heard: heard.clone(),
         ..WorkerConfig::default()
     };
     let workers: Vec<_> = (0..args.workers)
@@ -190,13 +203,9 @@ pub async fn run_with_targets(
         )
     };
     let purge_targets = connect.clone();
-    let policy = PurgePolicy {
-        gone_after: args.purge_after,
-        silent_after: args.purge_silent_after,
-    };
 
     let stats = Arc::new(SocketStats::default());
-    let (tx, mut rx) = mpsc::channel::<RawBatch>(args.queue);
+    let (tx, rx) = mpsc::channel::<RawBatch>(args.queue);
     let socket_config = SocketConfig {
         options: SubOptions {
             topic_filter: args.topic_filter.clone(),
@@ -230,7 +239,6 @@ pub async fn run_with_targets(
     });
 
     spawn_health(index.clone(), redis_ok, stats.clone(), shutdown.clone());
-    let heard = policy.is_enabled().then(LastHeard::default);
     if let Some(heard) = &heard {
         purge::spawn(
             policy,
@@ -242,24 +250,8 @@ pub async fn run_with_targets(
         );
     }
 
-    // Dispatcher: runs until the sockets stop and the channel drains.
-    let prefix = worker_config.topic_prefix.clone();
-    while let Some(batch) = rx.recv().await {
-        if let Some(heard) = &heard
-            && let Ok(t) = parse_topic_with_prefix(&batch.topic, &prefix)
-        {
-            heard.record(&t.pod, &batch.source, tokio::time::Instant::now());
-        }
-        let msg = Incoming {
-            topic: batch.topic,
-            seq: batch.seq,
-            payload: batch.payload,
-        };
-        if !workers.dispatch(msg).await {
-            break;
-        }
-        metrics::gauge!(m::QUEUE_DEPTH).set(workers.queued() as f64);
-    }
+    // Runs until the sockets stop and the channel drains.
+    pipeline::run_dispatcher(rx, &workers).await;
     sockets_ok.fail("shutting down");
     tracing::info!(grace = ?args.drain_timeout, "draining worker queues");
     workers.shutdown().await;

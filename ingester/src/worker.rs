@@ -19,24 +19,27 @@
 use crate::keys::{KeyOutcome, Keyer};
 use crate::metrics as m;
 use crate::order::{SeqTracker, SeqVerdict};
-use crate::writes::{Done, WriteConfig, Writes};
+use crate::purge::LastHeard;
+use crate::replay::ReplayError;
+use crate::socket::RawBatch;
+use crate::writes::{WriteConfig, Writes};
+use bytes::Bytes;
 use kvroute_core::events::{DecodedBatch, KvEvent, Topic, decode_batch, parse_topic_with_prefix};
 use kvroute_core::ids::PodId;
 use kvroute_core::index::{Index, IndexOp};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod rebuild;
+mod run;
 
-/// A message as the sockets deliver it.
-#[derive(Debug, Clone)]
-pub struct Incoming {
-    pub topic: String,
-    pub seq: u64,
-    pub payload: bytes::Bytes,
-}
+pub use run::Command;
+
+/// Replayed batches: `(seq, payload)`, the payload shared with the receive
+/// buffer it arrived in (not copied).
+pub type ReplayedBatches = Vec<(u64, Bytes)>;
 
 /// Fetches missed batches `from..to` of a topic; implemented over vLLM's
 /// replay ROUTER by the replay module, absent when no replay endpoint is set.
@@ -45,7 +48,7 @@ pub trait Replayer: Send + Sync {
         &self,
         topic: &Topic,
         from: u64,
-    ) -> impl Future<Output = Result<Vec<(u64, Vec<u8>)>, String>> + Send;
+    ) -> impl Future<Output = Result<ReplayedBatches, ReplayError>> + Send;
 
     /// [`Replayer::fetch`] for one data-parallel rank's stream. vLLM runs a
     /// publisher per rank, each with its own replay socket (at the configured
@@ -56,7 +59,7 @@ pub trait Replayer: Send + Sync {
         topic: &Topic,
         rank: Option<u32>,
         from: u64,
-    ) -> impl Future<Output = Result<Vec<(u64, Vec<u8>)>, String>> + Send {
+    ) -> impl Future<Output = Result<ReplayedBatches, ReplayError>> + Send {
         let _ = rank;
         self.fetch(topic, from)
     }
@@ -72,8 +75,8 @@ pub trait Replayer: Send + Sync {
 pub struct NoReplay;
 
 impl Replayer for NoReplay {
-    async fn fetch(&self, _: &Topic, _: u64) -> Result<Vec<(u64, Vec<u8>)>, String> {
-        Err("no replay endpoint configured".into())
+    async fn fetch(&self, _: &Topic, _: u64) -> Result<ReplayedBatches, ReplayError> {
+        Err(ReplayError::NotConfigured)
     }
 
     fn can_replay(&self) -> bool {
@@ -93,6 +96,9 @@ pub struct WorkerConfig {
     /// First and maximum retry delay of a failed write.
     pub retry_min: Duration,
     pub retry_max: Duration,
+    /// Where the purge sweeper learns which pods spoke and over which socket
+    /// (`None`: no purge policy). Recorded here, where the topic is parsed.
+    pub heard: Option<LastHeard>,
 }
 
 impl Default for WorkerConfig {
@@ -103,6 +109,7 @@ impl Default for WorkerConfig {
             max_inflight_writes: 4,
             retry_min: Duration::from_millis(50),
             retry_max: Duration::from_secs(5),
+            heard: None,
         }
     }
 }
@@ -163,50 +170,9 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
         }
     }
 
-    /// Operations not yet acknowledged by the index (pending, in flight, and
-    /// the clears of shed pods).
-    pub fn pending_ops(&self) -> usize {
-        self.writes.unwritten()
-    }
-
-    /// Pods marked for clear-and-rebuild.
-    pub fn dirty_pods(&self) -> impl Iterator<Item = &PodId> {
-        self.writes.dirty_pods()
-    }
-
-    /// When the next write retry is due (None: nothing failed).
-    pub fn retry_at(&self) -> Option<Instant> {
-        self.writes.retry_at()
-    }
-
-    /// Index writes in flight.
-    pub fn in_flight(&self) -> usize {
-        self.writes.in_flight()
-    }
-
-    /// Whether to take more batches from the queue now (see `writes.rs`).
-    pub fn can_accept(&self) -> bool {
-        self.writes.can_accept()
-    }
-
-    /// Starts writes for the pending operations of every pod without a
-    /// write in flight, as far as free write slots allow.
-    pub fn launch(&mut self) {
-        self.writes.launch();
-    }
-
-    /// The next write to finish (`None` at once when none is in flight).
-    pub async fn next_done(&mut self) -> Option<Done> {
-        self.writes.next_done().await
-    }
-
-    /// Takes a finished write's outcome; whether it succeeded.
-    pub fn complete(&mut self, done: Done) -> bool {
-        self.writes.complete(done)
-    }
-
-    /// Turns one message into pending operations.
-    pub async fn handle(&mut self, msg: Incoming) {
+    /// Turns one message into pending operations. The only place its topic
+    /// is parsed.
+    pub async fn handle(&mut self, msg: RawBatch) {
         let topic = match parse_topic_with_prefix(&msg.topic, &self.config.topic_prefix) {
             Ok(t) => t,
             Err(e) => {
@@ -215,6 +181,10 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
                 return;
             }
         };
+        if let Some(heard) = &self.config.heard {
+            let at = tokio::time::Instant::from_std(msg.received_at);
+            heard.record(&topic.pod, &msg.source, at);
+        }
         let batch = match decode_batch(&msg.payload) {
             Ok(b) => b,
             Err(e) => {
@@ -372,12 +342,6 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
                  --hash-seed equals its PYTHONHASHSEED and --block-size its block size"
             ),
         }
-    }
-
-    /// Writes everything that can be written now and waits for it; true
-    /// when nothing is left unwritten (see [`Writes::flush`]).
-    pub async fn flush(&mut self) -> bool {
-        self.writes.flush().await
     }
 
     /// Purges a pod: drops its pending operations and clears it in the index

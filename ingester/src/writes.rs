@@ -49,9 +49,12 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use kvroute_core::ids::PodId;
 use kvroute_core::index::{Index, IndexError, IndexOp};
-use std::collections::{HashMap, HashSet, VecDeque};
+use plan::PlannedWrite;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+mod plan;
 
 /// Operations waiting (behind pods with a write in flight, or for a free
 /// write slot) before the worker stops taking batches from its queue. The
@@ -225,7 +228,8 @@ impl<I: Index + 'static> Writes<I> {
     }
 
     /// Starts writes for every pod without one in flight, spread over the
-    /// free write slots (see the module doc). Does nothing while a failed
+    /// free write slots: `plan::plan` (`writes/plan.rs`) decides, and
+    /// `Writes::spawn` starts each planned write. Does nothing while a failed
     /// write's backoff runs.
     pub fn launch(&mut self) {
         if let Some(at) = self.retry_at
@@ -238,102 +242,44 @@ impl<I: Index + 'static> Writes<I> {
             .max_inflight_writes
             .max(1)
             .saturating_sub(self.in_flight.len());
-        // Free pods and how many operations each would write.
-        let mut free: HashMap<PodId, usize> = HashMap::new();
-        for (pod, _) in &self.pending {
-            if !self.busy.contains(pod) {
-                *free.entry(pod.clone()).or_default() += 1;
+        let plan = plan::plan(
+            &mut self.pending,
+            &mut self.pending_ts,
+            &mut self.dirty,
+            &self.busy,
+            slots,
+        );
+        record_lag(plan.applied_now);
+        for write in plan.writes {
+            self.spawn(write);
+        }
+    }
+
+    /// Starts one planned write: its pods are held (no other write may carry
+    /// them) until [`Writes::complete`] takes its outcome.
+    fn spawn(&mut self, write: PlannedWrite) {
+        let PlannedWrite {
+            pods,
+            ops,
+            ts,
+            holds,
+        } = write;
+        self.busy.extend(holds.iter().cloned());
+        self.in_flight_ops += ops.len();
+        metrics::gauge!(m::WRITES_IN_FLIGHT).increment(1.0);
+        let index = self.index.clone();
+        self.in_flight.push(Box::pin(async move {
+            let start = Instant::now();
+            let result = index.apply(&ops).await;
+            Done {
+                pods,
+                ops,
+                ts,
+                holds,
+                result,
+                elapsed: start.elapsed(),
             }
-        }
-        for pod in &self.dirty {
-            if !self.busy.contains(pod) {
-                *free.entry(pod.clone()).or_default() += 1;
-            }
-        }
-        // Batches of free pods that left no operation (empty, or nothing
-        // keyable): applied as far as the index is concerned.
-        let mut applied_now = Vec::new();
-        self.pending_ts.retain(|(pod, ts)| {
-            let idle = !self.busy.contains(pod) && !free.contains_key(pod);
-            if idle {
-                applied_now.push(*ts);
-            }
-            !idle
-        });
-        record_lag(applied_now);
-        if slots == 0 || free.is_empty() {
-            return;
-        }
-        // Longest-processing-time first: each pod to the lightest write.
-        let mut by_size: Vec<(PodId, usize)> = free.into_iter().collect();
-        by_size.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        let k = slots.min(by_size.len());
-        let mut loads = vec![0usize; k];
-        let mut group_of: HashMap<PodId, usize> = HashMap::new();
-        for (pod, n) in by_size {
-            let g = (0..k).min_by_key(|&g| loads[g]).unwrap_or(0);
-            loads[g] += n;
-            group_of.insert(pod, g);
-        }
-        let mut groups: Vec<(Vec<PodId>, Vec<IndexOp>)> =
-            (0..k).map(|_| (Vec::new(), Vec::new())).collect();
-        let mut rest = Vec::with_capacity(self.pending.len());
-        for (pod, op) in self.pending.drain(..) {
-            match group_of.get(&pod) {
-                Some(&g) => {
-                    groups[g].0.push(pod);
-                    groups[g].1.push(op);
-                }
-                None => rest.push((pod, op)),
-            }
-        }
-        self.pending = rest;
-        // Shed pods still marked have had no operation since (the next one
-        // would have taken the mark): clear them now, or what they removed in
-        // the dropped operations would outlive their cache for as long as
-        // they stay quiet.
-        let dirty: Vec<PodId> = self
-            .dirty
-            .iter()
-            .filter(|p| group_of.contains_key(*p))
-            .cloned()
-            .collect();
-        for pod in dirty {
-            self.dirty.remove(&pod);
-            if let Some(&g) = group_of.get(&pod) {
-                groups[g].0.push(pod.clone());
-                groups[g].1.push(IndexOp::ClearPod { pod });
-            }
-        }
-        let mut ts: Vec<Vec<(PodId, f64)>> = vec![Vec::new(); k];
-        self.pending_ts.retain(|(pod, t)| match group_of.get(pod) {
-            Some(&g) => {
-                ts[g].push((pod.clone(), *t));
-                false
-            }
-            None => true,
-        });
-        for ((pods, ops), ts) in groups.into_iter().zip(ts) {
-            let mut holds: Vec<PodId> = pods.clone();
-            holds.sort();
-            holds.dedup();
-            self.busy.extend(holds.iter().cloned());
-            self.in_flight_ops += ops.len();
-            metrics::gauge!(m::WRITES_IN_FLIGHT).increment(1.0);
-            let index = self.index.clone();
-            self.in_flight.push(Box::pin(async move {
-                let start = Instant::now();
-                let result = index.apply(&ops).await;
-                Done {
-                    pods,
-                    ops,
-                    ts,
-                    holds,
-                    result,
-                    elapsed: start.elapsed(),
-                }
-            }));
-        }
+        }));
     }
 
     /// The next write to finish; `None` at once when none is in flight.

@@ -8,7 +8,8 @@
 
 use ingester::keys::Keyer;
 use ingester::pipeline::Workers;
-use ingester::worker::{Incoming, NoReplay, Worker, WorkerConfig};
+use ingester::socket::RawBatch;
+use ingester::worker::{NoReplay, Worker, WorkerConfig};
 use kvroute_core::events::{BlockHash, BlockRemoved, BlockStored, Encoding, EventBatch, KvEvent};
 use kvroute_core::ids::{BlockKey, ModelName};
 use kvroute_core::index::memory::MemoryIndex;
@@ -62,7 +63,7 @@ fn removed(tokens: &[u32]) -> KvEvent {
 
 /// Every pod's batches, interleaved across pods: per round a store, then
 /// (unless kept) the removal of the same blocks in the next batch.
-fn messages() -> Vec<Incoming> {
+fn messages() -> Vec<RawBatch> {
     let mut seqs = vec![0u64; PODS as usize];
     let mut out = Vec::new();
     for r in 0..ROUNDS {
@@ -78,10 +79,12 @@ fn messages() -> Vec<Incoming> {
                     events,
                     data_parallel_rank: None,
                 };
-                out.push(Incoming {
+                out.push(RawBatch {
                     topic: format!("kv@{}@m", pod(p)),
                     seq: seqs[p as usize],
                     payload: kvroute_core::events::encode_batch(&batch, Encoding::Map).into(),
+                    received_at: std::time::Instant::now(),
+                    source: "test".into(),
                 });
                 seqs[p as usize] += 1;
             }

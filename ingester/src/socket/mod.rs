@@ -42,7 +42,9 @@ use tokio_util::sync::CancellationToken;
 /// The topic prefix subscribed to by default (llm-d's `kv@<pod>@<model>`).
 pub const DEFAULT_TOPIC_FILTER: &str = "kv@";
 
-/// One message as published, before decoding.
+/// One message as published, before decoding: the one type that flows from
+/// the socket through the dispatcher to the worker, which parses its topic
+/// and decodes its payload.
 #[derive(Debug, Clone)]
 pub struct RawBatch {
     /// The topic, checked to be UTF-8 (`kv@<pod>@<model>`).
@@ -56,6 +58,24 @@ pub struct RawBatch {
     /// The endpoint it came from (`connect:tcp://127.0.0.5:5557`,
     /// `bind:tcp://0.0.0.0:5557`), for logs only.
     pub source: String,
+}
+
+impl RawBatch {
+    /// A message received now from `source`.
+    pub fn new(
+        topic: impl Into<String>,
+        seq: u64,
+        payload: impl Into<Bytes>,
+        source: impl Into<String>,
+    ) -> Self {
+        RawBatch {
+            topic: topic.into(),
+            seq,
+            payload: payload.into(),
+            received_at: Instant::now(),
+            source: source.into(),
+        }
+    }
 }
 
 /// Settings shared by both modes.

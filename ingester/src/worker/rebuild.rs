@@ -111,7 +111,7 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
                         // Keep the bound: write what is pending before it
                         // fills, rather than shed the rebuild itself.
                         if self.writes.unwritten() >= self.config.max_pending_ops / 2
-                            && !self.flush().await
+                            && !self.writes.flush().await
                         {
                             self.abandon_rebuild(pod);
                             return 0;
@@ -145,7 +145,7 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Incoming, Worker, WorkerConfig};
+    use super::super::{RawBatch, Worker, WorkerConfig};
     use super::*;
     use crate::keys::Keyer;
     use crate::testing::{Flaky, scheme, stored};
@@ -163,10 +163,14 @@ mod tests {
 
     /// A replay buffer: every batch published, as vLLM's ring holds them.
     #[derive(Default)]
-    struct Buffer(parking_lot::Mutex<Vec<(u64, Vec<u8>)>>);
+    struct Buffer(parking_lot::Mutex<Vec<(u64, bytes::Bytes)>>);
 
     impl Replayer for Arc<Buffer> {
-        async fn fetch(&self, _: &Topic, from: u64) -> Result<Vec<(u64, Vec<u8>)>, String> {
+        async fn fetch(
+            &self,
+            _: &Topic,
+            from: u64,
+        ) -> Result<crate::worker::ReplayedBatches, crate::replay::ReplayError> {
             Ok(self
                 .0
                 .lock()
@@ -177,7 +181,7 @@ mod tests {
         }
     }
 
-    fn publish(buffer: &Buffer, seq: u64, events: Vec<KvEvent>) -> Incoming {
+    fn publish(buffer: &Buffer, seq: u64, events: Vec<KvEvent>) -> RawBatch {
         let payload = encode_batch(
             &EventBatch {
                 ts: 1.0,
@@ -186,11 +190,14 @@ mod tests {
             },
             Encoding::Map,
         );
+        let payload = bytes::Bytes::from(payload);
         buffer.0.lock().push((seq, payload.clone()));
-        Incoming {
+        RawBatch {
             topic: TOPIC.into(),
             seq,
-            payload: payload.into(),
+            payload,
+            received_at: std::time::Instant::now(),
+            source: "test".into(),
         }
     }
 
@@ -234,12 +241,12 @@ mod tests {
     ) -> Vec<Vec<u32>> {
         let t: Vec<Vec<u32>> = (0..n).map(|i| (i * 4..i * 4 + 4).collect()).collect();
         w.handle(publish(buffer, 0, vec![stored(&t[0])])).await;
-        assert!(w.flush().await);
+        assert!(w.writes.flush().await);
         index.set_down(true);
         for (i, tokens) in t.iter().enumerate().skip(1) {
             w.handle(publish(buffer, i as u64, vec![stored(tokens)]))
                 .await;
-            assert!(!w.flush().await);
+            assert!(!w.writes.flush().await);
         }
         t
     }
@@ -250,7 +257,7 @@ mod tests {
         let t: Vec<Vec<u32>> = (0..8u32).map(|i| (i * 4..i * 4 + 4).collect()).collect();
         w.handle(publish(&buffer, 0, vec![stored(&t[0])])).await;
         w.handle(publish(&buffer, 1, vec![stored(&t[1])])).await;
-        assert!(w.flush().await);
+        assert!(w.writes.flush().await);
         // Outage: the removal of t1 and the stores of t2.. overflow the bound.
         index.set_down(true);
         let key1 = scheme().block_keys(&t[1], ExtraKeys::NONE)[0];
@@ -262,7 +269,7 @@ mod tests {
         for (i, tokens) in t.iter().enumerate().skip(2) {
             w.handle(publish(&buffer, i as u64 + 1, vec![stored(tokens)]))
                 .await;
-            assert!(!w.flush().await);
+            assert!(!w.writes.flush().await);
         }
         // Shed and waiting: not due while its clear is unwritten.
         assert!(!w.rebuild_due());
@@ -275,10 +282,10 @@ mod tests {
         index.inner.apply_sync(&[IndexOp::ClearPod {
             pod: PodId::new("127.0.0.11:8000"),
         }]);
-        assert!(w.flush().await);
+        assert!(w.writes.flush().await);
         assert!(w.rebuild_due());
         assert_eq!(w.rebuild_from_replay().await, 9);
-        assert!(w.flush().await);
+        assert!(w.writes.flush().await);
         assert!(held(&index, &t[0]), "t0 rebuilt");
         assert!(
             !held(&index, &t[1]),
@@ -309,10 +316,10 @@ mod tests {
                 let (index, buffer, mut w) = shedding_worker(2);
                 let t = shed(&index, &buffer, &mut w, 5).await;
                 index.set_down(false);
-                assert!(w.flush().await);
+                assert!(w.writes.flush().await);
                 assert!(w.rebuild_due());
                 let rebuilt = w.rebuild_from_replay().await;
-                assert!(w.flush().await);
+                assert!(w.writes.flush().await);
                 for tokens in &t {
                     assert!(held(&index, tokens), "{tokens:?} rebuilt");
                 }
@@ -355,7 +362,7 @@ mod tests {
         index.inner.apply_sync(&[IndexOp::ClearPod {
             pod: PodId::new("127.0.0.11:8000"),
         }]);
-        assert!(w.flush().await);
+        assert!(w.writes.flush().await);
         // Another pod publishes; its operations stay pending.
         let other: Vec<u32> = (500..504).collect();
         let payload = encode_batch(
@@ -366,16 +373,18 @@ mod tests {
             },
             Encoding::Map,
         );
-        w.handle(Incoming {
+        w.handle(RawBatch {
             topic: "kv@127.0.0.12:8000@m".into(),
             seq: 0,
             payload: payload.into(),
+            received_at: std::time::Instant::now(),
+            source: "test".into(),
         })
         .await;
-        assert!(w.pending_ops() > 0);
+        assert!(w.writes.unwritten() > 0);
         assert!(w.rebuild_due());
         assert_eq!(w.rebuild_from_replay().await, 4);
-        assert!(w.flush().await);
+        assert!(w.writes.flush().await);
         for tokens in &t {
             assert!(held(&index, tokens), "{tokens:?} rebuilt");
         }
@@ -398,7 +407,7 @@ mod tests {
         );
         let a: Vec<u32> = (0..4).collect();
         let b: Vec<u32> = (4..8).collect();
-        let m = |seq, t: &[u32]| Incoming {
+        let m = |seq, t: &[u32]| RawBatch {
             topic: TOPIC.into(),
             seq,
             payload: encode_batch(
@@ -410,10 +419,12 @@ mod tests {
                 Encoding::Map,
             )
             .into(),
+            received_at: std::time::Instant::now(),
+            source: "test".into(),
         };
         w.handle(m(0, &a)).await;
         w.handle(m(1, &b)).await;
-        assert!(w.flush().await);
+        assert!(w.writes.flush().await);
         assert!(w.rebuild_due());
         assert_eq!(w.rebuild_from_replay().await, 0);
         assert!(!w.rebuild_due());

@@ -22,17 +22,13 @@ fn worker() -> Worker<MemoryIndex> {
     )
 }
 
-fn msg(seq: u64, events: Vec<KvEvent>, encoding: Encoding) -> Incoming {
+fn msg(seq: u64, events: Vec<KvEvent>, encoding: Encoding) -> RawBatch {
     let batch = EventBatch {
         ts: 1.0,
         events,
         data_parallel_rank: None,
     };
-    Incoming {
-        topic: TOPIC.into(),
-        seq,
-        payload: encode_batch(&batch, encoding).into(),
-    }
+    RawBatch::new(TOPIC, seq, encode_batch(&batch, encoding), "test")
 }
 
 fn depth(w: &Worker<MemoryIndex>, tokens: &[u32]) -> u32 {
@@ -48,7 +44,7 @@ async fn applies_stores_removals_and_clears_in_order() {
     let mut w = worker();
     let tokens: Vec<u32> = (0..16).collect();
     w.handle(msg(0, vec![stored(&tokens)], Encoding::Map)).await;
-    assert!(w.flush().await);
+    assert!(w.writes.flush().await);
     assert_eq!(depth(&w, &tokens), 4);
     let last = scheme().block_keys(&tokens, ExtraKeys::NONE)[2];
     let removed = KvEvent::BlockRemoved(BlockRemoved {
@@ -56,7 +52,7 @@ async fn applies_stores_removals_and_clears_in_order() {
         medium: None,
     });
     w.handle(msg(1, vec![removed], Encoding::Array)).await;
-    assert!(w.flush().await);
+    assert!(w.writes.flush().await);
     assert_eq!(depth(&w, &tokens), 2);
     w.handle(msg(
         2,
@@ -64,7 +60,7 @@ async fn applies_stores_removals_and_clears_in_order() {
         Encoding::Map,
     ))
     .await;
-    assert!(w.flush().await);
+    assert!(w.writes.flush().await);
     assert_eq!(depth(&w, &tokens), 0);
 }
 
@@ -78,11 +74,11 @@ async fn restart_clears_before_new_events_and_duplicates_are_dropped() {
     // A duplicate of seq 6 carrying a clear must not apply.
     let dup = KvEvent::AllBlocksCleared(AllBlocksCleared::default());
     w.handle(msg(6, vec![dup], Encoding::Map)).await;
-    assert!(w.flush().await);
+    assert!(w.writes.flush().await);
     assert_eq!(depth(&w, &a), 2);
     // Back to 0: the engine restarted, its old blocks are gone.
     w.handle(msg(0, vec![stored(&b)], Encoding::Map)).await;
-    assert!(w.flush().await);
+    assert!(w.writes.flush().await);
     assert_eq!(depth(&w, &a), 0);
     assert_eq!(depth(&w, &b), 2);
 }
@@ -97,14 +93,10 @@ async fn purge_clears_every_data_parallel_rank_of_the_endpoint() {
             events: vec![stored(&tokens)],
             data_parallel_rank: Some(rank),
         };
-        w.handle(Incoming {
-            topic: TOPIC.into(),
-            seq: 0,
-            payload: encode_batch(&batch, Encoding::Map).into(),
-        })
-        .await;
+        let payload = encode_batch(&batch, Encoding::Map);
+        w.handle(RawBatch::new(TOPIC, 0, payload, "test")).await;
     }
-    assert!(w.flush().await);
+    assert!(w.writes.flush().await);
     let keys = scheme().block_keys(&tokens, ExtraKeys::NONE);
     let found = w
         .writes
@@ -112,7 +104,7 @@ async fn purge_clears_every_data_parallel_rank_of_the_endpoint() {
         .lookup_sync(&ModelName::new("m"), &keys, None);
     assert_eq!(found.pods.len(), 2, "{found:?}");
     w.purge(&PodId::new("127.0.0.11:8000"));
-    assert!(w.flush().await);
+    assert!(w.writes.flush().await);
     assert!(
         w.writes
             .index()
@@ -125,22 +117,14 @@ async fn purge_clears_every_data_parallel_rank_of_the_endpoint() {
 #[tokio::test]
 async fn malformed_payloads_and_topics_are_skipped() {
     let mut w = worker();
-    w.handle(Incoming {
-        topic: TOPIC.into(),
-        seq: 0,
-        payload: vec![0x93, 0xc1].into(),
-    })
-    .await;
-    w.handle(Incoming {
-        topic: "other@x".into(),
-        seq: 0,
-        payload: Default::default(),
-    })
-    .await;
-    assert_eq!(w.pending_ops(), 0);
+    w.handle(RawBatch::new(TOPIC, 0, vec![0x93, 0xc1], "test"))
+        .await;
+    w.handle(RawBatch::new("other@x", 0, Vec::new(), "test"))
+        .await;
+    assert_eq!(w.writes.unwritten(), 0);
     let tokens: Vec<u32> = (0..4).collect();
     w.handle(msg(1, vec![stored(&tokens)], Encoding::Map)).await;
-    assert!(w.flush().await);
+    assert!(w.writes.flush().await);
     assert_eq!(depth(&w, &tokens), 1);
 }
 
@@ -181,10 +165,10 @@ async fn a_long_outage_holds_bounded_state() {
             m.topic = "kv@127.0.0.12:8000@m".into();
         }
         w.handle(m).await;
-        w.flush().await;
+        w.writes.flush().await;
     }
     // 8 ops plus at most the clears of the two shed pods.
-    assert!(w.pending_ops() <= 10);
+    assert!(w.writes.unwritten() <= 10);
     // One publisher timestamp per batch must not pile up either.
     assert!(
         w.writes.pending_ts.len() <= 8,
@@ -209,7 +193,7 @@ async fn a_shed_pod_that_goes_quiet_is_still_cleared() {
     );
     let held: Vec<u32> = (0..4).collect();
     w.handle(msg(0, vec![stored(&held)], Encoding::Map)).await;
-    assert!(w.flush().await);
+    assert!(w.writes.flush().await);
     // Outage: the pod evicts the block, the removal is shed by another
     // pod's burst, and the pod then publishes nothing more.
     index.set_down(true);
@@ -226,7 +210,7 @@ async fn a_shed_pod_that_goes_quiet_is_still_cleared() {
         w.handle(m).await;
     }
     index.set_down(false);
-    assert!(w.flush().await);
+    assert!(w.writes.flush().await);
     let found = index.inner.lookup_sync(&ModelName::new("m"), &[key], None);
     assert!(
         found
@@ -249,7 +233,7 @@ async fn overflow_sheds_oldest_pod_and_clears_it_on_next_write() {
     // Seed the index with a block of the pod, as before an outage.
     let old: Vec<u32> = (500..504).collect();
     w.handle(msg(0, vec![stored(&old)], Encoding::Map)).await;
-    assert!(w.flush().await);
+    assert!(w.writes.flush().await);
     // Five pending ops (no flush: as if the index were down) exceed the bound.
     for i in 1..=5u32 {
         let t: Vec<u32> = (i * 10..i * 10 + 4).collect();
@@ -261,11 +245,11 @@ async fn overflow_sheds_oldest_pod_and_clears_it_on_next_write() {
         w.writes.pending.first(),
         Some((_, IndexOp::ClearPod { .. }))
     );
-    assert!(w.dirty_pods().any(|p| *p == pod) || clears_first);
-    assert!(w.pending_ops() <= 3);
+    assert!(w.writes.dirty_pods().any(|p| *p == pod) || clears_first);
+    assert!(w.writes.unwritten() <= 3);
     let t: Vec<u32> = (90..94).collect();
     w.handle(msg(6, vec![stored(&t)], Encoding::Map)).await;
-    assert!(w.flush().await);
+    assert!(w.writes.flush().await);
     // The clear-and-rebuild removed what the index held before the loss.
     assert_eq!(depth(&w, &old), 0);
     assert_eq!(depth(&w, &t), 1);
@@ -321,7 +305,7 @@ impl Index for Gated {
     }
 }
 
-fn on_pod(mut m: Incoming, pod: &str) -> Incoming {
+fn on_pod(mut m: RawBatch, pod: &str) -> RawBatch {
     m.topic = format!("kv@{pod}@m");
     m
 }
@@ -347,7 +331,7 @@ fn holders(index: &MemoryIndex, tokens: &[u32]) -> Vec<String> {
 /// Lets the in-flight writes make progress until they wait at the gate.
 async fn settle<I: Index + 'static>(w: &mut Worker<I>) {
     for _ in 0..3 {
-        let _ = tokio::time::timeout(Duration::from_millis(5), w.next_done()).await;
+        let _ = tokio::time::timeout(Duration::from_millis(5), w.writes.next_done()).await;
     }
 }
 
@@ -365,37 +349,37 @@ async fn writes_overlap_across_pods_but_never_within_one() {
     let u: Vec<u32> = (50..54).collect();
     w.handle(on_pod(msg(0, vec![stored(&t)], Encoding::Map), a))
         .await;
-    w.launch();
+    w.writes.launch();
     settle(&mut w).await;
-    assert_eq!(w.in_flight(), 1);
+    assert_eq!(w.writes.in_flight(), 1);
     // Pod a removes what its write in flight stores: that must wait.
     w.handle(on_pod(msg(1, vec![removed(&t)], Encoding::Map), a))
         .await;
     w.handle(on_pod(msg(0, vec![stored(&u)], Encoding::Map), b))
         .await;
-    w.launch();
+    w.writes.launch();
     settle(&mut w).await;
-    assert_eq!(w.in_flight(), 2, "pod b's write runs beside pod a's");
+    assert_eq!(w.writes.in_flight(), 2, "pod b's write runs beside pod a's");
     assert_eq!(index.started.lock().len(), 2);
     assert_eq!(index.pods_of_write(1), vec![b.to_string()]);
     assert_eq!(w.writes.pending.len(), 1, "pod a's removal waits");
     // Both finish; only then does pod a's removal go, in a write of its own.
     index.gate.add_permits(2);
     for _ in 0..2 {
-        let done = w.next_done().await.expect("a write in flight");
-        assert!(w.complete(done));
+        let done = w.writes.next_done().await.expect("a write in flight");
+        assert!(w.writes.complete(done));
     }
     assert_eq!(holders(&index.inner, &t), vec![a.to_string()]);
-    w.launch();
+    w.writes.launch();
     index.gate.add_permits(1);
-    let done = w.next_done().await.expect("the removal");
-    assert!(w.complete(done));
+    let done = w.writes.next_done().await.expect("the removal");
+    assert!(w.writes.complete(done));
     assert!(
         holders(&index.inner, &t).is_empty(),
         "store then remove ends absent"
     );
     assert_eq!(holders(&index.inner, &u), vec![b.to_string()]);
-    assert_eq!(w.pending_ops(), 0);
+    assert_eq!(w.writes.unwritten(), 0);
 }
 
 #[tokio::test]
@@ -415,22 +399,22 @@ async fn a_failed_write_goes_back_before_the_pods_later_operations() {
     let t: Vec<u32> = (0..4).collect();
     w.handle(on_pod(msg(0, vec![stored(&t)], Encoding::Map), pod))
         .await;
-    w.launch();
+    w.writes.launch();
     settle(&mut w).await;
     // The removal arrives while the store is in flight; the store fails.
     w.handle(on_pod(msg(1, vec![removed(&t)], Encoding::Map), pod))
         .await;
     index.fail.store(true, std::sync::atomic::Ordering::Relaxed);
     index.gate.add_permits(1);
-    let done = w.next_done().await.expect("in flight");
-    assert!(!w.complete(done));
-    assert!(w.retry_at().is_some());
+    let done = w.writes.next_done().await.expect("in flight");
+    assert!(!w.writes.complete(done));
+    assert!(w.writes.retry_at().is_some());
     // Retried: store and removal in one write, in publication order.
     index
         .fail
         .store(false, std::sync::atomic::Ordering::Relaxed);
     index.gate.add_permits(1);
-    assert!(w.flush().await);
+    assert!(w.writes.flush().await);
     let retried = index.started.lock().last().cloned().expect("a retry");
     assert!(
         matches!(
@@ -461,15 +445,15 @@ async fn writes_in_flight_are_bounded_and_spread_pods() {
         w.handle(on_pod(msg(0, vec![stored(&t)], Encoding::Map), &pod))
             .await;
     }
-    w.launch();
+    w.writes.launch();
     settle(&mut w).await;
-    assert_eq!(w.in_flight(), 2);
+    assert_eq!(w.writes.in_flight(), 2);
     // Six pods over two writes, three each, none in both.
     let (first, second) = (index.pods_of_write(0), index.pods_of_write(1));
     assert_eq!((first.len(), second.len()), (3, 3));
     assert!(first.iter().all(|p| !second.contains(p)));
     index.gate.add_permits(2);
-    assert!(w.flush().await);
+    assert!(w.writes.flush().await);
     for i in 0..6u32 {
         let t: Vec<u32> = (i * 8..i * 8 + 4).collect();
         assert_eq!(holders(&index.inner, &t).len(), 1);
@@ -493,22 +477,22 @@ async fn shedding_behind_a_write_in_flight_clears_before_what_survives() {
     // B1's write goes in flight (Redis unreachable: it waits), then B2..B12.
     w.handle(msg(1, vec![stored(&chain(1))], Encoding::Map))
         .await;
-    w.launch();
+    w.writes.launch();
     settle(&mut w).await;
     for i in 2..=12u32 {
         w.handle(msg(u64::from(i), vec![stored(&chain(i))], Encoding::Map))
             .await;
-        w.launch();
+        w.writes.launch();
     }
     // B2..B10 shed (nine pending ops over the bound of 8); B is dirty, and its
     // next operations start with its clear.
-    assert_eq!(w.pending_ops(), 4, "B1 in flight + ClearPod, B11, B12");
+    assert_eq!(w.writes.unwritten(), 4, "B1 in flight + ClearPod, B11, B12");
     assert!(matches!(
         w.writes.pending.first(),
         Some((_, IndexOp::ClearPod { .. }))
     ));
     index.gate.add_permits(10);
-    assert!(w.flush().await);
+    assert!(w.writes.flush().await);
     for i in 1..=10u32 {
         assert!(holders(&index.inner, &chain(i)).is_empty(), "B{i}");
     }

@@ -4,7 +4,7 @@
 //! `run_with_targets`) so the test can move an endpoint out of the set, as a
 //! DNS change would; sockets, pipeline and Redis are the real ones.
 
-use super::harness::{Engine, Peer, SEED, batch, free_port, gpu, keys, tokens, topic};
+use super::harness::{Engine, Peer, SEED, batch, gpu, keys, tokens, topic};
 use super::{index, redis};
 use clap::Parser;
 use ingester::config::RunArgs;
@@ -42,7 +42,11 @@ async fn a_publisher_that_left_the_connect_set_is_purged_after_the_time() {
     let pq = Peer::spawn(publisher(q, &q_tokens)).await;
     let both: BTreeSet<String> = [pp.pub_ep.clone(), pq.pub_ep.clone()].into();
 
-    let http = format!("127.0.0.1:{}", free_port());
+    // Port 0, read back: no free-port probe to race other tests.
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the admin listener");
+    let http = admin.local_addr().expect("admin address").to_string();
     let connect = format!("{},{}", pp.pub_ep, pq.pub_ep);
     let url = redis.url();
     let cli = Cli::try_parse_from([
@@ -67,6 +71,7 @@ async fn a_publisher_that_left_the_connect_set_is_purged_after_the_time() {
     let stop = CancellationToken::new();
     let service = tokio::spawn(ingester::service::run_with_targets(
         cli.run,
+        admin,
         |_: &str| None,
         None,
         stop.clone(),

@@ -237,25 +237,28 @@ impl Ingester {
 
     /// Starts the binary with exactly `args` (plus Redis, HTTP and keys).
     pub async fn start_raw(redis_url: &str, args: &[&str], zmq: String) -> Ingester {
-        let ing = Self::spawn(redis_url, args, zmq);
+        let ing = Self::spawn(redis_url, args, zmq).await;
         ing.wait_ready(true).await;
         ing
     }
 
-    /// [`Ingester::start_raw`] without waiting for readiness.
-    pub fn spawn(redis_url: &str, args: &[&str], zmq: String) -> Ingester {
-        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let child = Command::new(env!("CARGO_BIN_EXE_kvroute-ingester"))
-            .args(["--redis-url", redis_url, "--http-addr", &http.to_string()])
+    /// [`Ingester::start_raw`] without waiting for readiness. The admin
+    /// server binds port 0 and the address comes back in the process's
+    /// "admin HTTP listening" log line: no free-port probe to race.
+    pub async fn spawn(redis_url: &str, args: &[&str], zmq: String) -> Ingester {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kvroute-ingester"))
+            .args(["--redis-url", redis_url, "--http-addr", "127.0.0.1:0"])
             .args(["--hash-seed", SEED, "--block-size", &BLOCK_SIZE.to_string()])
             .args(args)
             .env("KVROUTE_LOG", "info,ingester=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::inherit())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("start kvroute-ingester");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let http = admin_addr(stderr).await;
         Ingester { child, http, zmq }
     }
 
@@ -347,6 +350,58 @@ impl Ingester {
             .unwrap_or_else(|_| panic!("kvroute-ingester still running after {within:?}"))
             .expect("wait")
     }
+}
+
+/// Reads the child's log until it names its admin address, echoing every
+/// line to the test's stderr (and keeps echoing afterwards, so the child
+/// never blocks on a full pipe).
+async fn admin_addr(stderr: tokio::process::ChildStderr) -> SocketAddr {
+    let mut lines = BufReader::new(stderr).lines();
+    let found = tokio::time::timeout(DEADLINE, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("{line}");
+            let plain = strip_ansi(&line);
+            if !plain.contains("admin HTTP listening") {
+                continue;
+            }
+            let addr = plain
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("addr="))
+                .and_then(|a| a.parse::<SocketAddr>().ok());
+            if addr.is_some() {
+                return addr;
+            }
+        }
+        None
+    })
+    .await;
+    let Ok(Some(addr)) = found else {
+        panic!("kvroute-ingester did not log its admin address within {DEADLINE:?}");
+    };
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("{line}");
+        }
+    });
+    addr
+}
+
+/// The text of a log line without its colour escapes (`ESC [ ... m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// A loopback endpoint on a free port for the ingester's SUB to bind.

@@ -107,7 +107,8 @@ async fn readyz_explains_a_startup_waiting_for_redis() {
             SCHEME.as_str(),
         ],
         String::new(),
-    );
+    )
+    .await;
     let body = ing
         .wait_readyz(
             503,

@@ -1,0 +1,116 @@
+//! The worker's task: take commands from its queue, turn batches into
+//! pending operations, keep index writes going, and drain on shutdown.
+//!
+//! One `select!` waits for whichever comes first: a command (only while the
+//! write stage can take more, see [`crate::writes::Writes::can_accept`]), a
+//! write finishing, or the end of a failed write's backoff. After each, the
+//! writes that can start are started, so keying the next batches overlaps
+//! the writes of earlier ones.
+
+use super::{Replayer, Worker};
+use crate::socket::RawBatch;
+use kvroute_core::ids::PodId;
+use kvroute_core::index::Index;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// What a worker is asked to do, in order with the batches.
+#[derive(Debug)]
+pub enum Command {
+    Batch(RawBatch),
+    /// Forget everything of a pod (admin purge, pod gone).
+    Purge(PodId),
+}
+
+/// Commands drained from the queue before the next writes start: whatever
+/// queued meanwhile goes into the same index writes.
+const DRAIN_BATCHES: usize = 256;
+
+impl<I: Index + 'static, R: Replayer> Worker<I, R> {
+    /// Runs worker `id` until its queue closes, then writes what is left
+    /// within `drain_timeout`.
+    pub async fn run(
+        mut self,
+        id: usize,
+        mut rx: mpsc::Receiver<Command>,
+        drain_timeout: Duration,
+    ) {
+        loop {
+            let retry = self.writes.retry_at().map(Instant::from_std);
+            let idle = self.writes.in_flight() == 0;
+            tokio::select! {
+                cmd = rx.recv(), if self.writes.can_accept() => {
+                    let Some(cmd) = cmd else { break };
+                    self.apply(cmd).await;
+                    // Opportunistic batching: whatever queued meanwhile goes
+                    // into the same index writes.
+                    for _ in 0..DRAIN_BATCHES {
+                        match rx.try_recv() {
+                            Ok(cmd) => self.apply(cmd).await,
+                            Err(_) => break,
+                        }
+                    }
+                    self.start_writes().await;
+                }
+                Some(done) = self.writes.next_done(), if !idle => {
+                    self.writes.complete(done);
+                    self.start_writes().await;
+                }
+                _ = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() && idle => {
+                    self.start_writes().await;
+                }
+            }
+        }
+        self.drain(id, drain_timeout).await;
+    }
+
+    async fn apply(&mut self, cmd: Command) {
+        match cmd {
+            Command::Batch(msg) => self.handle(msg).await,
+            Command::Purge(pod) => self.purge(&pod),
+        }
+    }
+
+    /// Starts the writes that can start; once every write is done and that
+    /// included the clear of a shed pod, first asks the pod's replay socket
+    /// for what it still buffers (see `worker/rebuild.rs`), which queues more.
+    async fn start_writes(&mut self) {
+        if self.rebuild_due() {
+            self.rebuild_from_replay().await;
+        }
+        self.writes.launch();
+    }
+
+    /// Queue closed (shutdown): writes what is left, retrying until the
+    /// grace period ends.
+    async fn drain(&mut self, id: usize, drain_timeout: Duration) {
+        let deadline = Instant::now() + drain_timeout;
+        while self.writes.unwritten() > 0 && Instant::now() < deadline {
+            self.writes.launch();
+            if self.writes.in_flight() > 0 {
+                if let Ok(Some(done)) =
+                    tokio::time::timeout_at(deadline, self.writes.next_done()).await
+                {
+                    self.writes.complete(done);
+                }
+            } else {
+                let next = self
+                    .writes
+                    .retry_at()
+                    .map(Instant::from_std)
+                    .unwrap_or_else(Instant::now);
+                tokio::time::sleep_until(next.min(deadline)).await;
+            }
+        }
+        if self.writes.unwritten() > 0 {
+            tracing::warn!(
+                worker = id,
+                lost = self.writes.unwritten(),
+                "shutdown grace period ended with unwritten operations"
+            );
+        } else {
+            tracing::debug!(worker = id, "worker drained");
+        }
+    }
+}
