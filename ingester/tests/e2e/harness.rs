@@ -16,6 +16,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 /// Tokens per block, on both sides.
