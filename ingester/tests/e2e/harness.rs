@@ -23,8 +23,9 @@ use tokio::process::{Child, Command};
 pub const BLOCK_SIZE: usize = 16;
 /// The seed the ingester is configured with (vLLM's PYTHONHASHSEED).
 pub const SEED: &str = "42";
-/// How long any expected state may take to appear.
-pub const DEADLINE: Duration = Duration::from_secs(10);
+/// How long any expected state may take to appear: long enough for a write
+/// retry whose backoff reached its 5 s cap, on a loaded 2-core machine.
+pub const DEADLINE: Duration = Duration::from_secs(20);
 
 /// Polls `check` every 20 ms until it returns `Ok`, panicking with its last
 /// error after [`DEADLINE`].

@@ -5,6 +5,8 @@ use super::harness::{
     Engine, Index, Ingester, Peer, SEED, batch, connecting, gpu, keys, purge_cli, tokens, topic,
 };
 use super::{BATCHES, index, redis};
+
+const WRITES: &str = "kvroute_ingester_index_writes_total";
 use kvroute_core::ids::BlockKey;
 use kvroute_core::keys::HashScheme;
 use serde_json::{Value, json};
@@ -60,17 +62,22 @@ async fn redis_restart_mid_stream_then_admin_and_cli_purge() {
     let idx: Index = index(&redis, model);
     let (a, b) = ("127.0.0.41:8000", "127.0.0.42:8000");
     let (a_steps, a_keys) = stores(&blocks(100, 4)); // A0 | A1 A2 | A3
-    let (b_steps, b_keys) = stores(&blocks(200, 13)); // B0 | B1..B12
+    let (b_steps, b_keys) = stores(&blocks(200, 14)); // B0 | B1 | B2..B12 | B13
     let mut a_steps = a_steps.into_iter();
     let a_phases = vec![
         a_steps.by_ref().take(1).collect(),
         a_steps.by_ref().take(2).collect(),
         a_steps.collect(),
     ];
-    let b_phases = vec![b_steps[..1].to_vec(), b_steps[1..].to_vec()];
+    let b_phases = vec![
+        b_steps[..1].to_vec(),
+        b_steps[1..2].to_vec(),
+        b_steps[2..13].to_vec(),
+        b_steps[13..].to_vec(),
+    ];
     let script = |pod, steps| connecting(&ing, &topic(pod, model), "v0.10", steps);
     let mut pa = Peer::spawn(script(a, phased(a_phases, &["outage", "after"]))).await;
-    let mut pb = Peer::spawn(script(b, phased(b_phases, &["outage"]))).await;
+    let mut pb = Peer::spawn(script(b, phased(b_phases, &["outage", "burst", "after"]))).await;
     let (ha, hb) = (gpu(a), gpu(b));
     idx.expect("A0 before the outage", &a_keys[..1], &[&ha])
         .await;
@@ -79,36 +86,41 @@ async fn redis_restart_mid_stream_then_admin_and_cli_purge() {
 
     redis.kill();
     ing.wait_ready(false).await;
-    // B's 12 batches first: at the 9th pending op (bound 8) the oldest pod's
-    // pending ops are dropped and B is marked for clear-and-rebuild. Which
-    // nine depends on how the batches reach the worker: all at once, B1..B9
-    // (B10 stays pending); B1 first, its write goes in flight (it waits for
-    // Redis, it is not pending) and B2..B10 are dropped. Either way B11 and
-    // B12 survive, behind a clear of B.
+    // B1 alone, until its write has failed seven times: the next retry is
+    // then 3.2 s away (50 ms doubling), so everything sent next is pending
+    // at once, whatever the machine's load (a write in flight would take
+    // an unknown number of batches with it).
     pb.resume("outage").await;
-    pb.wait_for("DONE").await;
+    pb.wait_for("WAITING burst").await;
+    ing.expect_metric(WRITES, &[("outcome", "error")], 7.0)
+        .await;
+    // B2..B12, then A1 A2: at the 9th pending op (bound 8) the oldest pod's
+    // pending ops, B1..B9, are dropped and B is marked for clear-and-rebuild;
+    // B10..B12 follow behind a clear of B.
+    pb.resume("burst").await;
+    pb.wait_for("WAITING after").await;
     ing.expect_metric(BATCHES, &[], 14.0).await;
     pa.resume("outage").await;
     pa.wait_for("WAITING after").await;
     ing.expect_metric(BATCHES, &[], 16.0).await;
     // Counting a batch comes before the worker sheds for it: wait for the
-    // state, not for the batch count (nine of B1..B10 shed).
+    // state, not for the batch count.
     ing.expect_metric_eq("kvroute_ingester_dropped_ops_total", &[], 9.0)
         .await;
-    // Unwritten: ClearPod(B), B10 (pending or in flight as B1), B11, B12, A1, A2.
+    // Unwritten: ClearPod(B), B10, B11, B12, A1, A2.
     ing.expect_metric_eq("kvroute_ingester_pending_ops", &[], 6.0)
         .await;
-    // Settled: nothing more is shed once the last batch was handled.
     assert_eq!(
         ing.metric("kvroute_ingester_dropped_ops_total", &[]).await,
-        9.0
+        9.0,
+        "nine of B1..B10 shed"
     );
 
     redis.restart().expect("restart redis-server");
     ing.wait_ready(true).await;
     idx.expect("A1 A2 written after the outage", &a_keys[1..3], &[&ha])
         .await;
-    idx.expect("B11..B12 written after the outage", &b_keys[11..], &[&hb])
+    idx.expect("B10..B12 written after the outage", &b_keys[10..13], &[&hb])
         .await;
     // The restarted Redis is empty: entries written before are gone.
     idx.assert("A0 lost with Redis", &a_keys[..1], &[]).await;
@@ -116,14 +128,17 @@ async fn redis_restart_mid_stream_then_admin_and_cli_purge() {
         .await;
 
     pa.resume("after").await;
+    pb.resume("after").await;
     idx.expect("A3 after the outage", &a_keys[3..], &[&ha])
+        .await;
+    idx.expect("B13 after the outage", &b_keys[13..], &[&hb])
         .await;
     // The purge finds entries written after the restart: the per-slot
     // bookkeeping was registered again on the empty Redis.
     let (code, _) = ing.post(&format!("/admin/purge?pod={a}")).await;
     assert_eq!(code, 202);
     idx.expect("A purged over HTTP", &a_keys, &[]).await;
-    idx.assert("B kept", &b_keys[11..], &[&hb]).await;
+    idx.assert("B kept", &b_keys[10..], &[&hb]).await;
     assert_eq!(ing.post("/admin/purge?pod=").await.0, 400);
 
     let (ok, out) = purge_cli(&redis.url(), &[b]).await;
