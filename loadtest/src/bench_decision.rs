@@ -12,7 +12,7 @@
 //!
 //! - (0) the lookup alone: `lua/lookup.lua` vs a pipeline of HKEYS; and on
 //!   a local 3-master Redis Cluster, bisection in rounds vs one wave;
-//! - (a) in process, `Router::score` (tokens -> keys -> lookup -> score ->
+//! - (a) in process, `EndpointPicker::score` (tokens -> keys -> lookup -> score ->
 //!   pick);
 //! - (b) ext_proc in -> routing headers out, over a real gRPC connection to
 //!   the `kvroute-scorer` binary (its own process);
@@ -46,7 +46,7 @@ use kvroute_tokens::{TokenizerOptions, TokenizerRegistry};
 use scorer::candidates::Candidates;
 use scorer::decide::{Prompt as ReqPrompt, RouteRequest};
 use scorer::load::Load;
-use scorer::route::{RouteConfig, Router};
+use scorer::route::{EndpointPicker, RouteConfig};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -229,7 +229,7 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
         .map(|&p| format!("{}={}", prompts::model(p), tokenizer_json.display()))
         .collect();
 
-    println!("\n(a) in process: Router::score (tokenize, keys, lookup, score, pick)");
+    println!("\n(a) in process: EndpointPicker::score (tokenize, keys, lookup, score, pick)");
     let registry = Arc::new(TokenizerRegistry::new(
         tokenizer_args
             .iter()
@@ -239,7 +239,7 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
         TokenizerOptions::default(),
     ));
     registry.preload();
-    let router = Router::new(
+    let router = EndpointPicker::new(
         index.clone(),
         scheme.clone(),
         registry.clone(),
@@ -277,7 +277,7 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
                         let report = router.score(&req, Some(subset)).await;
                         let d = started.elapsed();
                         anyhow::ensure!(
-                            report.blocks == prompt.blocks && report.reason == "prefix",
+                            report.blocks == prompt.blocks && report.reason.as_label() == "prefix",
                             "unexpected decision: {} blocks, reason {}",
                             report.blocks,
                             report.reason

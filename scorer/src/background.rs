@@ -132,7 +132,7 @@ pub async fn scrape_metrics(
                 };
                 match tokio::time::timeout(timeout, fetch).await {
                     Ok(Some(l)) => load.engines.record(ep, l),
-                    _ => metrics::counter!("kvroute_scorer_scrape_failures_total").increment(1),
+                    _ => metrics::counter!(crate::metrics::SCRAPE_FAILURES).increment(1),
                 }
             }
         });

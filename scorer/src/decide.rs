@@ -35,9 +35,10 @@ pub struct RouteRequest {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
     pub endpoint: String,
-    /// Low-cardinality label: `prefix`, `load`, `random`, or a fallback reason
-    /// such as `index_unavailable`, `no_tokenizer`, `tokenize_overloaded`,
-    /// `tokenize_timeout`, `remote_tokenize_failed`.
+    /// Low-cardinality label for metrics and logs. kvroute's router fills it
+    /// from [`crate::reason::Reason::as_label`] (`prefix`, `load`, or a
+    /// [`crate::reason::Fallback`] such as `index_unavailable`); other
+    /// implementations (test doubles, benches) name their own.
     pub reason: &'static str,
 }
 

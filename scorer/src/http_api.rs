@@ -7,7 +7,7 @@
 
 use crate::decide::{Prompt, RouteRequest};
 use crate::request;
-use crate::route::{Report, Router};
+use crate::route::{EndpointPicker, Report};
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -36,14 +36,14 @@ fn bad_request(msg: String) -> ApiError {
 }
 
 /// Routes under `/v1`.
-pub fn router<I: Index + 'static>(scorer: Arc<Router<I>>) -> axum::Router {
+pub fn router<I: Index + 'static>(scorer: Arc<EndpointPicker<I>>) -> axum::Router {
     axum::Router::new()
         .route("/v1/score", post(score::<I>))
         .with_state(scorer)
 }
 
 async fn score<I: Index + 'static>(
-    State(scorer): State<Arc<Router<I>>>,
+    State(scorer): State<Arc<EndpointPicker<I>>>,
     body: axum::body::Bytes,
 ) -> Result<Json<Report>, ApiError> {
     let extra: ScoreBody = serde_json::from_slice(&body).map_err(|e| bad_request(e.to_string()))?;

@@ -26,14 +26,14 @@
 
 use crate::candidates::endpoint_for;
 use crate::decide::{Prompt, RouteRequest};
+use crate::prefix::{PrefixError, PrefixLookup};
+use crate::reason::Fallback;
 use crate::route::RouteConfig;
 use crate::tokenize::Tokenize;
-use kvroute_core::ids::ModelName;
 use kvroute_core::index::{Index, IndexError};
 use kvroute_core::keys::{KeyCache, KeyScheme};
-use kvroute_core::scoring::{TierWeights, score_prefixes};
+use kvroute_core::scoring::fold_best;
 use kvroute_tokens::TokenizerRegistry;
-use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -157,9 +157,6 @@ where
     }
 }
 
-/// Metric: `GetPodScores` calls by outcome (`ok` or an error label).
-pub const REQUESTS: &str = "kvroute_scorer_indexer_api_requests_total";
-
 /// Why a prompt could not be scored; each maps to a gRPC status.
 #[derive(Debug, thiserror::Error)]
 pub enum ScoresError {
@@ -167,10 +164,9 @@ pub enum ScoresError {
     NoModel,
     #[error("no tokenizer for model {model}")]
     NoTokenizer { model: String },
-    /// The tokenization stage's reason (`tokenize_error`,
-    /// `tokenize_overloaded`, `tokenize_timeout`, `remote_tokenize_*`).
+    /// The tokenization stage's fallback other than `no_tokenizer`.
     #[error("tokenizing the prompt: {0}")]
-    Tokenize(&'static str),
+    Tokenize(Fallback),
     #[error("index lookup: {0}")]
     Index(#[from] IndexError),
     #[error("index lookup exceeded {0:?}")]
@@ -182,7 +178,7 @@ impl ScoresError {
         match self {
             ScoresError::NoModel => "no_model",
             ScoresError::NoTokenizer { .. } => "no_tokenizer",
-            ScoresError::Tokenize(reason) => reason,
+            ScoresError::Tokenize(reason) => reason.as_label(),
             ScoresError::Index(_) => "index_unavailable",
             ScoresError::Timeout(_) => "index_timeout",
         }
@@ -193,12 +189,7 @@ impl ScoresError {
         match self {
             ScoresError::NoModel => tonic::Status::invalid_argument(msg),
             ScoresError::NoTokenizer { .. } => tonic::Status::failed_precondition(msg),
-            ScoresError::Tokenize(
-                "tokenize_overloaded"
-                | "tokenize_timeout"
-                | "remote_tokenize_timeout"
-                | "remote_tokenize_failed",
-            ) => tonic::Status::unavailable(msg),
+            ScoresError::Tokenize(f) if f.is_transient() => tonic::Status::unavailable(msg),
             ScoresError::Tokenize(_) => tonic::Status::invalid_argument(msg),
             ScoresError::Index(_) => tonic::Status::unavailable(msg),
             ScoresError::Timeout(_) => tonic::Status::deadline_exceeded(msg),
@@ -206,18 +197,26 @@ impl ScoresError {
     }
 }
 
-/// Scores prompts against the index the way llm-d's indexer does, with the
-/// router's key scheme, tokenizers, tier weights and LoRA adapters.
+impl ScoresError {
+    /// A prompt-prefix failure as llm-d's indexer reports it (the tokenizer
+    /// named is the base model's).
+    fn from_prefix(e: PrefixError, base: &str) -> Self {
+        match e {
+            PrefixError::Tokenize(Fallback::NoTokenizer) => ScoresError::NoTokenizer {
+                model: base.to_string(),
+            },
+            PrefixError::Tokenize(f) => ScoresError::Tokenize(f),
+            PrefixError::Index(e) => ScoresError::Index(e),
+            PrefixError::Timeout(t) => ScoresError::Timeout(t),
+        }
+    }
+}
+
+/// Scores prompts against the index the way llm-d's indexer does, through
+/// the router's prefix stage ([`PrefixLookup`]: key scheme, tokenizers,
+/// tier weights, LoRA adapters, lookup deadline).
 pub struct PodScorer<I> {
-    index: Arc<I>,
-    /// Prompt -> block keys, off the async workers (the router's stage when
-    /// shared: one pool bounds all tokenization of the process).
-    tokenize: Arc<Tokenize>,
-    tiers: TierWeights,
-    /// LoRA adapter -> base model, as the router resolves them.
-    adapters: HashMap<String, String>,
-    /// Same bound as a routing lookup: the caller is on a request path too.
-    lookup_timeout: Duration,
+    prefixes: PrefixLookup<I>,
 }
 
 impl<I: Index + 'static> PodScorer<I> {
@@ -233,14 +232,11 @@ impl<I: Index + 'static> PodScorer<I> {
         Self::sharing(index, Arc::new(tokenize), config)
     }
 
-    /// A scorer using the router's tokenization stage (its pool and caches).
+    /// A scorer using the router's tokenization stage (its pool and caches:
+    /// one pool bounds all tokenization of the process).
     pub fn sharing(index: Arc<I>, tokenize: Arc<Tokenize>, config: &RouteConfig) -> Self {
         PodScorer {
-            index,
-            tokenize,
-            tiers: config.tiers.clone(),
-            adapters: config.adapters.clone(),
-            lookup_timeout: config.lookup_timeout,
+            prefixes: PrefixLookup::new(index, tokenize, config),
         }
     }
 
@@ -253,10 +249,6 @@ impl<I: Index + 'static> PodScorer<I> {
         if req.model_name.is_empty() {
             return Err(ScoresError::NoModel);
         }
-        let (base, lora) = match self.adapters.get(&req.model_name) {
-            Some(base) => (base.as_str(), Some(req.model_name.as_str())),
-            None => (req.model_name.as_str(), None),
-        };
         if req.prompt.is_empty() {
             return Ok(Vec::new());
         }
@@ -274,47 +266,31 @@ impl<I: Index + 'static> PodScorer<I> {
             .filter(|p| p.parse::<SocketAddr>().is_ok())
             .cloned()
             .collect();
-        let keys = match self.tokenize.block_keys(&route, base, lora, &pods).await {
-            Ok(keys) => keys,
-            Err("no_tokenizer") => {
-                return Err(ScoresError::NoTokenizer {
-                    model: base.to_string(),
-                });
-            }
-            Err(reason) => return Err(ScoresError::Tokenize(reason)),
+        let found = self.prefixes.lookup(&route, &pods).await;
+        let fail = |e| ScoresError::from_prefix(e, &found.base);
+        let found_pods = match found.pods {
+            Err(PrefixError::Tokenize(f)) => return Err(fail(PrefixError::Tokenize(f))),
+            // Less than a block: nothing to score, whatever the index said.
+            _ if found.keys.is_empty() => return Ok(Vec::new()),
+            Err(e) => return Err(fail(e)),
+            Ok(pods) => pods,
         };
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
-        let found = tokio::time::timeout(
-            self.lookup_timeout,
-            self.index.lookup(&ModelName::new(base), &keys, None),
-        )
-        .await
-        .map_err(|_| ScoresError::Timeout(self.lookup_timeout))??;
         // Several index pods can name one answer (data-parallel ranks are
         // kept apart; a bare IP and its ip:port are not): the best counts.
-        let mut best: BTreeMap<(String, Option<i32>), f64> = BTreeMap::new();
-        for s in score_prefixes(&found.pods, keys.len(), &self.tiers) {
-            if s.weighted <= 0.0 {
-                continue;
-            }
+        let answering = found_pods.into_iter().filter_map(|p| {
+            let s = p.score;
             let pod = if req.pod_identifiers.is_empty() {
                 s.pod.endpoint().to_string()
             } else {
-                match requested(s.pod.endpoint(), &req.pod_identifiers) {
-                    Some(id) => id.clone(),
-                    None => continue,
-                }
+                requested(s.pod.endpoint(), &req.pod_identifiers)?.clone()
             };
             let rank = s
                 .pod
                 .dp_rank()
                 .map(|r| i32::try_from(r).unwrap_or(i32::MAX));
-            let entry = best.entry((pod, rank)).or_insert(0.0);
-            *entry = entry.max(s.weighted);
-        }
-        let mut scores: Vec<PodScore> = best
+            Some(((pod, rank), s.weighted))
+        });
+        let mut scores: Vec<PodScore> = fold_best(answering, |w| *w)
             .into_iter()
             .map(|((pod, data_parallel_rank), score)| PodScore {
                 pod,
@@ -347,11 +323,13 @@ impl<I: Index + 'static> IndexerService for PodScorer<I> {
         let req = request.into_inner();
         match self.pod_scores(&req).await {
             Ok(scores) => {
-                metrics::counter!(REQUESTS, "outcome" => "ok").increment(1);
+                metrics::counter!(crate::metrics::INDEXER_API_REQUESTS, "outcome" => "ok")
+                    .increment(1);
                 Ok(tonic::Response::new(GetPodScoresResponse { scores }))
             }
             Err(e) => {
-                metrics::counter!(REQUESTS, "outcome" => e.label()).increment(1);
+                metrics::counter!(crate::metrics::INDEXER_API_REQUESTS, "outcome" => e.label())
+                    .increment(1);
                 tracing::debug!(model = %req.model_name, error = %e, "GetPodScores failed");
                 Err(e.status())
             }
@@ -363,7 +341,7 @@ impl<I: Index + 'static> IndexerService for PodScorer<I> {
 mod tests {
     use super::*;
     use kvroute_core::ids::BlockKey;
-    use kvroute_core::ids::{PodId, Tier};
+    use kvroute_core::ids::{ModelName, PodId, Tier};
     use kvroute_core::index::memory::MemoryIndex;
     use kvroute_core::index::{IndexOp, StoredBlock};
     use kvroute_core::keys::{ExtraKeys, HashScheme};
@@ -520,10 +498,10 @@ mod tests {
         assert_eq!(e.status().code(), tonic::Code::FailedPrecondition);
         assert_eq!(e.label(), "no_tokenizer");
         // A busy tokenization pool is the caller's retry, not a bad prompt.
-        let busy = ScoresError::Tokenize("tokenize_overloaded");
+        let busy = ScoresError::Tokenize(Fallback::TokenizeOverloaded);
         assert_eq!(busy.status().code(), tonic::Code::Unavailable);
         assert_eq!(busy.label(), "tokenize_overloaded");
-        let bad = ScoresError::Tokenize("tokenize_error");
+        let bad = ScoresError::Tokenize(Fallback::TokenizeError);
         assert_eq!(bad.status().code(), tonic::Code::InvalidArgument);
     }
 }

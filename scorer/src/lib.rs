@@ -2,7 +2,8 @@
 //! should serve it:
 //!
 //! request body -> [`decide::RouteRequest`] -> tokens -> block keys -> index
-//! lookup -> tier-weighted prefix scores -> blend with load -> endpoint.
+//! lookup -> tier-weighted prefix scores ([`prefix`]) -> blend with load
+//! ([`route`]) -> endpoint.
 #![forbid(unsafe_code)]
 
 pub mod background;
@@ -14,6 +15,9 @@ pub mod grpc;
 pub mod http_api;
 pub mod indexer_api;
 pub mod load;
+pub mod metrics;
+pub mod prefix;
+pub mod reason;
 pub mod request;
 pub mod route;
 pub mod service;

@@ -1,7 +1,11 @@
 //! `kvroute-scorer`: thin entry point; everything lives in the library.
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use scorer::config::ServeArgs;
+use scorer::service::Listeners;
+use std::net::SocketAddr;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// Envoy ext_proc endpoint picker: routes each LLM request to the vLLM pod
@@ -24,6 +28,23 @@ enum Command {
     /// For one prompt, which pods hold how many of its blocks (the
     /// operator's "why did this request go there").
     Why(scorer::why::WhyArgs),
+}
+
+/// Binds the addresses the flags name (the library serves what it is given).
+async fn bind(args: &ServeArgs) -> anyhow::Result<Listeners> {
+    let bind = |flag: &'static str, addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {flag} {addr}"))
+    };
+    Ok(Listeners {
+        grpc: bind("--grpc-addr", args.grpc_addr).await?,
+        http: bind("--http-addr", args.http_addr).await?,
+        grpc_health: match args.grpc_health_addr {
+            Some(a) => Some(bind("--grpc-health-addr", a).await?),
+            None => None,
+        },
+    })
 }
 
 fn env(name: &str) -> Option<String> {
@@ -53,7 +74,8 @@ async fn main() -> anyhow::Result<()> {
             tokio::spawn(kvroute_service::telemetry::cancel_on_signal(
                 shutdown.clone(),
             ));
-            scorer::service::run(cli.serve, env, Some(metrics), shutdown).await
+            let listeners = bind(&cli.serve).await?;
+            scorer::service::run(cli.serve, listeners, env, Some(metrics), shutdown).await
         }
     }
 }

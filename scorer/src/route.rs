@@ -1,38 +1,29 @@
-//! The routing logic behind [`Decide`]: tokens -> block keys -> index lookup
-//! -> tier-weighted prefix scores -> blend with load -> endpoint.
+//! The routing logic behind [`Decide`]: the prompt's prefix scores
+//! ([`crate::prefix`]: tokens -> block keys -> index lookup -> tier-weighted
+//! scores) -> best rank per endpoint -> blend with load -> endpoint.
 //!
 //! Any failure before the blend (unknown model, no tokenizer, a template
 //! error, Redis down or slower than the lookup deadline) degrades to picking
-//! by load with every prefix score at 0, and is counted by reason: Envoy
-//! cannot fail open in FULL_DUPLEX_STREAMED mode, so the scorer must always
-//! answer with an endpoint.
+//! by load with every prefix score at 0, and is counted by reason
+//! ([`Fallback`]): Envoy cannot fail open in FULL_DUPLEX_STREAMED mode, so the
+//! scorer must always answer with an endpoint.
 
 use crate::candidates::{Candidates, endpoint_for};
 use crate::decide::{Decide, DecideError, Decision, RouteRequest};
 use crate::load::Load;
+use crate::metrics as m;
+use crate::prefix::{PrefixError, PrefixLookup, PromptPrefix, ScoredPod};
+use crate::reason::{Fallback, Reason};
 use crate::tokenize::{Tokenize, TokenizeConfig};
-use kvroute_core::ids::ModelName;
 use kvroute_core::index::Index;
 use kvroute_core::keys::{KeyCache, KeyScheme};
 use kvroute_core::scoring::pick::{self, Breakdown, Candidate, LoadLimits, PickWeights};
-use kvroute_core::scoring::{TierWeights, score_prefixes};
+use kvroute_core::scoring::{TierWeights, best_tier, fold_best};
 use kvroute_tokens::TokenizerRegistry;
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-/// Metric names of the routing stage.
-pub mod metrics_names {
-    pub const DECISIONS: &str = "kvroute_scorer_decisions_total";
-    pub const FALLBACKS: &str = "kvroute_scorer_fallbacks_total";
-    pub const LOOKUP_SECONDS: &str = "kvroute_scorer_lookup_seconds";
-    /// Prompt -> block keys (tokenization, pool wait or remote call included).
-    pub const TOKENIZE_SECONDS: &str = "kvroute_scorer_tokenize_seconds";
-    pub const PROMPT_BLOCKS: &str = "kvroute_scorer_prompt_blocks";
-    pub const MATCHED_BLOCKS: &str = "kvroute_scorer_matched_blocks";
-}
-use metrics_names as m;
+use std::time::Duration;
 
 /// Tunables of the routing stage.
 #[derive(Debug, Clone)]
@@ -90,17 +81,18 @@ pub struct Report {
     pub blocks: usize,
     pub scores: Vec<EndpointScore>,
     pub picked: Option<String>,
-    /// Why the pick was made (`prefix`, `load`, or a fallback reason).
-    pub reason: &'static str,
+    /// Why the pick was made (serialized as its label: `prefix`, `load`, or
+    /// a fallback reason).
+    pub reason: Reason,
 }
 
-/// The scorer's router.
-pub struct Router<I> {
-    index: Arc<I>,
-    /// Prompt -> block keys, off the async workers when it is costly; the
-    /// key cache inside means a repeated or extended prompt is not hashed
-    /// again.
-    tokenize: Arc<Tokenize>,
+/// The scorer's endpoint picker: Envoy's question "which pod serves this
+/// request" answered from the index and the pods' load.
+pub struct EndpointPicker<I> {
+    /// Model -> tokens -> keys -> lookup -> scores, shared with the indexer
+    /// API and `why` (the key cache inside means a repeated or extended
+    /// prompt is not hashed again).
+    prefixes: PrefixLookup<I>,
     candidates: Arc<Candidates>,
     load: Load,
     config: RouteConfig,
@@ -108,7 +100,7 @@ pub struct Router<I> {
     rng: Mutex<u64>,
 }
 
-impl<I: Index + 'static> Router<I> {
+impl<I: Index + 'static> EndpointPicker<I> {
     pub fn new(
         index: Arc<I>,
         keys: KeyScheme,
@@ -119,13 +111,9 @@ impl<I: Index + 'static> Router<I> {
         seed: u64,
     ) -> Self {
         let key_cache = KeyCache::new(keys, kvroute_core::keys::cache::DEFAULT_MAX_BYTES);
-        Router {
-            index,
-            tokenize: Arc::new(Tokenize::new(
-                tokenizers,
-                key_cache,
-                config.tokenize.clone(),
-            )),
+        let tokenize = Tokenize::new(tokenizers, key_cache, config.tokenize.clone());
+        EndpointPicker {
+            prefixes: PrefixLookup::new(index, Arc::new(tokenize), &config),
             candidates,
             load,
             config,
@@ -139,7 +127,7 @@ impl<I: Index + 'static> Router<I> {
 
     /// The tokenization stage (path counters, pool).
     pub fn tokenize(&self) -> &Arc<Tokenize> {
-        &self.tokenize
+        self.prefixes.tokenize()
     }
 
     fn random(&self) -> u64 {
@@ -151,77 +139,22 @@ impl<I: Index + 'static> Router<I> {
         z ^ (z >> 31)
     }
 
-    /// The base model and LoRA adapter a request's `model` names.
-    fn resolve_model<'a>(&'a self, model: &'a str) -> (&'a str, Option<&'a str>) {
-        match self.config.adapters.get(model) {
-            Some(base) => (base.as_str(), Some(model)),
-            None => (model, None),
-        }
-    }
-
     /// Scores every candidate for `req` and picks one, without recording the
     /// pick as in flight (the HTTP API's dry run; [`Decide::decide`] records).
     pub async fn score(&self, req: &RouteRequest, subset: Option<&[String]>) -> Report {
         let endpoints = self.candidates.for_request(subset);
-        let (base, lora) = self.resolve_model(&req.model);
-        let started = Instant::now();
-        let keys = self.tokenize.block_keys(req, base, lora, &endpoints).await;
-        metrics::histogram!(m::TOKENIZE_SECONDS).record(started.elapsed().as_secs_f64());
-        let mut reason = "prefix";
-        let mut blocks = 0;
-        // Per endpoint: (normalised prefix score, depth, best tier of the prefix).
-        let mut prefix: HashMap<&String, (f64, u32, Option<String>)> = HashMap::new();
-        match keys {
-            Err(why) => reason = why,
-            Ok(keys) => {
-                blocks = keys.len();
-                metrics::histogram!(m::PROMPT_BLOCKS).record(blocks as f64);
-                let model = ModelName::new(base);
-                let started = Instant::now();
-                let lookup = tokio::time::timeout(
-                    self.config.lookup_timeout,
-                    self.index.lookup(&model, &keys, None),
-                )
-                .await;
-                metrics::histogram!(m::LOOKUP_SECONDS).record(started.elapsed().as_secs_f64());
-                match lookup {
-                    Err(_) => reason = "index_timeout",
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "index lookup failed: routing by load");
-                        reason = "index_unavailable";
-                    }
-                    Ok(Ok(found)) => {
-                        for s in score_prefixes(&found.pods, blocks, &self.config.tiers) {
-                            let Some(ep) = endpoint_for(s.pod.endpoint(), &endpoints) else {
-                                continue;
-                            };
-                            let tier = found.pods.iter().find(|p| p.pod == s.pod).and_then(|p| {
-                                p.tiers
-                                    .iter()
-                                    .max_by(|a, b| {
-                                        self.config
-                                            .tiers
-                                            .weight(&a.0)
-                                            .total_cmp(&self.config.tiers.weight(&b.0))
-                                    })
-                                    .map(|t| t.0.to_string())
-                            });
-                            // Several ranks of one endpoint: the best one counts.
-                            let entry = prefix.entry(ep).or_insert((0.0, 0, None));
-                            if s.normalized > entry.0 {
-                                *entry = (s.normalized, s.blocks, tier);
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        let found = self.prefixes.lookup(req, &endpoints).await;
+        record_stages(&found);
+        let (mut reason, prefix) = match &found.pods {
+            Err(e) => (Reason::Fallback(fallback(e)), BTreeMap::new()),
+            Ok(pods) => (Reason::Prefix, self.best_per_endpoint(pods, &endpoints)),
+        };
         let cands: Vec<Candidate> = endpoints
             .iter()
             .map(|ep| {
                 let engine = self.load.engines.fresh(ep, self.config.metrics_max_age);
                 Candidate {
-                    prefix: prefix.get(ep).map_or(0.0, |p| p.0),
+                    prefix: prefix.get(ep).map_or(0.0, |p| p.score.normalized),
                     in_flight: self.load.in_flight.get(ep),
                     waiting: engine.map(|e| e.waiting.round() as u32),
                     kv_usage: engine.and_then(|e| e.kv_usage),
@@ -230,17 +163,17 @@ impl<I: Index + 'static> Router<I> {
             .collect();
         let breakdowns = pick::blend(&cands, &self.config.weights, &self.config.limits);
         let chosen = pick::choose(&breakdowns, || self.random());
-        if reason == "prefix" && chosen.is_some_and(|i| cands[i].prefix == 0.0) {
-            reason = "load";
+        if reason == Reason::Prefix && chosen.is_some_and(|i| cands[i].prefix == 0.0) {
+            reason = Reason::Load;
         }
         if let Some(i) = chosen {
-            let max = prefix.values().map(|p| p.1).max().unwrap_or(0);
+            let max = prefix.values().map(|p| p.score.blocks).max().unwrap_or(0);
             metrics::histogram!(m::MATCHED_BLOCKS).record(f64::from(max));
             log_breakdown(&endpoints, &breakdowns, i);
         }
         Report {
             model: req.model.clone(),
-            blocks,
+            blocks: found.keys.len(),
             scores: endpoints
                 .iter()
                 .zip(cands.iter().zip(&breakdowns))
@@ -248,8 +181,10 @@ impl<I: Index + 'static> Router<I> {
                     let p = prefix.get(ep);
                     EndpointScore {
                         endpoint: ep.clone(),
-                        blocks: p.map_or(0, |p| p.1),
-                        tier: p.and_then(|p| p.2.clone()),
+                        blocks: p.map_or(0, |p| p.score.blocks),
+                        tier: p
+                            .and_then(|p| best_tier(&p.prefix, &self.config.tiers))
+                            .map(|t| t.to_string()),
                         score: b.total,
                         prefix: b.prefix,
                         in_flight: c.in_flight,
@@ -262,6 +197,37 @@ impl<I: Index + 'static> Router<I> {
             picked: chosen.map(|i| endpoints[i].clone()),
             reason,
         }
+    }
+
+    /// Each candidate endpoint's best index pod (several data-parallel ranks
+    /// of one endpoint: the best one counts); pods of no candidate drop out.
+    fn best_per_endpoint<'a>(
+        &self,
+        pods: &'a [ScoredPod],
+        endpoints: &'a [String],
+    ) -> BTreeMap<&'a String, &'a ScoredPod> {
+        let answering = pods
+            .iter()
+            .filter_map(|p| Some((endpoint_for(p.score.pod.endpoint(), endpoints)?, p)));
+        fold_best(answering, |p| p.score.normalized)
+    }
+}
+
+/// The prefix stage's fallback reason, with a log line for a failed lookup.
+fn fallback(e: &PrefixError) -> Fallback {
+    if let PrefixError::Index(e) = e {
+        tracing::debug!(error = %e, "index lookup failed: routing by load");
+    }
+    e.fallback()
+}
+
+/// The routing stages' histograms (tokenization, prompt size, lookup).
+fn record_stages(found: &PromptPrefix) {
+    metrics::histogram!(m::TOKENIZE_SECONDS).record(found.timings.tokenize.as_secs_f64());
+    if let Some(lookup) = found.timings.lookup {
+        // Looked up: tokenization succeeded, the keys are the prompt's.
+        metrics::histogram!(m::PROMPT_BLOCKS).record(found.keys.len() as f64);
+        metrics::histogram!(m::LOOKUP_SECONDS).record(lookup.as_secs_f64());
     }
 }
 
@@ -283,23 +249,21 @@ fn log_breakdown(endpoints: &[String], breakdowns: &[Breakdown], chosen: usize) 
     }
 }
 
-impl<I: Index + 'static> Decide for Router<I> {
+impl<I: Index + 'static> Decide for EndpointPicker<I> {
     async fn decide(
         &self,
         request: RouteRequest,
         subset: Option<Vec<String>>,
     ) -> Result<Decision, DecideError> {
         let report = self.score(&request, subset.as_deref()).await;
-        metrics::counter!(m::DECISIONS, "reason" => report.reason).increment(1);
-        if !matches!(report.reason, "prefix" | "load") {
-            metrics::counter!(m::FALLBACKS, "reason" => report.reason).increment(1);
+        let reason = report.reason.as_label();
+        metrics::counter!(m::DECISIONS, "reason" => reason).increment(1);
+        if report.reason.fallback().is_some() {
+            metrics::counter!(m::FALLBACKS, "reason" => reason).increment(1);
         }
         let endpoint = report.picked.ok_or(DecideError::NoCandidates)?;
         self.load.in_flight.start(&endpoint);
-        Ok(Decision {
-            endpoint,
-            reason: report.reason,
-        })
+        Ok(Decision { endpoint, reason })
     }
 
     fn finished(&self, endpoint: &str) {
@@ -312,6 +276,7 @@ mod tests {
     use super::*;
     use crate::decide::Prompt;
     use kvroute_core::ids::BlockKey;
+    use kvroute_core::ids::ModelName;
     use kvroute_core::ids::{PodId, Tier};
     use kvroute_core::index::memory::MemoryIndex;
     use kvroute_core::index::{IndexOp, StoredBlock};
@@ -330,7 +295,7 @@ mod tests {
         kvroute_testkit::test_env::testdata("tokens/tiny")
     }
 
-    fn router(limits: LoadLimits) -> (Router<MemoryIndex>, Arc<MemoryIndex>) {
+    fn router(limits: LoadLimits) -> (EndpointPicker<MemoryIndex>, Arc<MemoryIndex>) {
         let index = Arc::new(MemoryIndex::new(10_000));
         let tokenizers = Arc::new(TokenizerRegistry::new(
             [("tiny".to_string(), tiny())],
@@ -344,7 +309,7 @@ mod tests {
             adapters: HashMap::from([("tiny-lora".to_string(), "tiny".to_string())]),
             ..RouteConfig::default()
         };
-        let r = Router::new(
+        let r = EndpointPicker::new(
             index.clone(),
             scheme(),
             tokenizers,
@@ -392,7 +357,7 @@ mod tests {
         let report = r.score(&ids_request("tiny", ids.clone()), None).await;
         assert_eq!(report.blocks, 8);
         assert_eq!(report.picked.as_deref(), Some(B));
-        assert_eq!(report.reason, "prefix");
+        assert_eq!(report.reason.as_label(), "prefix");
         let b = report
             .scores
             .iter()
@@ -436,11 +401,11 @@ mod tests {
         req.prompt = Prompt::Text(text.into());
         let report = r.score(&req, None).await;
         assert_eq!(report.picked.as_deref(), Some(A));
-        assert_eq!(report.reason, "prefix");
+        assert_eq!(report.reason.as_label(), "prefix");
         // The base model's blocks are different keys: no match.
         req.model = "tiny".into();
         let report = r.score(&req, None).await;
-        assert_eq!(report.reason, "load");
+        assert_eq!(report.reason.as_label(), "load");
     }
 
     #[tokio::test]
@@ -449,7 +414,7 @@ mod tests {
         let mut req = ids_request("unknown", vec![]);
         req.prompt = Prompt::Text("hello".into());
         let report = r.score(&req, None).await;
-        assert_eq!(report.reason, "no_tokenizer");
+        assert_eq!(report.reason.as_label(), "no_tokenizer");
         assert!(report.picked.is_some());
         let subset = vec![B.to_string()];
         let d = r.decide(req.clone(), Some(subset)).await.expect("decision");

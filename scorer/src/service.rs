@@ -12,16 +12,17 @@ use crate::config::ServeArgs;
 use crate::grpc::{self, GrpcHealth};
 use crate::indexer_api::{IndexerServiceServer, PodScorer};
 use crate::load::Load;
-use crate::route::Router;
+use crate::route::EndpointPicker;
 use anyhow::Context;
 use kvroute_service::health::Readiness;
 use kvroute_tokens::{TokenizerOptions, TokenizerRegistry, parse_tokenizer_arg};
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Builds the router the service (and the `why` subcommand) uses.
+/// The tokenizers the service (and the `why` subcommand) uses.
 pub fn tokenizers(args: &ServeArgs) -> anyhow::Result<Arc<TokenizerRegistry>> {
     let explicit = args
         .tokenizer
@@ -36,9 +37,24 @@ pub fn tokenizers(args: &ServeArgs) -> anyhow::Result<Arc<TokenizerRegistry>> {
     )))
 }
 
-/// Runs the scorer until `shutdown` is cancelled.
+/// The scorer's sockets, bound by the caller: the binary binds the flags'
+/// addresses (`--grpc-addr`, `--http-addr`, `--grpc-health-addr`, which
+/// [`run`] then ignores); tests bind `127.0.0.1:0` and read `local_addr()`,
+/// so nothing races for a port between probing and binding it.
+#[derive(Debug)]
+pub struct Listeners {
+    /// ext_proc, `grpc.health.v1` and llm-d's indexer API.
+    pub grpc: TcpListener,
+    /// `POST /v1/score`, `/healthz`, `/readyz`, `/metrics`.
+    pub http: TcpListener,
+    /// An extra health-only gRPC port (llm-d's 9003), if any.
+    pub grpc_health: Option<TcpListener>,
+}
+
+/// Runs the scorer on `listeners` until `shutdown` is cancelled.
 pub async fn run(
     args: ServeArgs,
+    listeners: Listeners,
     env: impl Fn(&str) -> Option<String> + Send + Sync + 'static,
     metrics: Option<PrometheusHandle>,
     shutdown: CancellationToken,
@@ -47,23 +63,14 @@ pub async fn run(
     let route_config = args.route_config().map_err(anyhow::Error::msg)?;
     let candidates = Arc::new(Candidates::new(&args.endpoints).context("--endpoints")?);
     let tokenizers = tokenizers(&args)?;
-    let grpc_listener = tokio::net::TcpListener::bind(args.grpc_addr)
-        .await
-        .with_context(|| format!("binding --grpc-addr {}", args.grpc_addr))?;
-    let http_listener = tokio::net::TcpListener::bind(args.http_addr)
-        .await
-        .with_context(|| format!("binding --http-addr {}", args.http_addr))?;
-    let health_listener = match args.grpc_health_addr {
-        Some(a) => Some(
-            tokio::net::TcpListener::bind(a)
-                .await
-                .with_context(|| format!("binding --grpc-health-addr {a}"))?,
-        ),
-        None => None,
-    };
+    let Listeners {
+        grpc: grpc_listener,
+        http: http_listener,
+        grpc_health: health_listener,
+    } = listeners;
     tracing::info!(
-        grpc = %args.grpc_addr,
-        http = %args.http_addr,
+        grpc = ?grpc_listener.local_addr().ok(),
+        http = ?http_listener.local_addr().ok(),
         index = %args.redis.describe(&env),
         lookup_mode = %args.lookup_mode,
         scheme = %keys.scheme(),
@@ -99,7 +106,7 @@ pub async fn run(
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0x5eed)
     });
-    let router = Arc::new(Router::new(
+    let router = Arc::new(EndpointPicker::new(
         index.clone(),
         keys,
         tokenizers,
@@ -155,7 +162,7 @@ pub async fn run(
         ));
     }
 
-    // Ready once both servers are listening (they are bound above).
+    // Ready once both servers are listening (the caller bound them).
     let readiness = Readiness::default();
     let serving = readiness.check("serving");
     let health = GrpcHealth::new().await;

@@ -17,7 +17,7 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 use scorer::candidates::Candidates;
 use scorer::decide::{Decide, Prompt, RouteRequest};
 use scorer::load::Load;
-use scorer::route::{RouteConfig, Router};
+use scorer::route::{EndpointPicker, RouteConfig};
 use scorer::tokenize::{PoolConfig, RemoteConfig, TokenizeConfig};
 use serde_json::json;
 use std::process::Stdio;
@@ -36,9 +36,9 @@ fn router(
     registry: TokenizerRegistry,
     endpoints: &[String],
     tokenize: TokenizeConfig,
-) -> (Router<MemoryIndex>, Arc<MemoryIndex>) {
+) -> (EndpointPicker<MemoryIndex>, Arc<MemoryIndex>) {
     let index = Arc::new(MemoryIndex::new(1_000_000));
-    let r = Router::new(
+    let r = EndpointPicker::new(
         index.clone(),
         key_scheme(),
         Arc::new(registry),
@@ -149,7 +149,11 @@ async fn cold_tokenization_does_not_hold_up_other_decisions() {
     }
     let took = started.elapsed();
     let report = slow.await.expect("task");
-    assert_eq!(report.reason, "load", "tokenized, nothing cached");
+    assert_eq!(
+        report.reason.as_label(),
+        "load",
+        "tokenized, nothing cached"
+    );
     assert!(report.blocks > 2_000, "{} blocks", report.blocks);
     assert!(
         meanwhile >= 20,
@@ -356,12 +360,12 @@ async fn vllm_tokenize_gives_the_keys_and_pick_of_local_tokenization() {
     let req = request(LLAMA, Prompt::Text(prompt.clone()));
     let want = local.score(&req, None).await;
     assert_eq!(
-        (want.reason, want.picked.as_deref()),
+        (want.reason.as_label(), want.picked.as_deref()),
         ("prefix", Some(p2.as_str()))
     );
     for round in 0..2 {
         let got = by_pod.score(&req, None).await;
-        assert_eq!(got.reason, "prefix", "round {round}");
+        assert_eq!(got.reason.as_label(), "prefix", "round {round}");
         assert_eq!(got.blocks, want.blocks, "round {round}");
         assert_eq!(got.picked, want.picked, "round {round}");
         let depths = |r: &scorer::route::Report| {
@@ -391,18 +395,18 @@ async fn vllm_tokenize_gives_the_keys_and_pick_of_local_tokenization() {
     let blocks = store(&quick_index, &p1, TINY, &chat_ids(&toks, TINY, &messages));
     let chat = request(TINY, Prompt::Chat(messages));
     let first = quick.score(&chat, None).await;
-    assert_eq!(first.reason, "remote_tokenize_timeout");
+    assert_eq!(first.reason.as_label(), "remote_tokenize_timeout");
     assert!(first.picked.is_some());
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let second = quick.score(&chat, None).await;
-    assert_eq!(second.reason, "prefix");
+    assert_eq!(second.reason.as_label(), "prefix");
     assert_eq!(second.blocks, blocks);
     assert_eq!(second.picked.as_deref(), Some(p1.as_str()));
 
     // An unknown model: vLLM answers 404; routed by load.
     let other = request("no/such-model", Prompt::Text("hello".into()));
     assert_eq!(
-        by_pod.score(&other, None).await.reason,
+        by_pod.score(&other, None).await.reason.as_label(),
         "remote_tokenize_failed"
     );
 }
@@ -431,7 +435,7 @@ async fn a_dead_pod_is_skipped_and_no_pod_means_routing_by_load() {
         let prompt = format!("Question {i}: {}", prose("failover", 800));
         store(&index, &live, LLAMA, &completion_ids(&toks, LLAMA, &prompt));
         let report = r.score(&request(LLAMA, Prompt::Text(prompt)), None).await;
-        assert_eq!(report.reason, "prefix", "prompt {i}");
+        assert_eq!(report.reason.as_label(), "prefix", "prompt {i}");
         assert_eq!(report.picked.as_deref(), Some(live.as_str()));
     }
     // Only dead pods: counted, routed by load. Remote off: no_tokenizer.
@@ -456,7 +460,7 @@ async fn a_dead_pod_is_skipped_and_no_pod_means_routing_by_load() {
     let report = off
         .score(&request(LLAMA, Prompt::Text("hello there".into())), None)
         .await;
-    assert_eq!(report.reason, "no_tokenizer");
+    assert_eq!(report.reason.as_label(), "no_tokenizer");
     let text = handle.render();
     for want in [
         r#"kvroute_scorer_fallbacks_total{reason="remote_tokenize_failed"} 1"#,

@@ -1,6 +1,6 @@
 //! Part (a'): where a warm in-process decision's time goes, stage by stage
 //! (cached tokenization, block keys with and without the key cache, the
-//! lookup, the whole `Router::score`), interleaved sample by sample.
+//! lookup, the whole `EndpointPicker::score`), interleaved sample by sample.
 
 use super::prompts::{self, Prompt};
 use super::{Args, Samples, row};
@@ -8,13 +8,13 @@ use kvroute_core::keys::{ExtraKeys, KeyCache, KeyScheme};
 use kvroute_redis::RedisIndex;
 use kvroute_tokens::TokenizerRegistry;
 use scorer::decide::{Prompt as ReqPrompt, RouteRequest};
-use scorer::route::Router;
+use scorer::route::EndpointPicker;
 use std::time::{Duration, Instant};
 
 /// Where a warm in-process decision's time goes, for the largest pod count:
 /// each stage timed alone, interleaved sample by sample.
 pub async fn run(
-    router: &Router<RedisIndex>,
+    router: &EndpointPicker<RedisIndex>,
     registry: &TokenizerRegistry,
     index: &RedisIndex,
     scheme: &KeyScheme,
@@ -29,7 +29,7 @@ pub async fn run(
         "\n(a') where a warm in-process decision goes, {pods} pods, p50 / p99 µs of each stage alone"
     );
     println!(
-        "| blocks | tokenize, uncached | tokenize, cached | block keys, uncached | block keys, cached | lookup | Router::score |"
+        "| blocks | tokenize, uncached | tokenize, cached | block keys, uncached | block keys, cached | lookup | EndpointPicker::score |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     for prompt in prompts {

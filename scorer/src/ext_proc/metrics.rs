@@ -1,14 +1,8 @@
 //! The front end's metrics, counted in one place per condition (through the
 //! `metrics` facade; the binary installs the Prometheus recorder).
 
+use crate::metrics::{DECISION_SECONDS, IMMEDIATE_RESPONSES, REQUESTS};
 use std::time::Duration;
-
-/// Requests by how the picker answered them.
-pub const REQUESTS_TOTAL: &str = "kvroute_scorer_requests_total";
-/// End of request body (or headers-only request) -> routing headers sent.
-pub const DECISION_SECONDS: &str = "kvroute_scorer_decision_seconds";
-/// Error responses the client got from the picker instead of a pod.
-pub const IMMEDIATE_RESPONSES_TOTAL: &str = "kvroute_scorer_immediate_responses_total";
 
 /// How a request's ext_proc stream ended, as the `outcome` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,9 +43,9 @@ impl Outcome {
 
 /// Counts one finished decision (and its immediate response, if any).
 pub fn record(outcome: Outcome) {
-    metrics::counter!(REQUESTS_TOTAL, "outcome" => outcome.as_label()).increment(1);
+    metrics::counter!(REQUESTS, "outcome" => outcome.as_label()).increment(1);
     if let Some(code) = outcome.immediate_code() {
-        metrics::counter!(IMMEDIATE_RESPONSES_TOTAL, "code" => code_label(code)).increment(1);
+        metrics::counter!(IMMEDIATE_RESPONSES, "code" => code_label(code)).increment(1);
     }
 }
 

@@ -26,7 +26,7 @@ mod stream;
 
 pub use body::{DEFAULT_MAX_BODY_BYTES, TooLarge};
 pub use metadata::{DESTINATION_HEADER, LB_NAMESPACE, SUBSET_KEY, SUBSET_NAMESPACE};
-pub use metrics::{DECISION_SECONDS, IMMEDIATE_RESPONSES_TOTAL, Outcome, REQUESTS_TOTAL};
+pub use metrics::Outcome;
 pub use response::MAX_CHUNK_BYTES;
 
 use crate::decide::Decide;

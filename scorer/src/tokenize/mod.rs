@@ -34,18 +34,13 @@ pub use pool::{BlockingPool, PoolConfig, PoolError};
 pub use remote::{RemoteConfig, RemoteError, RemotePrompt, RemoteTokenizer};
 
 use crate::decide::{Prompt, RouteRequest};
+use crate::reason::Fallback;
 use kvroute_core::ids::BlockKey;
 use kvroute_core::keys::{ExtraKeys, KeyCache};
 use kvroute_tokens::{ChatOptions, Tokenizer, TokenizerRegistry, TokensError};
 use serde_json::Value as Json;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-
-/// Metric names of the tokenization stage.
-pub mod metrics_names {
-    /// Requests by path: `ids`, `cached`, `pool`, `remote`.
-    pub const PATHS: &str = "kvroute_scorer_tokenize_path_total";
-}
 
 /// Settings of the tokenization stage.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,7 +105,7 @@ enum Input {
 enum JobError {
     /// No tokenizer for the model (unknown, or its files failed to load).
     NoLocal,
-    Reason(&'static str),
+    Reason(Fallback),
 }
 
 impl Tokenize {
@@ -159,7 +154,7 @@ impl Tokenize {
             Path::Pool => "pool",
             Path::Remote => "remote",
         };
-        metrics::counter!(metrics_names::PATHS, "path" => label).increment(1);
+        metrics::counter!(crate::metrics::TOKENIZE_PATHS, "path" => label).increment(1);
     }
 
     /// The block keys of `req`'s prompt for `base` (the model whose
@@ -172,7 +167,7 @@ impl Tokenize {
         base: &str,
         lora: Option<&str>,
         endpoints: &[String],
-    ) -> Result<Vec<BlockKey>, &'static str> {
+    ) -> Result<Vec<BlockKey>, Fallback> {
         let extra = ExtraKeys {
             lora,
             cache_salt: req.cache_salt.as_deref(),
@@ -182,7 +177,7 @@ impl Tokenize {
                 self.took(Path::Ids);
                 return Ok(self.keys.block_keys(ids, extra));
             }
-            Prompt::Text(t) if t.is_empty() => return Err("empty_prompt"),
+            Prompt::Text(t) if t.is_empty() => return Err(Fallback::EmptyPrompt),
             Prompt::Text(_) | Prompt::Chat(_) => {}
         }
         let options = || ChatOptions {
@@ -237,7 +232,7 @@ impl Tokenize {
         tok: &Tokenizer,
         prompt: &Prompt,
         options: impl FnOnce() -> ChatOptions,
-    ) -> Result<Result<Vec<u32>, Input>, &'static str> {
+    ) -> Result<Result<Vec<u32>, Input>, Fallback> {
         match prompt {
             Prompt::Text(text) => Ok(tok
                 .encode_cached(text, true)
@@ -245,7 +240,7 @@ impl Tokenize {
             Prompt::Chat(messages) if text_bytes(messages, self.inline_render_bytes) => {
                 let text = tok
                     .render_chat(messages, &options())
-                    .map_err(|_| "template_error")?;
+                    .map_err(|_| Fallback::TemplateError)?;
                 Ok(tok.encode_cached(&text, false).ok_or(Input::Rendered(text)))
             }
             other => Ok(Err(owned_input(other, options))),
@@ -258,9 +253,9 @@ impl Tokenize {
         req: &RouteRequest,
         extra: ExtraKeys<'_>,
         endpoints: &[String],
-    ) -> Result<Vec<BlockKey>, &'static str> {
+    ) -> Result<Vec<BlockKey>, Fallback> {
         let Some(remote) = &self.remote else {
-            return Err("no_tokenizer");
+            return Err(Fallback::NoTokenizer);
         };
         let prompt = match &req.prompt {
             Prompt::Text(text) => RemotePrompt::Completion(text),
@@ -274,10 +269,10 @@ impl Tokenize {
         // vLLM resolves the request's own model name (an adapter included).
         match remote.tokenize(&req.model, prompt, endpoints).await {
             Ok(ids) => Ok(self.keys.block_keys(&ids, extra)),
-            Err(RemoteError::Timeout) => Err("remote_tokenize_timeout"),
+            Err(RemoteError::Timeout) => Err(Fallback::RemoteTokenizeTimeout),
             Err(e) => {
                 tracing::debug!(error = %e, model = %req.model, "remote tokenization failed: routing by load");
-                Err("remote_tokenize_failed")
+                Err(Fallback::RemoteTokenizeFailed)
             }
         }
     }
@@ -292,11 +287,13 @@ fn owned_input(prompt: &Prompt, options: impl FnOnce() -> ChatOptions) -> Input 
 }
 
 /// Tokenizes pool work; the error is the fallback reason.
-fn encode(tok: &Tokenizer, input: Input) -> Result<Vec<u32>, &'static str> {
+fn encode(tok: &Tokenizer, input: Input) -> Result<Vec<u32>, Fallback> {
     match input {
-        Input::Text(t) => tok.encode_completion(&t).map_err(|_| "tokenize_error"),
-        Input::Rendered(t) => tok.encode(&t, false).map_err(|_| "template_error"),
-        Input::Chat(m, o) => tok.encode_chat(&m, &o).map_err(|_| "template_error"),
+        Input::Text(t) => tok
+            .encode_completion(&t)
+            .map_err(|_| Fallback::TokenizeError),
+        Input::Rendered(t) => tok.encode(&t, false).map_err(|_| Fallback::TemplateError),
+        Input::Chat(m, o) => tok.encode_chat(&m, &o).map_err(|_| Fallback::TemplateError),
         Input::Ids(ids) => Ok(ids),
     }
 }

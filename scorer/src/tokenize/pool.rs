@@ -12,6 +12,7 @@
 //! keeps its thread until it finishes (threads cannot be cancelled); its
 //! result still lands in the tokenizer and key caches, so a retry is warm.
 
+use crate::reason::Fallback;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -35,12 +36,12 @@ pub enum PoolError {
 }
 
 impl PoolError {
-    /// The routing fallback reason (metric label).
-    pub fn reason(self) -> &'static str {
+    /// The routing fallback reason.
+    pub fn reason(self) -> Fallback {
         match self {
-            PoolError::QueueFull | PoolError::QueueTimeout => "tokenize_overloaded",
-            PoolError::Timeout => "tokenize_timeout",
-            PoolError::Panicked => "tokenize_error",
+            PoolError::QueueFull | PoolError::QueueTimeout => Fallback::TokenizeOverloaded,
+            PoolError::Timeout => Fallback::TokenizeTimeout,
+            PoolError::Panicked => Fallback::TokenizeError,
         }
     }
 }
@@ -220,8 +221,11 @@ mod tests {
         // The waiting one gives up at the deadline, the running one too.
         assert_eq!(second.await.expect("task"), Err(PoolError::QueueTimeout));
         assert_eq!(first.await.expect("task"), Err(PoolError::Timeout));
-        assert_eq!(PoolError::QueueFull.reason(), "tokenize_overloaded");
-        assert_eq!(PoolError::Timeout.reason(), "tokenize_timeout");
+        assert_eq!(
+            PoolError::QueueFull.reason().as_label(),
+            "tokenize_overloaded"
+        );
+        assert_eq!(PoolError::Timeout.reason().as_label(), "tokenize_timeout");
         // The abandoned job still holds its thread until it ends.
         assert_eq!(p.run(|| 3).await, Err(PoolError::QueueTimeout));
         assert_eq!(p.running(), 1);

@@ -41,16 +41,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-/// Metric names of remote tokenization.
-pub mod metrics_names {
-    /// Calls by outcome: `cache_hit`, `ok`, or an error label.
-    pub const REQUESTS: &str = "kvroute_scorer_remote_tokenize_total";
-    /// Round-trip time of answered requests.
-    pub const SECONDS: &str = "kvroute_scorer_remote_tokenize_seconds";
-    /// Misses that waited for a request already asking for the same body.
-    pub const JOINED: &str = "kvroute_scorer_remote_tokenize_joined_total";
-}
-use metrics_names as m;
+use crate::metrics as m;
 
 /// A `/tokenize` answer is ~7 bytes per token; 8 MiB is ~1M tokens.
 const MAX_RESPONSE_BYTES: usize = 8 << 20;
@@ -190,7 +181,7 @@ impl RemoteTokenizer {
     ) -> Result<Arc<[u32]>, RemoteError> {
         let body: Arc<str> = Self::body(model, prompt).into();
         if let Some(ids) = self.cache.get(&body) {
-            metrics::counter!(m::REQUESTS, "outcome" => "cache_hit").increment(1);
+            metrics::counter!(m::REMOTE_TOKENIZE, "outcome" => "cache_hit").increment(1);
             return Ok(ids);
         }
         let result = self.fetch(body, endpoints).await;
@@ -198,7 +189,7 @@ impl RemoteTokenizer {
             Ok(_) => "ok",
             Err(e) => e.label(),
         };
-        metrics::counter!(m::REQUESTS, "outcome" => outcome).increment(1);
+        metrics::counter!(m::REMOTE_TOKENIZE, "outcome" => outcome).increment(1);
         result
     }
 
@@ -264,7 +255,7 @@ impl Flights {
     {
         let mut map = self.0.lock();
         if let Some(running) = map.get(body) {
-            metrics::counter!(m::JOINED).increment(1);
+            metrics::counter!(m::REMOTE_TOKENIZE_JOINED).increment(1);
             return running.clone();
         }
         let (tx, rx) = watch::channel(None);
@@ -328,7 +319,7 @@ async fn fetch_one(
         .await
         .map_err(|_| RemoteError::Timeout)??;
     let ids: Arc<[u32]> = parse_response(&bytes)?.into();
-    metrics::histogram!(m::SECONDS).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(m::REMOTE_TOKENIZE_SECONDS).record(started.elapsed().as_secs_f64());
     cache.insert(body, ids.clone());
     Ok(ids)
 }

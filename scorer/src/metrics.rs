@@ -1,0 +1,50 @@
+//! The scorer's metric names, in one place, all prefixed `kvroute_scorer_`.
+//! Recorded through the `metrics` facade (free when no recorder is
+//! installed, as in unit tests); the binary's `/metrics` renders them for
+//! Prometheus. Label values come from typed enums where they are a fixed set
+//! ([`crate::reason::Reason`], [`crate::ext_proc::Outcome`]).
+
+// Routing (`route.rs`).
+
+/// Decisions, by `reason` (`prefix`, `load`, or a fallback reason).
+pub const DECISIONS: &str = "kvroute_scorer_decisions_total";
+/// Decisions that routed by load because the prefix was unknown, by `reason`
+/// ([`crate::reason::Fallback`]).
+pub const FALLBACKS: &str = "kvroute_scorer_fallbacks_total";
+/// Index lookup latency in seconds (timed-out lookups included).
+pub const LOOKUP_SECONDS: &str = "kvroute_scorer_lookup_seconds";
+/// Prompt -> block keys (tokenization, pool wait or remote call included).
+pub const TOKENIZE_SECONDS: &str = "kvroute_scorer_tokenize_seconds";
+/// Full blocks of each tokenized prompt.
+pub const PROMPT_BLOCKS: &str = "kvroute_scorer_prompt_blocks";
+/// The deepest cached prefix among a decision's candidates, in blocks.
+pub const MATCHED_BLOCKS: &str = "kvroute_scorer_matched_blocks";
+
+// Tokenization (`tokenize/`).
+
+/// Requests by tokenization `path`: `ids`, `cached`, `pool`, `remote`.
+pub const TOKENIZE_PATHS: &str = "kvroute_scorer_tokenize_path_total";
+/// vLLM `/tokenize` calls by `outcome`: `cache_hit`, `ok`, or an error label.
+pub const REMOTE_TOKENIZE: &str = "kvroute_scorer_remote_tokenize_total";
+/// Round-trip time of answered vLLM `/tokenize` requests, in seconds.
+pub const REMOTE_TOKENIZE_SECONDS: &str = "kvroute_scorer_remote_tokenize_seconds";
+/// `/tokenize` misses that waited for a request already asking for the same body.
+pub const REMOTE_TOKENIZE_JOINED: &str = "kvroute_scorer_remote_tokenize_joined_total";
+
+// Front ends.
+
+/// ext_proc requests by how the picker answered them (`outcome`).
+pub const REQUESTS: &str = "kvroute_scorer_requests_total";
+/// ext_proc: end of request body (or headers-only request) -> routing
+/// headers sent, in seconds.
+pub const DECISION_SECONDS: &str = "kvroute_scorer_decision_seconds";
+/// ext_proc error responses the client got from the picker instead of a
+/// pod, by HTTP `code`.
+pub const IMMEDIATE_RESPONSES: &str = "kvroute_scorer_immediate_responses_total";
+/// llm-d's `GetPodScores` calls by `outcome` (`ok` or an error label).
+pub const INDEXER_API_REQUESTS: &str = "kvroute_scorer_indexer_api_requests_total";
+
+// Background (`background.rs`).
+
+/// vLLM `/metrics` scrapes that failed or timed out.
+pub const SCRAPE_FAILURES: &str = "kvroute_scorer_scrape_failures_total";
