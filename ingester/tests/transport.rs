@@ -175,15 +175,19 @@ async fn connect_mode_redials_a_restarted_publisher_within_a_second() {
     assert_eq!(b.source, format!("connect:{pub_ep}"));
     assert_generated(&b);
     first.kill().await;
-    // Down long enough for an exponential backoff to have grown past 1 s
-    // (100, 200, 400, 800 ms...), then drain what the first one sent.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Down for five refused redials: an exponential backoff (100, 200, 400,
+    // 800 ms...) would by then wait 1.6 s before the next one, and the
+    // latency check below would catch it. Then drain what the first sent.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stats.snapshot().connect_failures < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "redials were not refused meanwhile"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     while rx.try_recv().is_ok() {}
     assert_eq!(stats.snapshot().connect_peers, 0, "the loss was noticed");
-    assert!(
-        stats.snapshot().connect_failures > 0,
-        "redials were refused meanwhile"
-    );
 
     let second = Peer::spawn(script).await;
     let b = recv(&mut rx, Duration::from_secs(3)).await;

@@ -26,6 +26,7 @@ async fn a_shed_pod_is_rebuilt_from_its_replay_buffer_after_the_outage() {
         batch(vec![store1]),
         json!({"wait": "outage"}),
         batch(vec![removed(&states1)]),
+        json!({"wait": "burst"}),
     ];
     steps.extend((2..8).map(|i| batch(vec![engine.stored(None, &t[i], None).0])));
     steps.push(json!({"wait": "after"}));
@@ -69,13 +70,24 @@ async fn a_shed_pod_is_rebuilt_from_its_replay_buffer_after_the_outage() {
 
     redis.kill();
     ing.wait_ready(false).await;
+    // The removal alone until its write has failed seven times (the next
+    // retry is then 3.2 s away), so the six stores after it are all pending
+    // at once and overflow the bound, however many batches a write in
+    // flight would otherwise have taken.
     peer.resume("outage").await;
+    peer.wait_for("WAITING burst").await;
+    ing.expect_metric(
+        "kvroute_ingester_index_writes_total",
+        &[("outcome", "error")],
+        7.0,
+    )
+    .await;
+    peer.resume("burst").await;
     peer.wait_for("WAITING after").await;
     ing.expect_metric(BATCHES, &[], 9.0).await;
-    assert!(
-        ing.metric("kvroute_ingester_dropped_ops_total", &[]).await > 0.0,
-        "the outage shed the pod"
-    );
+    // Counted on arrival, shed when the worker takes it: wait for the shed.
+    ing.expect_metric("kvroute_ingester_dropped_ops_total", &[], 1.0)
+        .await;
 
     // Redis comes back empty: the pod is cleared, then rebuilt from its
     // buffer (batches 0..8), so blocks written before the outage and blocks
