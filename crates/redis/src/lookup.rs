@@ -32,7 +32,7 @@ pub const NODE_LOOKUPS_REDONE: &str = "kvroute_index_node_lookups_redone_total";
 /// Without per-master scripts, bisecting a cluster costs a round trip per
 /// round (3 to 7 of them); up to about this many blocks one wave reading
 /// every block is as cheap (measured: `bench decision`, part (0'),
-/// BENCHMARKS.md).
+/// docs/benchmarks-history.md).
 pub const CLUSTER_READ_WHOLE_MAX_BLOCKS: usize = 192;
 
 pub(super) async fn lookup(

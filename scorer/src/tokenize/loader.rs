@@ -6,7 +6,7 @@
 //! loading thread fragmented. A thread that later tokenizes with that arena
 //! spent ~35% more CPU per cold prompt, mostly in `_int_free` /
 //! `unlink_chunk` (measured: a 3,224-block prompt 45 ms -> 61 ms p50 when
-//! the pool thread that tokenized had also loaded; BENCHMARKS.md). A loading
+//! the pool thread that tokenized had also loaded; docs/benchmarks-history.md). A loading
 //! thread that exits does not help either: glibc hands its arena to the next
 //! new thread, often a pool thread. So loads go to this thread, which lives
 //! as long as its [`Loader`] (dropping the loader closes the channel and

@@ -40,6 +40,11 @@ pub fn scorer_args(redis: &RedisServer, fleet: &Fleet, extra: &[&str]) -> Vec<St
         fleet.endpoints(),
         "--seed".into(),
         "7".into(),
+        // These tests check where requests go, not the tokenization deadline
+        // (tests/tokenize.rs does): a 120 KB prompt on a loaded 2-core
+        // machine can take longer than the 250 ms default.
+        "--tokenize-timeout".into(),
+        "10s".into(),
     ];
     args.extend(key_args());
     args.extend(tokenizer_args());

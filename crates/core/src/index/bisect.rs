@@ -124,7 +124,7 @@ impl std::fmt::Display for LookupMode {
 /// [`LookupMode::Bisect`] too, on every backend: reading a short prompt whole
 /// costs about what bisecting it does (one pipeline vs one script call on
 /// Redis), and the walk is exact on any data. Measured with
-/// `kvroute-loadtest bench decision` (BENCHMARKS.md, "Decision latency").
+/// `kvroute-loadtest bench decision` (docs/benchmarks-history.md, "Decision latency").
 pub const DEFAULT_LINEAR_MAX_BLOCKS: usize = 32;
 
 /// A backend's lookup configuration, settable through `&self` while lookups

@@ -1,7 +1,7 @@
 //! A cache of block keys for token prefixes seen before, so that the scorer
 //! does not SHA-256 a long shared prefix (system prompt, RAG context, earlier
 //! turns) on every request: keying 2048 blocks costs ~0.28 ms, a cached
-//! prefix ~0.02 ms (BENCHMARKS.md).
+//! prefix ~0.02 ms (docs/benchmarks-history.md).
 //!
 //! Keys chain: block `i`'s key depends on every token before it, so a prefix
 //! can be reused only as a whole. The cache is a trie of segments of
