@@ -106,8 +106,8 @@ pub fn redis_benchmark(
     }
 }
 
-/// utime + stime of `pid`, from `/proc/<pid>/stat`.
-pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+/// utime + stime of `pid` (a pid, or `self`), from `/proc/<pid>/stat`.
+pub fn cpu_seconds(pid: impl std::fmt::Display) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which is in parentheses and may hold
     // spaces): state is field 3, utime 14, stime 15.

@@ -166,7 +166,7 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// CPU seconds (user + system) a process has used (`machine::cpu_seconds`).
 pub fn cpu_seconds(pid: &str) -> Option<f64> {
-    crate::machine::cpu_seconds(pid.parse().ok()?).ok()
+    crate::machine::cpu_seconds(pid).ok()
 }
 
 /// The redis-server pid, from `INFO server`.
