@@ -80,14 +80,7 @@ async fn serves_on_the_listeners_it_is_given() {
     }
     assert!(ready.is_some(), "never ready");
     let body = serde_json::json!({"model": TINY, "prompt": "the quick brown fox ".repeat(8)});
-    let reply = client
-        .call(http::request(
-            "POST",
-            "/v1/score",
-            &[("content-type", "application/json")],
-            http::full(body.to_string()),
-        ))
-        .await;
+    let reply = http::score(&mut client, &body).await;
     assert_eq!(reply.status, 200, "{:?}", reply.body);
     let report = reply.json();
     assert_eq!(report["reason"], "load", "{report}");

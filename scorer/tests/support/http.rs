@@ -107,3 +107,15 @@ pub async fn next_data(body: &mut Incoming) -> Option<Bytes> {
     }
     None
 }
+
+/// `POST /v1/score` with a JSON body on `client`'s connection.
+pub async fn score(client: &mut Client, body: &serde_json::Value) -> Reply {
+    client
+        .call(request(
+            "POST",
+            "/v1/score",
+            &[("content-type", "application/json")],
+            full(body.to_string()),
+        ))
+        .await
+}

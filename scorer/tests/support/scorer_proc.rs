@@ -85,14 +85,7 @@ impl ScorerProc {
     /// `POST /v1/score`: the decision the scorer would make, as JSON.
     pub async fn score(&self, body: &serde_json::Value) -> serde_json::Value {
         let mut client = Client::connect(self.http).await;
-        let reply = client
-            .call(http::request(
-                "POST",
-                "/v1/score",
-                &[("content-type", "application/json")],
-                http::full(body.to_string()),
-            ))
-            .await;
+        let reply = http::score(&mut client, body).await;
         assert_eq!(reply.status, 200, "/v1/score: {:?}", reply.body);
         reply.json()
     }
