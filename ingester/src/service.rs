@@ -26,6 +26,7 @@ use crate::worker::{NoReplay, ReplayedBatches, Replayer, Worker, WorkerConfig};
 use crate::write_health::WatchedIndex;
 use anyhow::Context;
 use kvroute_core::events::Topic;
+use kvroute_core::index::IndexError;
 use kvroute_redis::AnyIndex;
 use kvroute_service::health::{Check, Readiness};
 use std::collections::BTreeSet;
@@ -280,6 +281,10 @@ async fn open_index(
     loop {
         match args.redis.open(env).await {
             Ok(i) => return Ok(Some(i)),
+            // Bad URL, credentials, ACL or TLS: retrying cannot fix it.
+            Err(e @ IndexError::Config(_)) => {
+                return Err(anyhow::Error::new(e).context("Redis configuration"));
+            }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?delay, "index not reachable yet");
             }

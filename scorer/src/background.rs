@@ -76,27 +76,31 @@ impl Index for LateIndex {
     }
 }
 
-/// Connects the configured index, retrying with backoff until it answers.
+/// Connects the configured index, retrying with backoff while Redis is
+/// unreachable (routing by load meanwhile). A configuration error (bad URL,
+/// credentials, ACL, TLS) is returned instead: retrying cannot fix it, and
+/// the service exits on it rather than route by load forever.
 pub async fn connect_index(
     late: Arc<LateIndex>,
     redis: RedisArgs,
     env: impl Fn(&str) -> Option<String>,
     shutdown: CancellationToken,
-) {
+) -> Result<(), IndexError> {
     let mut delay = Duration::from_millis(100);
     loop {
         match redis.open(&env).await {
             Ok(index) => {
                 tracing::info!(index = %redis.describe(&env), "index connected");
                 late.set(index);
-                return;
+                return Ok(());
             }
+            Err(e @ IndexError::Config(_)) => return Err(e),
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?delay, "index not reachable: routing by load meanwhile")
             }
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(5));
@@ -160,6 +164,7 @@ fn inflight_key(replica: &str) -> String {
 pub async fn share_in_flight(
     urls: Vec<String>,
     cluster: bool,
+    tls: Option<redis::TlsCertificates>,
     replica: String,
     load: Load,
     interval: Duration,
@@ -168,7 +173,11 @@ pub async fn share_in_flight(
     let ttl_ms = (interval.as_millis() as u64 * 5).max(1000);
     loop {
         let result = if cluster {
-            match redis::cluster::ClusterClient::new(urls.clone()) {
+            let mut builder = redis::cluster::ClusterClientBuilder::new(urls.clone());
+            if let Some(certs) = tls.clone() {
+                builder = builder.certs(certs);
+            }
+            match builder.build() {
                 Ok(c) => match c.get_async_connection().await {
                     Ok(conn) => sync_loop(conn, &replica, &load, interval, ttl_ms, &shutdown).await,
                     Err(e) => Err(e),
@@ -176,7 +185,11 @@ pub async fn share_in_flight(
                 Err(e) => Err(e),
             }
         } else {
-            match redis::Client::open(urls[0].as_str()) {
+            let client = match tls.clone() {
+                Some(certs) => redis::Client::build_with_tls(urls[0].as_str(), certs),
+                None => redis::Client::open(urls[0].as_str()),
+            };
+            match client {
                 Ok(c) => match c.get_connection_manager().await {
                     Ok(conn) => sync_loop(conn, &replica, &load, interval, ttl_ms, &shutdown).await,
                     Err(e) => Err(e),

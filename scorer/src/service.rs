@@ -88,7 +88,7 @@ pub async fn run(
     let index = Arc::new(LateIndex::with_lookup_mode(args.lookup_mode));
     let env = Arc::new(env);
     let urls = args.redis.urls(&*env);
-    {
+    let connect = {
         let (index, redis, env, shutdown) = (
             index.clone(),
             args.redis.clone(),
@@ -96,9 +96,15 @@ pub async fn run(
             shutdown.clone(),
         );
         tokio::spawn(async move {
-            background::connect_index(index, redis, move |k| env(k), shutdown).await
-        });
-    }
+            let result =
+                background::connect_index(index, redis, move |k| env(k), shutdown.clone()).await;
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "Redis configuration error: stopping (retrying cannot fix it)");
+                shutdown.cancel();
+            }
+            result
+        })
+    };
     let load = Load::default();
     let seed = args.seed.unwrap_or_else(|| {
         SystemTime::now()
@@ -152,9 +158,15 @@ pub async fn run(
             .clone()
             .or_else(|| env("HOSTNAME"))
             .unwrap_or_else(|| format!("scorer-{seed:x}"));
+        let tls = args
+            .redis
+            .tls_files()
+            .context("Redis TLS files")?
+            .certificates();
         tokio::spawn(background::share_in_flight(
             urls.clone(),
             args.redis.is_cluster(&urls),
+            tls,
             replica,
             load.clone(),
             args.in_flight_sync,
@@ -203,6 +215,11 @@ pub async fn run(
     .await;
     shutdown.cancel();
     let _ = http.await;
+    if connect.is_finished()
+        && let Ok(Err(e)) = connect.await
+    {
+        return Err(anyhow::Error::new(e).context("Redis configuration"));
+    }
     served.context("gRPC server")?;
     tracing::info!("kvroute-scorer stopped");
     Ok(())

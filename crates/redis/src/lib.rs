@@ -32,6 +32,7 @@ mod registry;
 mod resolve;
 mod scripts;
 mod slots;
+mod tls;
 mod topology;
 
 pub use any::AnyIndex;
@@ -40,6 +41,7 @@ pub use bisect::ROUND_BUDGET;
 pub use layout::{LAYOUT_KEY, LAYOUT_VERSION};
 pub use lookup::CLUSTER_READ_WHOLE_MAX_BLOCKS;
 pub use slots::{key_slot, tag_for_slot};
+pub use tls::{TlsFiles, install_crypto_provider};
 
 use cluster::{Call, Conns};
 use kvroute_core::ids::{BlockKey, ModelName, PodId};
@@ -60,8 +62,56 @@ pub enum Error {
     Config(String),
 }
 
+impl Error {
+    /// Whether retrying cannot help: a bad URL, credentials, ACL or TLS
+    /// setup, or a Redis holding another layout. The binaries exit on these
+    /// at startup (a crash loop with a clear message) instead of retrying
+    /// forever while routing degrades.
+    pub fn is_config(&self) -> bool {
+        match self {
+            Error::Config(_) => true,
+            Error::Redis(e) => Self::redis_is_config(e),
+            Error::Reply(_) | Error::Topology(_) => false,
+        }
+    }
+
+    pub(crate) fn redis_is_config(e: &redis::RedisError) -> bool {
+        use redis::{ErrorKind, ServerErrorKind};
+        match e.kind() {
+            ErrorKind::InvalidClientConfig | ErrorKind::AuthenticationFailed => true,
+            ErrorKind::Server(ServerErrorKind::NoPerm) => true,
+            // WRONGPASS / NOAUTH arrive as plain server errors.
+            _ => {
+                matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
+                    || is_certificate_error(e)
+            }
+        }
+    }
+}
+
+/// A TLS handshake the server's certificate failed (unknown issuer, wrong
+/// name, expired): redis-rs reports it as an I/O error whose source is
+/// rustls's.
+fn is_certificate_error(e: &redis::RedisError) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(r) = s.downcast_ref::<rustls::Error>() {
+            return matches!(
+                r,
+                rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
+            );
+        }
+        source = s.source();
+    }
+    e.to_string().contains("invalid peer certificate")
+}
+
 impl From<Error> for IndexError {
     fn from(e: Error) -> Self {
+        if e.is_config() {
+            // Callers tell "fix the configuration" from "retry" by this variant.
+            return IndexError::Config(e.to_string());
+        }
         match e {
             Error::Redis(e) => IndexError::Redis(Box::new(e)),
             Error::Reply(s) => IndexError::Reply(s),
@@ -145,10 +195,16 @@ impl fmt::Debug for RedisIndex {
 
 impl RedisIndex {
     /// Connects to a single Redis: `redis://[user:password@]host:port[/db]`
-    /// (or `rediss://`). Loads the scripts and checks the layout version.
+    /// (or `rediss://`, verified by the system trust store). Loads the
+    /// scripts and checks the layout version.
     pub async fn connect(url: &str) -> Result<RedisIndex, Error> {
+        Self::connect_with(url, &TlsFiles::default()).await
+    }
+
+    /// [`RedisIndex::connect`] with TLS files for a `rediss://` URL.
+    pub async fn connect_with(url: &str, tls: &TlsFiles) -> Result<RedisIndex, Error> {
         slots::warm_up();
-        let info = topology::parse_url(url)?;
+        let info = topology::parse_url(url, tls)?;
         let node = topology::connect_node(info).await?;
         let counters = Arc::new(Counters::default());
         let conns = Conns::new(
@@ -164,6 +220,14 @@ impl RedisIndex {
     /// discovered with `CLUSTER SLOTS` and rediscovered after MOVED/ASK or a
     /// connection error.
     pub async fn connect_cluster(seed_urls: &[String]) -> Result<RedisIndex, Error> {
+        Self::connect_cluster_with(seed_urls, &TlsFiles::default()).await
+    }
+
+    /// [`RedisIndex::connect_cluster`] with TLS files for `rediss://` seeds.
+    pub async fn connect_cluster_with(
+        seed_urls: &[String],
+        tls: &TlsFiles,
+    ) -> Result<RedisIndex, Error> {
         slots::warm_up();
         if seed_urls.is_empty() {
             return Err(Error::Config(
@@ -172,7 +236,7 @@ impl RedisIndex {
         }
         let seeds = seed_urls
             .iter()
-            .map(|u| topology::parse_url(u))
+            .map(|u| topology::parse_url(u, tls))
             .collect::<Result<Vec<_>, _>>()?;
         if seeds.iter().any(|s| s.redis_settings().db() != 0) {
             return Err(Error::Config("Redis Cluster has only database 0".into()));
@@ -195,30 +259,69 @@ impl RedisIndex {
         Ok(index)
     }
 
-    /// Writes the layout marker when absent and refuses a Redis that holds
-    /// another layout version.
+    /// Refuses a Redis that holds another layout version, and writes the
+    /// marker when absent. Reads first, so that a read-only ACL user (a
+    /// scorer) connects; such a user cannot write the marker into an empty
+    /// Redis and leaves it to the first ingester.
     async fn check_layout(&self) -> Result<(), Error> {
-        let slot = slots::key_slot(LAYOUT_KEY.as_bytes());
-        let calls = vec![
-            Call {
-                slot,
-                cmd: redis::cmd("SET")
-                    .arg(LAYOUT_KEY)
-                    .arg(LAYOUT_VERSION)
-                    .arg("NX")
-                    .clone(),
+        match self.read_layout().await? {
+            Some(v) if v == LAYOUT_VERSION.as_bytes() => return Ok(()),
+            Some(v) => return Err(layout_mismatch(&v)),
+            None => {}
+        }
+        let set = Call {
+            slot: slots::key_slot(LAYOUT_KEY.as_bytes()),
+            cmd: redis::cmd("SET")
+                .arg(LAYOUT_KEY)
+                .arg(LAYOUT_VERSION)
+                .arg("NX")
+                .clone(),
+        };
+        let read_only_user = || {
+            tracing::info!(
+                "{LAYOUT_KEY} is absent and this Redis user may not write it (a read-only user): an ingester writes it"
+            );
+        };
+        match self.conns.run(vec![set]).await {
+            Ok(wave) => match wave.replies.first() {
+                Some(Value::ServerError(e)) if e.code() == "NOPERM" => {
+                    read_only_user();
+                    return Ok(());
+                }
+                Some(Value::ServerError(e)) => {
+                    return Err(Error::Reply(format!("SET {LAYOUT_KEY} NX answered {e:?}")));
+                }
+                _ => {}
             },
-            Call {
-                slot,
-                cmd: redis::cmd("GET").arg(LAYOUT_KEY).clone(),
-            },
-        ];
-        let wave = self.conns.run(calls).await?;
-        match wave.replies.get(1) {
-            Some(Value::BulkString(v)) if v.as_slice() == LAYOUT_VERSION.as_bytes() => Ok(()),
-            other => Err(Error::Config(format!(
-                "{LAYOUT_KEY} is {other:?}; this build reads and writes layout version {LAYOUT_VERSION}"
+            Err(Error::Redis(e))
+                if e.code() == Some("NOPERM")
+                    || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) =>
+            {
+                read_only_user();
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+        match self.read_layout().await? {
+            Some(v) if v == LAYOUT_VERSION.as_bytes() => Ok(()),
+            Some(v) => Err(layout_mismatch(&v)),
+            None => Err(Error::Reply(format!("{LAYOUT_KEY} absent after SET NX"))),
+        }
+    }
+
+    async fn read_layout(&self) -> Result<Option<Vec<u8>>, Error> {
+        let get = Call {
+            slot: slots::key_slot(LAYOUT_KEY.as_bytes()),
+            cmd: redis::cmd("GET").arg(LAYOUT_KEY).clone(),
+        };
+        let wave = self.conns.run(vec![get]).await?;
+        match wave.replies.into_iter().next() {
+            Some(Value::BulkString(v)) => Ok(Some(v)),
+            Some(Value::Nil) => Ok(None),
+            Some(Value::ServerError(e)) if e.code() == "NOPERM" => Err(Error::Config(format!(
+                "this Redis user may not read {LAYOUT_KEY}: {e:?} (see docs/redis-acl.md)"
             ))),
+            other => Err(Error::Reply(format!("GET {LAYOUT_KEY} answered {other:?}"))),
         }
     }
 
@@ -300,6 +403,13 @@ impl RedisIndex {
         self.registry.clear();
         self.check_layout().await
     }
+}
+
+fn layout_mismatch(found: &[u8]) -> Error {
+    Error::Config(format!(
+        "{LAYOUT_KEY} is {:?}; this build reads and writes layout version {LAYOUT_VERSION}",
+        String::from_utf8_lossy(found)
+    ))
 }
 
 impl Index for RedisIndex {

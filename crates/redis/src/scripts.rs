@@ -109,6 +109,11 @@ pub async fn load_all(conn: &mut ConnectionManager) -> Result<ScriptSupport, Err
                 support.read_only = false;
                 continue;
             }
+            redis::Value::ServerError(e) if e.code() == "NOPERM" => {
+                return Err(Error::Config(format!(
+                    "this Redis user may not run SCRIPT LOAD ({e:?}): allow +script|load (docs/redis-acl.md)"
+                )));
+            }
             other => {
                 return Err(Error::Reply(format!(
                     "SCRIPT LOAD of {kind:?} answered {other:?}"

@@ -12,6 +12,7 @@
 
 use super::scripts::{self, ScriptSupport};
 use crate::Error;
+use crate::tls::TlsFiles;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Value};
 use std::time::Duration;
@@ -78,10 +79,13 @@ impl Topology {
     }
 }
 
-/// Parses a node URL; single-node and cluster URLs share this.
-pub fn parse_url(url: &str) -> Result<ConnectionInfo, Error> {
-    url.into_connection_info()
-        .map_err(|e| Error::Config(format!("invalid Redis URL {}: {e}", redact(url))))
+/// Parses a node URL and applies the TLS files; single-node and cluster
+/// URLs share this.
+pub fn parse_url(url: &str, tls: &TlsFiles) -> Result<ConnectionInfo, Error> {
+    let info = url
+        .into_connection_info()
+        .map_err(|e| Error::Config(format!("invalid Redis URL {}: {e}", redact(url))))?;
+    tls.apply(info, url)
 }
 
 /// A URL without its password, for error messages and logs.
@@ -113,7 +117,15 @@ pub async fn connect_node(info: ConnectionInfo) -> Result<Node, Error> {
         .set_number_of_retries(RECONNECT_RETRIES);
     let mut conn = ConnectionManager::new_with_config(client, config)
         .await
-        .map_err(|e| Error::Topology(format!("cannot connect to {addr}: {e}")))?;
+        .map_err(|e| {
+            // A wrong password or an unusable TLS setup does not heal by
+            // retrying: say so, so that the binaries exit instead.
+            if Error::redis_is_config(&e) {
+                Error::Config(format!("cannot connect to {addr}: {e}"))
+            } else {
+                Error::Topology(format!("cannot connect to {addr}: {e}"))
+            }
+        })?;
     let scripts = scripts::load_all(&mut conn).await?;
     Ok(Node {
         addr,
@@ -246,6 +258,8 @@ pub async fn discover(
                     ranges = Some(r);
                     break;
                 }
+                // Every seed shares the credentials and TLS settings.
+                Err(e) if e.is_config() => return Err(e),
                 Err(e) => errors.push(format!("{addr}: {e}")),
             }
         }

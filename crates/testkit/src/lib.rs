@@ -10,3 +10,4 @@ pub mod publisher;
 pub mod redis_server;
 pub mod scorer;
 pub mod test_env;
+pub mod tls;

@@ -37,12 +37,50 @@ pub struct RedisServer {
     extra_args: Vec<String>,
     /// The running server; `None` after [`RedisServer::kill`].
     child: Option<Guarded>,
+    /// The TLS port of [`RedisServer::start_tls`] (the plain port stays
+    /// open for the fixture's own PING and for tests' setup commands).
+    tls_port: Option<u16>,
 }
 
 impl RedisServer {
     /// Starts a standalone server on a free loopback port.
     pub fn start() -> io::Result<RedisServer> {
         Self::start_with(|_| Vec::new())
+    }
+
+    /// Starts a server that also serves TLS with `ca`'s server certificate
+    /// on [`RedisServer::tls_url`]; `client_certs`: clients must present a
+    /// certificate `ca` signed (`tls-auth-clients yes`).
+    pub fn start_tls(ca: &crate::tls::TestCa, client_certs: bool) -> io::Result<RedisServer> {
+        let tls_port = free_port()?;
+        let path = |p: std::path::PathBuf| p.display().to_string();
+        let mut server = Self::start_with(|_| {
+            vec![
+                "--tls-port".into(),
+                tls_port.to_string(),
+                "--tls-cert-file".into(),
+                path(ca.server_cert()),
+                "--tls-key-file".into(),
+                path(ca.server_key()),
+                "--tls-ca-cert-file".into(),
+                path(ca.ca_pem()),
+                "--tls-auth-clients".into(),
+                if client_certs { "yes" } else { "no" }.into(),
+            ]
+        })?;
+        server.tls_port = Some(tls_port);
+        Ok(server)
+    }
+
+    /// `rediss://127.0.0.1:<tls port>/` of a [`RedisServer::start_tls`] server.
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls_port.map(|p| format!("rediss://127.0.0.1:{p}/"))
+    }
+
+    /// Runs one command on the plain port (test setup: `ACL SETUSER`,
+    /// `CONFIG SET`); the reply as text.
+    pub fn command(&self, args: &[&str]) -> io::Result<String> {
+        command(self.port, args)
     }
 
     /// Starts a server; `extra(dir)` adds arguments (the cluster's).
@@ -56,6 +94,7 @@ impl RedisServer {
                 extra_args: extra(&dir),
                 dir,
                 child: None,
+                tls_port: None,
             };
             match server.spawn(&binary) {
                 Ok(()) => return Ok(server),
@@ -257,6 +296,19 @@ impl RedisCluster {
     pub fn servers(&mut self) -> &mut [RedisServer] {
         &mut self.servers
     }
+}
+
+/// The rules of `ACL SETUSER <user> ...` as `docs/redis-acl.md` gives
+/// them, so that the tests apply exactly what the documentation tells
+/// operators to.
+pub fn documented_acl(user: &str) -> io::Result<Vec<String>> {
+    let path = crate::test_env::repo_root().join("docs/redis-acl.md");
+    let text = fs::read_to_string(&path)?;
+    let prefix = format!("ACL SETUSER {user} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|rules| rules.split_whitespace().map(str::to_string).collect())
+        .ok_or_else(|| io::Error::other(format!("{}: no `{prefix}...` line", path.display())))
 }
 
 /// Runs one command against a local server, synchronously; the reply as text.
