@@ -138,3 +138,53 @@ mod tests {
         assert_eq!(tail("a", 5), "a");
     }
 }
+
+/// What a process that was expected to end did: its exit status (`None`:
+/// still running at the deadline, then killed) and its stdout and stderr.
+#[derive(Debug)]
+pub struct Ended {
+    pub status: Option<ExitStatus>,
+    pub output: String,
+}
+
+/// Runs `program args...` from an empty environment plus `env` under the
+/// watchdog, until it exits or `within` passes; for checks that a binary
+/// stops by itself (a configuration error, `--help`).
+pub fn run_to_exit(
+    program: impl AsRef<OsStr>,
+    args: &[&str],
+    env: &[(&str, &str)],
+    within: Duration,
+) -> io::Result<Ended> {
+    let path = std::env::temp_dir().join(format!(
+        "kvroute-run-{}-{}.log",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos() ^ u128::from(RUNS.fetch_add(1, Relaxed))
+    ));
+    let log = std::fs::File::create(&path)?;
+    let err = log.try_clone()?;
+    let mut child = Guarded::spawn(program, args, |c| {
+        c.env_clear().env("RUST_BACKTRACE", "0");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.stdout(log).stderr(err);
+    })?;
+    let deadline = Instant::now() + within;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            child.stop();
+            break None;
+        }
+        sleep(Duration::from_millis(20));
+    };
+    let output = std::fs::read_to_string(&path).unwrap_or_default();
+    let _ = std::fs::remove_file(&path);
+    Ok(Ended { status, output })
+}
+
+static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+use std::sync::atomic::Ordering::Relaxed;

@@ -1,0 +1,153 @@
+//! The scorer process against a secured Redis: the documented least-
+//! privilege ACL user routes by prefix and shares in-flight counts (before:
+//! NOPERM at connect, routing by load forever); configuration errors stop
+//! the process with a clear message instead of an endless retry; `--help`
+//! never prints the Redis password from the environment.
+
+mod support;
+
+use kvroute_testkit::process::run_to_exit;
+use kvroute_testkit::redis_server::{RedisServer, documented_acl};
+use serde_json::json;
+use std::time::{Duration, Instant};
+use support::e2e::{prose, scorer_args, start_redis};
+use support::index::{IndexWriter, LLAMA, completion_ids, tokenizers};
+use support::pods::Fleet;
+use support::scorer_proc::{ScorerProc, bin};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_acl_user_routes_by_prefix_and_shares_load() {
+    let redis = start_redis().await;
+    let mut setuser = vec!["ACL".to_string(), "SETUSER".into(), "kvroute-scorer".into()];
+    setuser.extend(
+        documented_acl("kvroute-scorer")
+            .expect("docs/redis-acl.md")
+            .into_iter()
+            .map(|r| if r == ">CHANGE-ME" { ">pw".into() } else { r }),
+    );
+    let setuser: Vec<&str> = setuser.iter().map(String::as_str).collect();
+    assert_eq!(redis.command(&setuser).expect("ACL SETUSER"), "OK");
+
+    let fleet = Fleet::start(2).await;
+    let b = fleet.pods[1].name.clone();
+    let acl_url = format!("redis://kvroute-scorer:pw@127.0.0.1:{}/", redis.port());
+    let mut args = scorer_args(&redis, &fleet, &["--replica-id", "acl-test"]);
+    let at = args
+        .iter()
+        .position(|a| a == "--redis-url")
+        .expect("url flag");
+    args[at + 1] = acl_url;
+    // Connects to an empty Redis (no layout marker yet) as that user.
+    let scorer = ScorerProc::start("acl", &args).await;
+
+    let writer = IndexWriter::connect(&redis.url()).await;
+    let prompt = prose("acl", 2_000);
+    writer
+        .store(LLAMA, &b, &completion_ids(&tokenizers(), LLAMA, &prompt))
+        .await;
+    let report = scorer
+        .score_until(
+            &json!({"model": LLAMA, "prompt": prompt}),
+            Duration::from_secs(15),
+            "routes by prefix as the ACL user",
+            |r| r["reason"] == "prefix",
+        )
+        .await;
+    assert_eq!(report["picked"], b.as_str(), "{report:#}");
+
+    // In-flight sharing writes only its own keys, and may.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let member = redis
+            .command(&["SISMEMBER", "kvroute:scorers", "acl-test"])
+            .unwrap_or_default();
+        if member == "1" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica never registered in kvroute:scorers; log:\n{}",
+            scorer.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!scorer.log().contains("NOPERM"), "{}", scorer.log());
+}
+
+#[test]
+fn configuration_errors_stop_the_scorer() {
+    let redis = RedisServer::start().expect("redis-server");
+    assert_eq!(
+        redis
+            .command(&["ACL", "SETUSER", "u", "on", ">right", "~*", "+@all"])
+            .expect("ACL SETUSER"),
+        "OK"
+    );
+    let wrong = format!("redis://u:wrong@127.0.0.1:{}/", redis.port());
+    let missing_ca = format!("rediss://127.0.0.1:{}/", redis.port());
+    let cases: [(&str, Vec<&str>, &str); 3] = [
+        (
+            "wrong password",
+            vec!["--redis-url", &wrong],
+            "Redis configuration",
+        ),
+        (
+            "unreadable TLS file",
+            vec![
+                "--redis-url",
+                &missing_ca,
+                "--redis-tls-ca",
+                "/nonexistent/ca.pem",
+            ],
+            "/nonexistent/ca.pem",
+        ),
+        (
+            "bad URL",
+            vec!["--redis-url", "redis://127.0.0.1:notaport/"],
+            "invalid Redis URL",
+        ),
+    ];
+    for (what, flags, needle) in cases {
+        let mut args = vec!["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"];
+        args.extend(flags);
+        let ended = run_to_exit(bin(), &args, &[], Duration::from_secs(20)).expect("run");
+        let status = ended.status.unwrap_or_else(|| {
+            panic!(
+                "{what}: still running after 20 s (retrying?):\n{}",
+                ended.output
+            )
+        });
+        assert!(!status.success(), "{what}: exited 0:\n{}", ended.output);
+        assert!(
+            ended.output.contains(needle),
+            "{what}: the message should name {needle:?}:\n{}",
+            ended.output
+        );
+        assert!(
+            !ended.output.contains("wrong@"),
+            "{what}: password in the log"
+        );
+    }
+}
+
+#[test]
+fn help_does_not_print_the_redis_password_from_the_environment() {
+    let ended = run_to_exit(
+        bin(),
+        &["--help"],
+        &[("KVROUTE_REDIS_URL", "redis://:s3cret,half@127.0.0.1:6379/")],
+        Duration::from_secs(20),
+    )
+    .expect("run --help");
+    assert!(
+        ended.status.is_some_and(|s| s.success()),
+        "{}",
+        ended.output
+    );
+    assert!(
+        ended.output.contains("KVROUTE_REDIS_URL"),
+        "{}",
+        ended.output
+    );
+    assert!(!ended.output.contains("s3cret"), "{}", ended.output);
+}
