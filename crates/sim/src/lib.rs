@@ -1,0 +1,14 @@
+//! `kvroute-sim`: a simulated vLLM engine and the workloads that drive it,
+//! for the fleet simulator (`sim` mode, virtual time) and the live load
+//! test (`live` mode, simulated pods behind real kvroute processes).
+//!
+//! | module | what it owns |
+//! |---|---|
+//! | `cache` | the paged prefix cache with vLLM v1's block-pool semantics and its KV events |
+//! | `hashing` | vLLM's chained block hashes of a request, extended as it decodes |
+//! | `trace` | Mooncake-format traces and their deterministic token ids |
+#![forbid(unsafe_code)]
+
+pub mod cache;
+pub mod hashing;
+pub mod trace;
