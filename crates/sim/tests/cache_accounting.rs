@@ -1,5 +1,5 @@
 //! The simulated cache's hit accounting against an independent calculation
-//! on the Mooncake trace (`testdata/traces/`): round-robin over 8 pods with
+//! on the Mooncake trace (`testdata/traces/`): round-robin over 8 and 16 pods with
 //! unbounded caches, where the hit rate follows from the trace alone.
 //!
 //! The simulator hashes every 16-token block with vLLM's sha256_cbor chain
@@ -18,7 +18,6 @@ use kvroute_testkit::test_env::testdata;
 use std::collections::HashSet;
 
 const BLOCK: usize = 16;
-const PODS: usize = 8;
 
 fn requests() -> Vec<TraceRequest> {
     let text = std::fs::read_to_string(testdata("traces/mooncake_synthetic_trace.jsonl"))
