@@ -88,23 +88,28 @@ pub async fn run(
     let index = Arc::new(LateIndex::with_lookup_mode(args.lookup_mode));
     let env = Arc::new(env);
     let urls = args.redis.urls(&*env);
-    let connect = {
-        let (index, redis, env, shutdown) = (
+    // A configuration error (bad URL, credentials, ACL, TLS) stops the
+    // service: retrying cannot fix it. Set before the shutdown it triggers,
+    // so the exit path below always sees it.
+    let fatal: Arc<std::sync::OnceLock<String>> = Arc::default();
+    {
+        let (index, redis, env, shutdown, fatal) = (
             index.clone(),
             args.redis.clone(),
             env.clone(),
             shutdown.clone(),
+            fatal.clone(),
         );
         tokio::spawn(async move {
             let result =
                 background::connect_index(index, redis, move |k| env(k), shutdown.clone()).await;
-            if let Err(e) = &result {
+            if let Err(e) = result {
                 tracing::error!(error = %e, "Redis configuration error: stopping (retrying cannot fix it)");
+                let _ = fatal.set(e.to_string());
                 shutdown.cancel();
             }
-            result
-        })
-    };
+        });
+    }
     let load = Load::default();
     let seed = args.seed.unwrap_or_else(|| {
         SystemTime::now()
@@ -215,10 +220,8 @@ pub async fn run(
     .await;
     shutdown.cancel();
     let _ = http.await;
-    if connect.is_finished()
-        && let Ok(Err(e)) = connect.await
-    {
-        return Err(anyhow::Error::new(e).context("Redis configuration"));
+    if let Some(e) = fatal.get() {
+        anyhow::bail!("Redis configuration: {e}");
     }
     served.context("gRPC server")?;
     tracing::info!("kvroute-scorer stopped");

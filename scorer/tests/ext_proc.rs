@@ -434,38 +434,9 @@ mod grpc_server {
 
     #[tokio::test]
     async fn serves_tls_from_cert_and_key_files() {
-        let dir = std::env::temp_dir().join(format!("kvroute-tls-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-        let made = std::process::Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-            ])
-            .args(["-days", "1", "-subj", "/CN=localhost"])
-            .args([
-                "-addext",
-                "subjectAltName=DNS:localhost",
-                "-addext",
-                "basicConstraints=critical,CA:FALSE",
-            ])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .output()
-            .expect("the openssl CLI makes the test certificate");
-        assert!(
-            made.status.success(),
-            "{}",
-            String::from_utf8_lossy(&made.stderr)
-        );
-        let pem = std::fs::read(&cert).expect("cert");
+        let ca = kvroute_testkit::tls::TestCa::new().expect("test CA (openssl CLI)");
+        let (cert, key) = (ca.server_cert(), ca.server_key());
+        let pem = std::fs::read(ca.ca_pem()).expect("CA cert");
 
         let decide = Arc::new(TableDecide::new(&[("model-a", POD_A)], POD_DEFAULT));
         let tls = TlsArgs {
@@ -507,6 +478,5 @@ mod grpc_server {
             status(&mut HealthClient::new(channel), "readiness").await,
             ServingStatus::Serving
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

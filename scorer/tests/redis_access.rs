@@ -6,7 +6,7 @@
 
 mod support;
 
-use kvroute_testkit::process::run_to_exit;
+use kvroute_testkit::process::{assert_exits_with, assert_help_hides};
 use kvroute_testkit::redis_server::{RedisServer, documented_acl};
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -107,47 +107,16 @@ fn configuration_errors_stop_the_scorer() {
             "invalid Redis URL",
         ),
     ];
-    for (what, flags, needle) in cases {
-        let mut args = vec!["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"];
-        args.extend(flags);
-        let ended = run_to_exit(bin(), &args, &[], Duration::from_secs(20)).expect("run");
-        let status = ended.status.unwrap_or_else(|| {
-            panic!(
-                "{what}: still running after 20 s (retrying?):\n{}",
-                ended.output
-            )
-        });
-        assert!(!status.success(), "{what}: exited 0:\n{}", ended.output);
-        assert!(
-            ended.output.contains(needle),
-            "{what}: the message should name {needle:?}:\n{}",
-            ended.output
-        );
-        assert!(
-            !ended.output.contains("wrong@"),
-            "{what}: password in the log"
-        );
-    }
+    let base = ["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"];
+    assert_exits_with(bin(), &base, &cases, "wrong@");
 }
 
 #[test]
 fn help_does_not_print_the_redis_password_from_the_environment() {
-    let ended = run_to_exit(
+    assert_help_hides(
         bin(),
-        &["--help"],
-        &[("KVROUTE_REDIS_URL", "redis://:s3cret,half@127.0.0.1:6379/")],
-        Duration::from_secs(20),
-    )
-    .expect("run --help");
-    assert!(
-        ended.status.is_some_and(|s| s.success()),
-        "{}",
-        ended.output
+        "KVROUTE_REDIS_URL",
+        "redis://:s3cret,half@127.0.0.1:6379/",
+        "s3cret",
     );
-    assert!(
-        ended.output.contains("KVROUTE_REDIS_URL"),
-        "{}",
-        ended.output
-    );
-    assert!(!ended.output.contains("s3cret"), "{}", ended.output);
 }

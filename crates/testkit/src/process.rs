@@ -188,3 +188,60 @@ pub fn run_to_exit(
 
 static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 use std::sync::atomic::Ordering::Relaxed;
+
+/// Asserts that `binary --help`, with `var=value` in its environment, exits
+/// 0, names `var` and never prints `secret` (clap prints env values unless
+/// told not to).
+pub fn assert_help_hides(binary: &str, var: &str, value: &str, secret: &str) {
+    let ended = run_to_exit(
+        binary,
+        &["--help"],
+        &[(var, value)],
+        Duration::from_secs(20),
+    )
+    .expect("run --help");
+    assert!(
+        ended.status.is_some_and(|s| s.success()),
+        "{}",
+        ended.output
+    );
+    assert!(ended.output.contains(var), "{}", ended.output);
+    assert!(
+        !ended.output.contains(secret),
+        "--help printed {secret:?}:\n{}",
+        ended.output
+    );
+}
+
+/// Asserts that `binary base... flags...` stops by itself within 20 s with
+/// a non-zero status and a message containing `needle`, for each
+/// `(what, flags, needle)`, and that no output contains `forbidden` (e.g.
+/// a password).
+pub fn assert_exits_with(
+    binary: &str,
+    base: &[&str],
+    cases: &[(&str, Vec<&str>, &str)],
+    forbidden: &str,
+) {
+    for (what, flags, needle) in cases {
+        let mut args = base.to_vec();
+        args.extend(flags.iter().copied());
+        let ended = run_to_exit(binary, &args, &[], Duration::from_secs(20)).expect("run");
+        let status = ended.status.unwrap_or_else(|| {
+            panic!(
+                "{what}: still running after 20 s (retrying?):\n{}",
+                ended.output
+            )
+        });
+        assert!(!status.success(), "{what}: exited 0:\n{}", ended.output);
+        assert!(
+            ended.output.contains(needle),
+            "{what}: the message should name {needle:?}:\n{}",
+            ended.output
+        );
+        assert!(
+            !ended.output.contains(forbidden),
+            "{what}: {forbidden:?} in the output"
+        );
+    }
+}
