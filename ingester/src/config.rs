@@ -55,6 +55,31 @@ pub struct RunArgs {
     /// Give up on a replay after this long.
     #[arg(long, env = "KVROUTE_REPLAY_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub replay_timeout: Duration,
+    /// Gap replays running at once over all workers. Replays run beside the
+    /// workers (other pods never wait for one); each holds a socket and up to
+    /// vLLM's replay buffer in memory, hence a bound.
+    #[arg(long, env = "KVROUTE_REPLAY_CONCURRENCY", default_value_t = 8)]
+    pub replay_concurrency: usize,
+    /// Longest a gap replay may take, waiting for a replay slot included;
+    /// the stream's live batches are held meanwhile. Above --replay-timeout
+    /// so a replay that queued briefly still gets its full timeout.
+    #[arg(long, env = "KVROUTE_REPLAY_BUDGET", default_value = "5s", value_parser = parse_duration)]
+    pub replay_budget: Duration,
+    /// After a failed replay, a pod's gaps are counted but not replayed for
+    /// this long: an unreachable replay host costs one timeout per cooldown,
+    /// not one per gap.
+    #[arg(long, env = "KVROUTE_REPLAY_COOLDOWN", default_value = "30s", value_parser = parse_duration)]
+    pub replay_cooldown: Duration,
+    /// Live batches a stream holds while its gap is replayed; more are
+    /// dropped and counted (kvroute_ingester_replay_overflow_total) and show
+    /// as a later gap. 1024 is seconds of a busy pod's engine steps.
+    #[arg(long, env = "KVROUTE_REPLAY_MAX_HELD", default_value_t = 1024)]
+    pub replay_max_held: usize,
+    /// `/readyz` fails (check `pipeline`) once the dispatcher has waited this
+    /// long on a full worker queue, or a worker with queued batches has taken
+    /// none for this long: the index is falling behind every pod on it.
+    #[arg(long, env = "KVROUTE_STALL_AFTER", default_value = "10s", value_parser = parse_duration)]
+    pub stall_after: Duration,
 
     /// Admin and observability HTTP address (/healthz, /readyz, /metrics, /admin/purge).
     #[arg(long, env = "KVROUTE_HTTP_ADDR", default_value = "0.0.0.0:9100")]
@@ -116,6 +141,9 @@ impl RunArgs {
         }
         if self.workers == 0 || self.queue == 0 || self.max_inflight_writes == 0 {
             return Err("--workers, --queue and --max-inflight-writes must be at least 1".into());
+        }
+        if self.replay_concurrency == 0 || self.stall_after.is_zero() {
+            return Err("--replay-concurrency and --stall-after must be above zero".into());
         }
         if self.replicas == 0 {
             return Err("--replicas must be at least 1".into());

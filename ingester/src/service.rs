@@ -9,8 +9,9 @@
 //! Redis answers), then the workers, then the sockets.
 //!
 //! `/readyz` checks: `index` (every master answers PING), `writes` (the last
-//! index writes did not all fail, see [`crate::write_health`]) and `sockets` (every
-//! bind address bound and the sockets still running). A failing check prints
+//! index writes did not all fail, see [`crate::write_health`]), `sockets` (every
+//! bind address bound and the sockets still running) and `pipeline` (no
+//! worker stalled for `--stall-after`, see [`pipeline::PipelineStats`]). A failing check prints
 //! its reason.
 
 use crate::admin;
@@ -22,7 +23,7 @@ use crate::purge::{self, LastHeard, PurgePolicy};
 use crate::replay::{ReplayError, ReplayOptions, RouterReplayer};
 use crate::socket::{self, Malformed, RawBatch, SocketConfig, SocketStats, SubOptions};
 use crate::targets::{Discovery, Shard};
-use crate::worker::{NoReplay, ReplayedBatches, Replayer, Worker, WorkerConfig};
+use crate::worker::{NoReplay, ReplayLimits, ReplayedBatches, Replayer, Worker, WorkerConfig};
 use crate::write_health::WatchedIndex;
 use anyhow::Context;
 use kvroute_core::events::Topic;
@@ -103,6 +104,8 @@ pub async fn run_with_targets(
     let redis_ok = readiness.check("index");
     let writes_ok = readiness.check("writes");
     let sockets_ok = readiness.check("sockets");
+    let pipeline_ok = readiness.check("pipeline");
+    pipeline_ok.pass();
     redis_ok.fail("not connected yet");
     sockets_ok.fail("not bound yet");
 
@@ -156,6 +159,12 @@ pub async fn run_with_targets(
         max_pending_ops: args.max_pending_ops,
         max_inflight_writes: args.max_inflight_writes,
         heard: heard.clone(),
+        replay: ReplayLimits::new(
+            args.replay_concurrency,
+            args.replay_budget,
+            args.replay_cooldown,
+            args.replay_max_held,
+        ),
         ..WorkerConfig::default()
     };
     let workers: Vec<_> = (0..args.workers)
@@ -176,6 +185,12 @@ pub async fn run_with_targets(
         })
         .collect();
     let workers = Workers::start(workers, args.queue, args.drain_timeout);
+    pipeline::spawn_monitor(
+        workers.stats(),
+        pipeline_ok,
+        args.stall_after,
+        shutdown.clone(),
+    );
 
     let _ = admin_slot.set(admin::Admin {
         purger: workers.purger(),

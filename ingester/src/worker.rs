@@ -32,8 +32,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod gaps;
 mod rebuild;
 mod run;
+
+pub use gaps::ReplayLimits;
 
 pub use run::Command;
 
@@ -99,6 +102,8 @@ pub struct WorkerConfig {
     /// Where the purge sweeper learns which pods spoke and over which socket
     /// (`None`: no purge policy). Recorded here, where the topic is parsed.
     pub heard: Option<LastHeard>,
+    /// Bounds on gap replays, which run beside the worker (`worker/gaps.rs`).
+    pub replay: ReplayLimits,
 }
 
 impl Default for WorkerConfig {
@@ -110,6 +115,7 @@ impl Default for WorkerConfig {
             retry_min: Duration::from_millis(50),
             retry_max: Duration::from_secs(5),
             heard: None,
+            replay: ReplayLimits::default(),
         }
     }
 }
@@ -143,7 +149,8 @@ pub(crate) enum Seen {
 
 pub struct Worker<I, R = NoReplay> {
     keyer: Keyer,
-    replayer: R,
+    /// Shared with the replay futures, which run beside the worker's loop.
+    replayer: Arc<R>,
     config: WorkerConfig,
     seqs: SeqTracker,
     pods: HashMap<PodId, PodHealth>,
@@ -154,13 +161,20 @@ pub struct Worker<I, R = NoReplay> {
     streams: HashMap<PodId, Vec<rebuild::Stream>>,
     /// Shed pods to rebuild from replay once their clear has been written.
     rebuild: HashSet<PodId>,
+    /// Gap replays running and the live batches their streams hold meanwhile.
+    gaps: gaps::Gaps,
+    /// The pipeline's shared counters (queue depth, progress), when run by
+    /// [`crate::pipeline::Workers`].
+    pub(crate) pulse: Option<(Arc<crate::pipeline::PipelineStats>, usize)>,
 }
 
-impl<I: Index + 'static, R: Replayer> Worker<I, R> {
+impl<I: Index + 'static, R: Replayer + 'static> Worker<I, R> {
     pub fn new(index: Arc<I>, keyer: Keyer, replayer: R, config: WorkerConfig) -> Self {
         Worker {
             keyer,
-            replayer,
+            replayer: Arc::new(replayer),
+            gaps: gaps::Gaps::default(),
+            pulse: None,
             seqs: SeqTracker::default(),
             pods: HashMap::new(),
             writes: Writes::new(index, config.writes()),
@@ -200,70 +214,50 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
         };
         let pod = topic.pod_id(batch.data_parallel_rank);
         self.note_stream(&pod, &topic, batch.data_parallel_rank, &stream);
-        let verdict = self.seqs.observe(&stream, msg.seq);
+        self.ingest(gaps::Incoming {
+            topic,
+            pod,
+            stream,
+            seq: msg.seq,
+            batch,
+        });
+    }
+
+    /// Sequence verdict and application of one decoded batch (live, or held
+    /// while its stream's gap was being replayed). A gap (or the missed start
+    /// of a restarted stream) starts a replay beside the worker when one can
+    /// be asked; the batch and the stream's next ones then wait for it
+    /// (`worker/gaps.rs`), so a replayed store can never resurrect a block a
+    /// later event removed, and other pods never wait.
+    fn ingest(&mut self, b: gaps::Incoming) {
+        let Some(b) = self.hold_if_replaying(b) else {
+            return;
+        };
+        let verdict = self.seqs.observe(&b.stream, b.seq);
         metrics::counter!(m::BATCHES, "verdict" => verdict.as_label()).increment(1);
-        match &verdict {
+        let b = match verdict {
             SeqVerdict::Duplicate => return,
             SeqVerdict::Restart { missed } => {
                 metrics::counter!(m::RESTARTS).increment(1);
-                tracing::info!(%pod, seq = msg.seq, "sequence went backwards: engine restarted, clearing its entries");
+                tracing::info!(pod = %b.pod, seq = b.seq, "sequence went backwards: engine restarted, clearing its entries");
                 self.writes
-                    .push(&pod, IndexOp::ClearPod { pod: pod.clone() });
-                if !missed.is_empty() {
-                    self.fill_gap(&topic, &pod, batch.data_parallel_rank, missed.clone())
-                        .await;
-                }
-            }
-            SeqVerdict::Gap { missed } => {
-                self.fill_gap(&topic, &pod, batch.data_parallel_rank, missed.clone())
-                    .await;
-            }
-            SeqVerdict::First | SeqVerdict::Next => {}
-        }
-        self.apply_batch(&topic, &pod, batch, Seen::First);
-    }
-
-    /// Replays missed batches `missed` before the current one is applied, so
-    /// a replayed store can never resurrect a block a later event removed.
-    async fn fill_gap(
-        &mut self,
-        topic: &Topic,
-        pod: &PodId,
-        rank: Option<u32>,
-        missed: std::ops::Range<u64>,
-    ) {
-        let count = missed.end - missed.start;
-        match self.replayer.fetch_rank(topic, rank, missed.start).await {
-            Ok(batches) => {
-                let mut got = 0u64;
-                for (seq, payload) in batches {
-                    if !missed.contains(&seq) {
-                        continue;
-                    }
-                    match decode_batch(&payload) {
-                        Ok(b) if b.data_parallel_rank == rank => {
-                            got += 1;
-                            self.apply_batch(topic, pod, b, Seen::First);
-                        }
-                        Ok(_) => {}
-                        Err(_) => {
-                            metrics::counter!(m::MALFORMED, "reason" => "bad_replay_payload")
-                                .increment(1);
-                        }
+                    .push(&b.pod, IndexOp::ClearPod { pod: b.pod.clone() });
+                if missed.is_empty() {
+                    b
+                } else {
+                    match self.start_replay(b, missed) {
+                        Some(b) => b,
+                        None => return,
                     }
                 }
-                metrics::counter!(m::REPLAYS, "outcome" => "ok").increment(1);
-                if got < count {
-                    metrics::counter!(m::GAP_BATCHES).increment(count - got);
-                    tracing::warn!(%pod, missed = count, replayed = got, "replay did not cover the whole gap");
-                }
             }
-            Err(e) => {
-                metrics::counter!(m::REPLAYS, "outcome" => "error").increment(1);
-                metrics::counter!(m::GAP_BATCHES).increment(count);
-                tracing::warn!(%pod, first = missed.start, missed = count, error = %e, "sequence gap not replayed");
-            }
-        }
+            SeqVerdict::Gap { missed } => match self.start_replay(b, missed) {
+                Some(b) => b,
+                None => return,
+            },
+            SeqVerdict::First | SeqVerdict::Next => b,
+        };
+        self.apply_batch(&b.topic, &b.pod, b.batch, Seen::First);
     }
 
     /// Keys a batch's events and queues their writes. A batch applied
@@ -361,6 +355,7 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
             );
         }
         for t in targets {
+            self.forget_replays(&t);
             self.rebuild.remove(&t);
             self.streams.remove(&t);
             self.pods.remove(&t);

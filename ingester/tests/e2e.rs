@@ -44,6 +44,8 @@ mod purge;
 mod readiness;
 #[path = "e2e/rebuild.rs"]
 mod rebuild;
+#[path = "e2e/stall.rs"]
+mod stall;
 
 use harness::{
     Engine, Index, Ingester, Peer, SEED, batch, bind_endpoint, cleared, connecting, gpu, keys,
