@@ -6,14 +6,15 @@
 //! rank of that endpoint: the ranks this process heard (the workers know
 //! them) and the ranks registered in the index (`kvroute:pods`), which an
 //! ingester that restarted, or another replica, wrote. The response lists
-//! the pod ids purged.
+//! the pod ids purged and the entries they held when the purge was queued;
+//! an id that matches nothing (not registered, no entries) answers 404.
 //!
 //! The server starts before the index is connected (so `/readyz` can say
 //! what is missing); until the workers run, a purge answers 503.
 
 use crate::metrics as m;
 use crate::pipeline::Purger;
-use crate::purge::with_ranks;
+use crate::purge::{resolve, with_ranks};
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
@@ -66,21 +67,55 @@ async fn purge(State(slot): State<AdminSlot>, Query(q): Query<PurgeQuery>) -> (S
     let target = PodId::new(pod);
     let mut body = String::new();
     let known = match s.index.known_pods().await {
-        Ok(k) => k,
+        Ok(k) => Some(k),
         Err(e) => {
             // Still purge what this process knows; say what could not be read.
             tracing::warn!(pod, error = %e, "pod registry unreadable: purging the ranks this process heard");
             body.push_str(&format!(
                 "warning: pod registry unreadable ({e}); ranks only other ingesters heard are not purged\n"
             ));
-            Vec::new()
+            None
         }
     };
-    for p in with_ranks(&target, &known) {
-        s.purger.purge(&p).await;
+    // With the registry read, an id that matches nothing is refused (a typo
+    // would otherwise "purge" nothing and answer success); entry counts are
+    // what the pods held when the purge was queued.
+    let resolved = match &known {
+        Some(known) => match resolve(&s.index, &target, known).await {
+            Ok(r) if !r.matched => {
+                return (
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "no pod matches {pod:?}: it is not in kvroute:pods and holds no entries \
+                         (pod ids look like 127.0.0.11:8000 or 127.0.0.11:8000#dp1)\n"
+                    ),
+                );
+            }
+            Ok(r) => Some(r),
+            Err(e) => {
+                body.push_str(&format!("warning: entries not counted ({e})\n"));
+                None
+            }
+        },
+        None => None,
+    };
+    let targets: Vec<PodId> = match &resolved {
+        Some(r) => r.pods.iter().map(|(p, _)| p.clone()).collect(),
+        None => with_ranks(&target, known.as_deref().unwrap_or(&[])),
+    };
+    for p in &targets {
+        s.purger.purge(p).await;
         metrics::counter!(m::PURGES, "reason" => "admin").increment(1);
         tracing::info!(pod = %p, "purge requested over the admin API");
         body.push_str(&format!("purging {p}\n"));
+    }
+    match &resolved {
+        Some(r) => body.push_str(&format!(
+            "purging {} pods holding {} entries\n",
+            targets.len(),
+            r.entries()
+        )),
+        None => body.push_str(&format!("purging {} pods\n", targets.len())),
     }
     (StatusCode::ACCEPTED, body)
 }
