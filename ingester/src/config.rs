@@ -82,8 +82,20 @@ pub struct RunArgs {
     pub stall_after: Duration,
 
     /// Admin and observability HTTP address (/healthz, /readyz, /metrics, /admin/purge).
+    /// On every interface by default, for Kubernetes probes and Prometheus;
+    /// `/admin/*` answers only a loopback peer or `--admin-token`.
     #[arg(long, env = "KVROUTE_HTTP_ADDR", default_value = "0.0.0.0:9100")]
     pub http_addr: SocketAddr,
+    /// Bearer token that authorizes `/admin/*` from any peer
+    /// (`Authorization: Bearer <token>`, compared in constant time). Unset:
+    /// only loopback peers may call them.
+    #[arg(long, env = "KVROUTE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Whether a loopback peer may call `/admin/*` without the token
+    /// (`kubectl exec ... curl localhost:9100/admin/purge`). Set false behind
+    /// a sidecar proxy that forwards outside traffic from loopback.
+    #[arg(long, env = "KVROUTE_ADMIN_ALLOW_LOOPBACK", default_value_t = true, action = clap::ArgAction::Set)]
+    pub admin_allow_loopback: bool,
 
     /// Ordering workers (each pod's events stay on one).
     #[arg(long, env = "KVROUTE_WORKERS", default_value_t = 4)]
@@ -152,6 +164,13 @@ impl RunArgs {
             || self.purge_silent_after.is_some_and(|d| d.is_zero())
         {
             return Err("--purge-after and --purge-silent-after must be above zero".into());
+        }
+        if self
+            .admin_token
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            return Err("--admin-token must not be empty".into());
         }
         if let Some(t) = &self.replay_endpoint
             && !t.contains("{host}")

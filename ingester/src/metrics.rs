@@ -51,3 +51,5 @@ pub const REBUILT_BATCHES: &str = "kvroute_ingester_rebuilt_batches_total";
 /// Live batches dropped because their stream already held `--replay-max-held`
 /// batches while its gap was being replayed (the hole shows as a later gap).
 pub const REPLAY_OVERFLOW: &str = "kvroute_ingester_replay_overflow_total";
+/// Admin requests refused, by `reason` (no_token, bad_token, not_loopback).
+pub const ADMIN_REFUSED: &str = "kvroute_ingester_admin_refused_total";

@@ -114,7 +114,12 @@ pub async fn run_with_targets(
     // Served from now on, so `/readyz` explains a startup waiting for Redis.
     let admin_slot = admin::AdminSlot::default();
     let http_shutdown = shutdown.clone();
-    let app = admin::router(readiness.clone(), metrics, admin_slot.clone());
+    let auth = admin::AdminAuth {
+        token: args.admin_token.as_deref().map(Arc::from),
+        allow_loopback: args.admin_allow_loopback,
+    };
+    let app = admin::router(readiness.clone(), metrics, admin_slot.clone(), auth)
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
     let http = tokio::spawn(async move {
         let served = axum::serve(admin, app)
             .with_graceful_shutdown(async move { http_shutdown.cancelled().await })

@@ -30,6 +30,8 @@
 //!   (`purge.rs`); a pod whose endpoint left the connect set, after
 //!   `--purge-after` (`gone.rs`).
 
+#[path = "e2e/admin.rs"]
+mod admin;
 #[path = "e2e/gone.rs"]
 mod gone;
 #[path = "e2e/harness.rs"]
