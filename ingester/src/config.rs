@@ -75,6 +75,22 @@ pub struct RunArgs {
     /// as a later gap. 1024 is seconds of a busy pod's engine steps.
     #[arg(long, env = "KVROUTE_REPLAY_MAX_HELD", default_value_t = 1024)]
     pub replay_max_held: usize,
+    /// A sequence gap of more batches than this is implausible (a spoofed
+    /// or corrupt sequence, e.g. seq + 2^63): the batch is skipped and counted
+    /// (kvroute_ingester_malformed_total{reason="seq_jump"}) and changes
+    /// nothing; if the stream continues from it, it is taken as a new stream
+    /// (the pod cleared). vLLM replays at most its buffer (10,000 batches by
+    /// default) and steps at most a few hundred batches a second, so a
+    /// million is over an hour of a busy pod, far past anything replayable.
+    #[arg(long, env = "KVROUTE_MAX_SEQ_GAP", default_value_t = 1_000_000)]
+    pub max_seq_gap: u64,
+    /// A batch stamped (vLLM's `ts`, its wall clock) further than this
+    /// before or after the ingester's clock is skipped and counted
+    /// (reason="bad_timestamp"): `ts=1.0` would add 1.8e9 s to the lag
+    /// histogram. One hour is far beyond clock drift under NTP and any
+    /// queueing the bounded pipeline allows.
+    #[arg(long, env = "KVROUTE_MAX_CLOCK_SKEW", default_value = "1h", value_parser = parse_duration)]
+    pub max_clock_skew: Duration,
     /// `/readyz` fails (check `pipeline`) once the dispatcher has waited this
     /// long on a full worker queue, or a worker with queued batches has taken
     /// none for this long: the index is falling behind every pod on it.

@@ -170,6 +170,8 @@ pub async fn run_with_targets(
             args.replay_cooldown,
             args.replay_max_held,
         ),
+        max_seq_gap: args.max_seq_gap,
+        max_clock_skew: Some(args.max_clock_skew),
         ..WorkerConfig::default()
     };
     let workers: Vec<_> = (0..args.workers)

@@ -104,6 +104,12 @@ pub struct WorkerConfig {
     pub heard: Option<LastHeard>,
     /// Bounds on gap replays, which run beside the worker (`worker/gaps.rs`).
     pub replay: ReplayLimits,
+    /// A gap of more batches than this is implausible (`order.rs`): the
+    /// batch is skipped as malformed.
+    pub max_seq_gap: u64,
+    /// A batch stamped further than this from the ingester's clock is
+    /// skipped as malformed (`None`: not checked). A stamp of 0 means none.
+    pub max_clock_skew: Option<Duration>,
 }
 
 impl Default for WorkerConfig {
@@ -116,6 +122,8 @@ impl Default for WorkerConfig {
             retry_max: Duration::from_secs(5),
             heard: None,
             replay: ReplayLimits::default(),
+            max_seq_gap: u64::MAX,
+            max_clock_skew: None,
         }
     }
 }
@@ -175,7 +183,7 @@ impl<I: Index + 'static, R: Replayer + 'static> Worker<I, R> {
             replayer: Arc::new(replayer),
             gaps: gaps::Gaps::default(),
             pulse: None,
-            seqs: SeqTracker::default(),
+            seqs: SeqTracker::with_max_gap(config.max_seq_gap),
             pods: HashMap::new(),
             writes: Writes::new(index, config.writes()),
             config,
@@ -207,6 +215,13 @@ impl<I: Index + 'static, R: Replayer + 'static> Worker<I, R> {
                 return;
             }
         };
+        if let Some(skew) = self.config.max_clock_skew
+            && let Some(off) = implausible_ts(batch.ts, skew)
+        {
+            metrics::counter!(m::MALFORMED, "reason" => "bad_timestamp").increment(1);
+            tracing::warn!(topic = %msg.topic, seq = msg.seq, ts = batch.ts, off_by_s = off, "skipping a batch stamped implausibly far from now");
+            return;
+        }
         // Each data-parallel rank publishes its own sequence on the same topic.
         let stream = match batch.data_parallel_rank {
             Some(r) => format!("{}#{r}", msg.topic),
@@ -250,6 +265,18 @@ impl<I: Index + 'static, R: Replayer + 'static> Worker<I, R> {
                         None => return,
                     }
                 }
+            }
+            SeqVerdict::Implausible => {
+                metrics::counter!(m::MALFORMED, "reason" => "seq_jump").increment(1);
+                tracing::warn!(pod = %b.pod, seq = b.seq, last = ?self.seqs.last(&b.stream), max_gap = self.config.max_seq_gap, "skipping a batch whose sequence jumps implausibly far ahead");
+                return;
+            }
+            SeqVerdict::Resync => {
+                metrics::counter!(m::RESTARTS).increment(1);
+                tracing::warn!(pod = %b.pod, seq = b.seq, "the stream continues from an implausible jump: taken as a new stream, clearing the pod's entries");
+                self.writes
+                    .push(&b.pod, IndexOp::ClearPod { pod: b.pod.clone() });
+                b
             }
             SeqVerdict::Gap { missed } => match self.start_replay(b, missed) {
                 Some(b) => b,
@@ -362,6 +389,23 @@ impl<I: Index + 'static, R: Replayer + 'static> Worker<I, R> {
             self.writes.purge(&t);
         }
     }
+}
+
+/// How far (in seconds) a publisher stamp `ts` lies from now, when more
+/// than `skew` (or not a number); `None` for a plausible stamp or none (0).
+fn implausible_ts(ts: f64, skew: Duration) -> Option<f64> {
+    if ts == 0.0 {
+        return None;
+    }
+    if !ts.is_finite() {
+        return Some(f64::INFINITY);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs_f64();
+    let off = ts - now;
+    (off.abs() > skew.as_secs_f64()).then_some(off)
 }
 
 #[cfg(test)]

@@ -46,6 +46,8 @@ mod purge;
 mod readiness;
 #[path = "e2e/rebuild.rs"]
 mod rebuild;
+#[path = "e2e/spoof.rs"]
+mod spoof;
 #[path = "e2e/stall.rs"]
 mod stall;
 
