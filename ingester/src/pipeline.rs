@@ -316,12 +316,14 @@ mod tests {
     /// that accepted the connection and answers nothing).
     struct Gate {
         open: AtomicBool,
+        started: std::sync::atomic::AtomicUsize,
         opened: tokio::sync::Notify,
         inner: MemoryIndex,
     }
 
     impl Index for Gate {
         async fn apply(&self, ops: &[IndexOp]) -> Result<(), IndexError> {
+            self.started.fetch_add(1, Relaxed);
             while !self.open.load(Relaxed) {
                 let wait = self.opened.notified();
                 if self.open.load(Relaxed) {
@@ -359,6 +361,7 @@ mod tests {
     async fn a_stalled_worker_fails_readiness_and_depth_follows_the_drain() {
         let index = Arc::new(Gate {
             open: AtomicBool::new(false),
+            started: std::sync::atomic::AtomicUsize::new(0),
             opened: tokio::sync::Notify::new(),
             inner: MemoryIndex::new(100_000),
         });
@@ -382,16 +385,12 @@ mod tests {
         let dispatcher = tokio::spawn(async move { run_dispatcher(rx, &workers).await });
         // Each batch carries more operations than the write backlog.
         let n = BACKLOG_OPS as u32 + 10;
-        for seq in 0..6u64 {
+        let batch = |seq: u64| {
             let base = seq as u32 * n * 4;
             let events = (0..n)
                 .map(|i| {
-                    stored(&[
-                        base + i * 4,
-                        base + i * 4 + 1,
-                        base + i * 4 + 2,
-                        base + i * 4 + 3,
-                    ])
+                    let t = base + i * 4;
+                    stored(&[t, t + 1, t + 2, t + 3])
                 })
                 .collect();
             let payload = encode_batch(
@@ -402,22 +401,44 @@ mod tests {
                 },
                 Encoding::Map,
             );
+            RawBatch::new("kv@127.0.0.11:8000@m", seq, payload, "test")
+        };
+        // Batch 0 goes into a write that hangs; batch 1 then waits behind it
+        // with more than the backlog, so the worker takes nothing more.
+        tx.send(batch(0)).await.expect("send");
+        until("the first write", || index.started.load(Relaxed) == 1).await;
+        tx.send(batch(1)).await.expect("send");
+        until("batch 1 taken", || stats.depth() == 0).await;
+        let feeder = {
             let tx = tx.clone();
+            let batches: Vec<RawBatch> = (2..6).map(batch).collect();
             tokio::spawn(async move {
-                let _ = tx
-                    .send(RawBatch::new("kv@127.0.0.11:8000@m", seq, payload, "test"))
-                    .await;
-            });
-        }
+                for b in batches {
+                    if tx.send(b).await.is_err() {
+                        break;
+                    }
+                }
+            })
+        };
         until("the pipeline check to fail", || !readiness.report().0).await;
         let (_, report) = readiness.report();
         assert!(
-            report.contains("pipeline: failing: the dispatcher has waited"),
+            report.contains("pipeline: failing: worker 0 has taken nothing for")
+                || report.contains("pipeline: failing: the dispatcher has waited"),
             "{report}"
         );
+        // Once the dispatcher has waited that long too, that is the reason.
+        until("the dispatcher named", || {
+            readiness
+                .report()
+                .1
+                .contains("pipeline: failing: the dispatcher has waited")
+        })
+        .await;
         assert!(stats.depth() >= 1, "a full queue: {}", stats.depth());
         index.open.store(true, Relaxed);
         index.opened.notify_waiters();
+        feeder.await.expect("feeder");
         until("the worker to drain", || stats.depth() == 0).await;
         until("the pipeline check to pass", || readiness.report().0).await;
         assert!(stats.stalled(Duration::ZERO).is_none());
