@@ -91,6 +91,13 @@ pub struct RunArgs {
     /// queueing the bounded pipeline allows.
     #[arg(long, env = "KVROUTE_MAX_CLOCK_SKEW", default_value = "1h", value_parser = parse_duration)]
     pub max_clock_skew: Duration,
+    /// Publisher streams (topic and data-parallel rank) tracked over all
+    /// workers; past it the stream idle longest is forgotten (counted in
+    /// kvroute_ingester_topics_evicted_total; its next batch counts as a
+    /// first one). Per-topic state is a few hundred bytes plus the index
+    /// client's per-pod cache; 10,000 is far above any one fleet's pods.
+    #[arg(long, env = "KVROUTE_MAX_TOPICS", default_value_t = 10_000)]
+    pub max_topics: usize,
     /// `/readyz` fails (check `pipeline`) once the dispatcher has waited this
     /// long on a full worker queue, or a worker with queued batches has taken
     /// none for this long: the index is falling behind every pod on it.
@@ -170,8 +177,10 @@ impl RunArgs {
         if self.workers == 0 || self.queue == 0 || self.max_inflight_writes == 0 {
             return Err("--workers, --queue and --max-inflight-writes must be at least 1".into());
         }
-        if self.replay_concurrency == 0 || self.stall_after.is_zero() {
-            return Err("--replay-concurrency and --stall-after must be above zero".into());
+        if self.replay_concurrency == 0 || self.stall_after.is_zero() || self.max_topics == 0 {
+            return Err(
+                "--replay-concurrency, --stall-after and --max-topics must be above zero".into(),
+            );
         }
         if self.replicas == 0 {
             return Err("--replicas must be at least 1".into());

@@ -53,3 +53,9 @@ pub const REBUILT_BATCHES: &str = "kvroute_ingester_rebuilt_batches_total";
 pub const REPLAY_OVERFLOW: &str = "kvroute_ingester_replay_overflow_total";
 /// Admin requests refused, by `reason` (no_token, bad_token, not_loopback).
 pub const ADMIN_REFUSED: &str = "kvroute_ingester_admin_refused_total";
+/// Topic problems that leave a publisher unindexed or unroutable, by `reason`
+/// (empty, unparseable, no_port, too_long, model_too_long), per batch; each
+/// topic is also warned about once in the log.
+pub const TOPIC_WARNINGS: &str = "kvroute_ingester_topic_warnings_total";
+/// Streams forgotten because more than `--max-topics` were tracked.
+pub const TOPICS_EVICTED: &str = "kvroute_ingester_topics_evicted_total";

@@ -172,6 +172,7 @@ pub async fn run_with_targets(
         ),
         max_seq_gap: args.max_seq_gap,
         max_clock_skew: Some(args.max_clock_skew),
+        max_topics: args.max_topics.div_ceil(args.workers.max(1)),
         ..WorkerConfig::default()
     };
     let workers: Vec<_> = (0..args.workers)

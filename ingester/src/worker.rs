@@ -24,7 +24,7 @@ use crate::replay::ReplayError;
 use crate::socket::RawBatch;
 use crate::writes::{WriteConfig, Writes};
 use bytes::Bytes;
-use kvroute_core::events::{DecodedBatch, KvEvent, Topic, decode_batch, parse_topic_with_prefix};
+use kvroute_core::events::{DecodedBatch, KvEvent, Topic, decode_batch};
 use kvroute_core::ids::PodId;
 use kvroute_core::index::{Index, IndexOp};
 use std::collections::{HashMap, HashSet};
@@ -33,10 +33,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod gaps;
+mod limits;
 mod rebuild;
 mod run;
 
 pub use gaps::ReplayLimits;
+pub use limits::{MAX_MEDIUM_LEN, MAX_MODEL_LEN, MAX_TOPIC_LEN};
 
 pub use run::Command;
 
@@ -110,6 +112,9 @@ pub struct WorkerConfig {
     /// A batch stamped further than this from the ingester's clock is
     /// skipped as malformed (`None`: not checked). A stamp of 0 means none.
     pub max_clock_skew: Option<Duration>,
+    /// Streams (topic and rank) this worker tracks; past it the one idle
+    /// longest is forgotten (its next batch is a first one again).
+    pub max_topics: usize,
 }
 
 impl Default for WorkerConfig {
@@ -124,6 +129,7 @@ impl Default for WorkerConfig {
             replay: ReplayLimits::default(),
             max_seq_gap: u64::MAX,
             max_clock_skew: None,
+            max_topics: 100_000,
         }
     }
 }
@@ -174,6 +180,13 @@ pub struct Worker<I, R = NoReplay> {
     /// The pipeline's shared counters (queue depth, progress), when run by
     /// [`crate::pipeline::Workers`].
     pub(crate) pulse: Option<(Arc<crate::pipeline::PipelineStats>, usize)>,
+    /// When each tracked stream last published (a counter, not a clock), and
+    /// its pod: bounds the per-topic state to `max_topics` (`limits.rs`).
+    seen: HashMap<String, (u64, PodId)>,
+    tick: u64,
+    /// Topics already warned about (bounded), so a misconfigured publisher
+    /// is loud once, not once per batch.
+    warned_topics: HashSet<String>,
 }
 
 impl<I: Index + 'static, R: Replayer + 'static> Worker<I, R> {
@@ -183,6 +196,9 @@ impl<I: Index + 'static, R: Replayer + 'static> Worker<I, R> {
             replayer: Arc::new(replayer),
             gaps: gaps::Gaps::default(),
             pulse: None,
+            seen: HashMap::new(),
+            tick: 0,
+            warned_topics: HashSet::new(),
             seqs: SeqTracker::with_max_gap(config.max_seq_gap),
             pods: HashMap::new(),
             writes: Writes::new(index, config.writes()),
@@ -195,13 +211,8 @@ impl<I: Index + 'static, R: Replayer + 'static> Worker<I, R> {
     /// Turns one message into pending operations. The only place its topic
     /// is parsed.
     pub async fn handle(&mut self, msg: RawBatch) {
-        let topic = match parse_topic_with_prefix(&msg.topic, &self.config.topic_prefix) {
-            Ok(t) => t,
-            Err(e) => {
-                metrics::counter!(m::MALFORMED, "reason" => "bad_topic").increment(1);
-                tracing::debug!(error = %e, "skipping message with a bad topic");
-                return;
-            }
+        let Some(topic) = self.check_topic(&msg.topic) else {
+            return;
         };
         if let Some(heard) = &self.config.heard {
             let at = tokio::time::Instant::from_std(msg.received_at);
@@ -228,6 +239,7 @@ impl<I: Index + 'static, R: Replayer + 'static> Worker<I, R> {
             None => msg.topic.clone(),
         };
         let pod = topic.pod_id(batch.data_parallel_rank);
+        self.track(&stream, &pod);
         self.note_stream(&pod, &topic, batch.data_parallel_rank, &stream);
         self.ingest(gaps::Incoming {
             topic,
@@ -299,6 +311,13 @@ impl<I: Index + 'static, R: Replayer + 'static> Worker<I, R> {
             self.writes.push_ts(pod, batch.ts);
         }
         for event in &batch.events {
+            if !limits::medium_fits(event) {
+                if !again {
+                    metrics::counter!(m::MALFORMED, "reason" => "medium_too_long").increment(1);
+                    tracing::debug!(%pod, "skipping an event whose medium is longer than {MAX_MEDIUM_LEN} bytes");
+                }
+                continue;
+            }
             let health = self.pods.entry(pod.clone()).or_default();
             let trust = health.agree > 0 && health.disagree == 0;
             let (op, outcome) = self.keyer.key_event(pod, &topic.model, event, trust);

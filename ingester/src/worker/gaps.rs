@@ -122,6 +122,11 @@ impl Gaps {
         !self.running.is_empty()
     }
 
+    /// Whether `stream` waits for a replay.
+    pub fn is_awaiting(&self, stream: &str) -> bool {
+        self.awaiting.contains_key(stream)
+    }
+
     /// The next replay to finish.
     pub async fn next_done(&mut self) -> Option<ReplayDone> {
         self.running.next().await
