@@ -385,8 +385,8 @@ mod tests {
         let dispatcher = tokio::spawn(async move { run_dispatcher(rx, &workers).await });
         // Each batch carries more operations than the write backlog.
         let n = BACKLOG_OPS as u32 + 10;
-        let batch = |seq: u64| {
-            let base = seq as u32 * n * 4;
+        let batch = |seq: u64, n: u32| {
+            let base = seq as u32 * 100_000;
             let events = (0..n)
                 .map(|i| {
                     let t = base + i * 4;
@@ -405,13 +405,16 @@ mod tests {
         };
         // Batch 0 goes into a write that hangs; batch 1 then waits behind it
         // with more than the backlog, so the worker takes nothing more.
-        tx.send(batch(0)).await.expect("send");
+        tx.send(batch(0, n)).await.expect("send");
         until("the first write", || index.started.load(Relaxed) == 1).await;
-        tx.send(batch(1)).await.expect("send");
+        tx.send(batch(1, n)).await.expect("send");
         until("batch 1 taken", || stats.depth() == 0).await;
         let feeder = {
             let tx = tx.clone();
-            let batches: Vec<RawBatch> = (2..6).map(batch).collect();
+            // Small batches, more than the worker drains at once (256) plus
+            // its queue: however many it still takes while keying batch 1,
+            // it then parks and the dispatcher waits.
+            let batches: Vec<RawBatch> = (2..300).map(|seq| batch(seq, 1)).collect();
             tokio::spawn(async move {
                 for b in batches {
                     if tx.send(b).await.is_err() {
