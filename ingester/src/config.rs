@@ -98,6 +98,14 @@ pub struct RunArgs {
     /// client's per-pod cache; 10,000 is far above any one fleet's pods.
     #[arg(long, env = "KVROUTE_MAX_TOPICS", default_value_t = 10_000)]
     pub max_topics: usize,
+    /// Warn (once per silent period; counted as
+    /// kvroute_ingester_topic_warnings_total{reason="nothing_received"})
+    /// when publishers stay connected this long and no message arrives: the
+    /// sign of a topic outside --topic-filter such as vLLM's default empty
+    /// one, which the publisher itself filters out. Idle pods publish
+    /// nothing either, hence minutes.
+    #[arg(long, env = "KVROUTE_WARN_SILENT_PUBLISHERS_AFTER", default_value = "5m", value_parser = parse_duration)]
+    pub warn_silent_publishers_after: Duration,
     /// `/readyz` fails (check `pipeline`) once the dispatcher has waited this
     /// long on a full worker queue, or a worker with queued batches has taken
     /// none for this long: the index is falling behind every pod on it.

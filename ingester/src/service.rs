@@ -261,7 +261,13 @@ pub async fn run_with_targets(
         r
     });
 
-    spawn_health(index.clone(), redis_ok, stats.clone(), shutdown.clone());
+    spawn_health(
+        index.clone(),
+        redis_ok,
+        stats.clone(),
+        (args.warn_silent_publishers_after, args.topic_filter.clone()),
+        shutdown.clone(),
+    );
     if let Some(heard) = &heard {
         purge::spawn(
             policy,
@@ -315,14 +321,52 @@ async fn open_index(
     }
 }
 
+/// Publishers connected while nothing arrives: a topic outside
+/// `--topic-filter` is dropped by the publisher itself (ZeroMQ filters at
+/// the PUB side), so the topic check in the worker never sees it and the
+/// only sign is silence on a live connection. Warns once per silent period.
+#[derive(Default)]
+struct SilentPublishers {
+    /// Since when publishers are connected with `received` unchanged.
+    since: Option<(std::time::Instant, u64)>,
+    warned: bool,
+}
+
+impl SilentPublishers {
+    /// Returns true once when publishers have been connected `after` with
+    /// nothing received.
+    fn observe(&mut self, peers: u64, received: u64, after: Duration) -> bool {
+        let now = std::time::Instant::now();
+        match self.since {
+            _ if peers == 0 => {
+                self.since = None;
+                self.warned = false;
+            }
+            Some((_, r)) if received != r => {
+                self.since = Some((now, received));
+                self.warned = false;
+            }
+            None => self.since = Some((now, received)),
+            Some((t, _)) if !self.warned && now.duration_since(t) >= after => {
+                self.warned = true;
+                return true;
+            }
+            Some(_) => {}
+        }
+        false
+    }
+}
+
 /// Keeps `/readyz` and the socket metrics current.
 fn spawn_health(
     index: Arc<AnyIndex>,
     redis_ok: Check,
     stats: Arc<SocketStats>,
+    (silent_after, topic_filter): (Duration, String),
     shutdown: CancellationToken,
 ) {
     tokio::spawn(async move {
+        let mut silent = SilentPublishers::default();
         loop {
             if let AnyIndex::Redis(r) = index.as_ref() {
                 match r.ping().await {
@@ -342,6 +386,18 @@ fn spawn_health(
                 .set(s.bind_peers as f64);
             metrics::gauge!("kvroute_ingester_connected_publishers", "mode" => "connect")
                 .set(s.connect_peers as f64);
+            if silent.observe(s.bind_peers + s.connect_peers, s.received, silent_after) {
+                metrics::counter!(m::TOPIC_WARNINGS, "reason" => "nothing_received").increment(1);
+                tracing::warn!(
+                    publishers = s.bind_peers + s.connect_peers,
+                    silent_for = ?silent_after,
+                    filter = %topic_filter,
+                    "publishers are connected but no message arrived: if they serve requests, \
+                     their topic does not start with --topic-filter (vLLM's default topic is \
+                     empty, and the subscription filters it out at the publisher); publish \
+                     kv@<pod-ip>:<port>@<model>"
+                );
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}

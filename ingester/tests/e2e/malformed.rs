@@ -162,3 +162,38 @@ async fn misconfigured_topics_and_oversized_strings_are_counted_and_refused() {
     }
     peer.kill().await;
 }
+
+/// vLLM's default topic is empty; with the default `--topic-filter kv@` the
+/// publisher drops every message itself, so nothing reaches the ingester
+/// and before, nothing said why. A publisher connected while nothing
+/// arrives is now warned about and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_publisher_with_vllms_empty_topic_is_reported() {
+    let redis = redis();
+    let ing = Ingester::start(
+        &redis.url(),
+        &[
+            "--hash-scheme",
+            "sha256_cbor_64bit",
+            "--warn-silent-publishers-after",
+            "300ms",
+        ],
+    )
+    .await;
+    let mut script = connecting(&ing, "", "v0.33", json!([{"publish": 5}]));
+    script["forever_interval_ms"] = json!(100);
+    let mut peer = Peer::spawn(script).await;
+    peer.wait_for("DONE").await;
+    ing.expect_metric(
+        "kvroute_ingester_topic_warnings_total",
+        &[("reason", "nothing_received")],
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        ing.metric("kvroute_ingester_messages_received_total", &[])
+            .await,
+        0.0
+    );
+    peer.kill().await;
+}
