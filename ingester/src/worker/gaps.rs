@@ -122,6 +122,11 @@ impl Gaps {
         !self.running.is_empty()
     }
 
+    /// Forgets a pod's cooldown (the pod itself was forgotten).
+    pub fn forget_cooldown(&mut self, pod: &PodId) {
+        self.cooldown.remove(pod);
+    }
+
     /// Whether `stream` waits for a replay.
     pub fn is_awaiting(&self, stream: &str) -> bool {
         self.awaiting.contains_key(stream)

@@ -160,6 +160,7 @@ impl<I: Index + 'static, R: Replayer + 'static> Worker<I, R> {
             if streams.is_empty() {
                 self.streams.remove(&pod);
                 self.pods.remove(&pod);
+                self.gaps.forget_cooldown(&pod);
             }
         }
         metrics::counter!(m::TOPICS_EVICTED).increment(1);
