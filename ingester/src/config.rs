@@ -55,10 +55,78 @@ pub struct RunArgs {
     /// Give up on a replay after this long.
     #[arg(long, env = "KVROUTE_REPLAY_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub replay_timeout: Duration,
+    /// Gap replays running at once over all workers. Replays run beside the
+    /// workers (other pods never wait for one); each holds a socket and up to
+    /// vLLM's replay buffer in memory, hence a bound.
+    #[arg(long, env = "KVROUTE_REPLAY_CONCURRENCY", default_value_t = 8)]
+    pub replay_concurrency: usize,
+    /// Longest a gap replay may take, waiting for a replay slot included;
+    /// the stream's live batches are held meanwhile. Above --replay-timeout
+    /// so a replay that queued briefly still gets its full timeout.
+    #[arg(long, env = "KVROUTE_REPLAY_BUDGET", default_value = "5s", value_parser = parse_duration)]
+    pub replay_budget: Duration,
+    /// After a failed replay, a pod's gaps are counted but not replayed for
+    /// this long: an unreachable replay host costs one timeout per cooldown,
+    /// not one per gap.
+    #[arg(long, env = "KVROUTE_REPLAY_COOLDOWN", default_value = "30s", value_parser = parse_duration)]
+    pub replay_cooldown: Duration,
+    /// Live batches a stream holds while its gap is replayed; more are
+    /// dropped and counted (kvroute_ingester_replay_overflow_total) and show
+    /// as a later gap. 1024 is seconds of a busy pod's engine steps.
+    #[arg(long, env = "KVROUTE_REPLAY_MAX_HELD", default_value_t = 1024)]
+    pub replay_max_held: usize,
+    /// A sequence gap of more batches than this is implausible (a spoofed
+    /// or corrupt sequence, e.g. seq + 2^63): the batch is skipped and counted
+    /// (kvroute_ingester_malformed_total{reason="seq_jump"}) and changes
+    /// nothing; if the stream continues from it, it is taken as a new stream
+    /// (the pod cleared). vLLM replays at most its buffer (10,000 batches by
+    /// default) and steps at most a few hundred batches a second, so a
+    /// million is over an hour of a busy pod, far past anything replayable.
+    #[arg(long, env = "KVROUTE_MAX_SEQ_GAP", default_value_t = 1_000_000)]
+    pub max_seq_gap: u64,
+    /// A batch stamped (vLLM's `ts`, its wall clock) further than this
+    /// before or after the ingester's clock is skipped and counted
+    /// (reason="bad_timestamp"): `ts=1.0` would add 1.8e9 s to the lag
+    /// histogram. One hour is far beyond clock drift under NTP and any
+    /// queueing the bounded pipeline allows.
+    #[arg(long, env = "KVROUTE_MAX_CLOCK_SKEW", default_value = "1h", value_parser = parse_duration)]
+    pub max_clock_skew: Duration,
+    /// Publisher streams (topic and data-parallel rank) tracked over all
+    /// workers; past it the stream idle longest is forgotten (counted in
+    /// kvroute_ingester_topics_evicted_total; its next batch counts as a
+    /// first one). Per-topic state is a few hundred bytes plus the index
+    /// client's per-pod cache; 10,000 is far above any one fleet's pods.
+    #[arg(long, env = "KVROUTE_MAX_TOPICS", default_value_t = 10_000)]
+    pub max_topics: usize,
+    /// Warn (once per silent period; counted as
+    /// kvroute_ingester_topic_warnings_total{reason="nothing_received"})
+    /// when publishers stay connected this long and no message arrives: the
+    /// sign of a topic outside --topic-filter such as vLLM's default empty
+    /// one, which the publisher itself filters out. Idle pods publish
+    /// nothing either, hence minutes.
+    #[arg(long, env = "KVROUTE_WARN_SILENT_PUBLISHERS_AFTER", default_value = "5m", value_parser = parse_duration)]
+    pub warn_silent_publishers_after: Duration,
+    /// `/readyz` fails (check `pipeline`) once the dispatcher has waited this
+    /// long on a full worker queue, or a worker with queued batches has taken
+    /// none for this long: the index is falling behind every pod on it.
+    #[arg(long, env = "KVROUTE_STALL_AFTER", default_value = "10s", value_parser = parse_duration)]
+    pub stall_after: Duration,
 
     /// Admin and observability HTTP address (/healthz, /readyz, /metrics, /admin/purge).
+    /// On every interface by default, for Kubernetes probes and Prometheus;
+    /// `/admin/*` answers only a loopback peer or `--admin-token`.
     #[arg(long, env = "KVROUTE_HTTP_ADDR", default_value = "0.0.0.0:9100")]
     pub http_addr: SocketAddr,
+    /// Bearer token that authorizes `/admin/*` from any peer
+    /// (`Authorization: Bearer <token>`, compared in constant time). Unset:
+    /// only loopback peers may call them.
+    #[arg(long, env = "KVROUTE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Whether a loopback peer may call `/admin/*` without the token
+    /// (`kubectl exec ... curl localhost:9100/admin/purge`). Set false behind
+    /// a sidecar proxy that forwards outside traffic from loopback.
+    #[arg(long, env = "KVROUTE_ADMIN_ALLOW_LOOPBACK", default_value_t = true, action = clap::ArgAction::Set)]
+    pub admin_allow_loopback: bool,
 
     /// Ordering workers (each pod's events stay on one).
     #[arg(long, env = "KVROUTE_WORKERS", default_value_t = 4)]
@@ -117,6 +185,11 @@ impl RunArgs {
         if self.workers == 0 || self.queue == 0 || self.max_inflight_writes == 0 {
             return Err("--workers, --queue and --max-inflight-writes must be at least 1".into());
         }
+        if self.replay_concurrency == 0 || self.stall_after.is_zero() || self.max_topics == 0 {
+            return Err(
+                "--replay-concurrency, --stall-after and --max-topics must be above zero".into(),
+            );
+        }
         if self.replicas == 0 {
             return Err("--replicas must be at least 1".into());
         }
@@ -124,6 +197,13 @@ impl RunArgs {
             || self.purge_silent_after.is_some_and(|d| d.is_zero())
         {
             return Err("--purge-after and --purge-silent-after must be above zero".into());
+        }
+        if self
+            .admin_token
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            return Err("--admin-token must not be empty".into());
         }
         if let Some(t) = &self.replay_endpoint
             && !t.contains("{host}")

@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ingester::config::RunArgs;
-use ingester::purge::with_ranks;
+use ingester::purge::resolve;
 use kvroute_core::ids::PodId;
 use kvroute_core::index::{Index, IndexOp};
 use kvroute_service::config::RedisArgs;
@@ -82,25 +82,36 @@ async fn purge(redis: RedisArgs, pods: Vec<String>) -> anyhow::Result<()> {
     // The registry of pods: ranks of an endpoint that no running process
     // may know of (this one has heard nothing).
     let known = index.known_pods().await?;
-    let mut targets: Vec<PodId> = Vec::new();
+    // Resolve every id first: a typo fails the whole command before
+    // anything is cleared.
+    let mut targets: Vec<(PodId, u64)> = Vec::new();
     for p in &pods {
         let p = p.trim();
         if p.is_empty() || p.contains('@') {
             anyhow::bail!("{p:?} is not a pod id (like 127.0.0.5:8000)");
         }
-        for t in with_ranks(&PodId::new(p), &known) {
-            if !targets.contains(&t) {
+        let resolved = resolve(&index, &PodId::new(p), &known).await?;
+        if !resolved.matched {
+            anyhow::bail!(
+                "no pod matches {p:?}: it is not in kvroute:pods and holds no entries \
+                 (a typo? pod ids look like 127.0.0.5:8000 or 127.0.0.5:8000#dp1)"
+            );
+        }
+        for t in resolved.pods {
+            if !targets.iter().any(|(p, _)| *p == t.0) {
                 targets.push(t);
             }
         }
     }
     let ops: Vec<IndexOp> = targets
         .iter()
-        .map(|p| IndexOp::ClearPod { pod: p.clone() })
+        .map(|(p, _)| IndexOp::ClearPod { pod: p.clone() })
         .collect();
     index.apply(&ops).await?;
-    for p in &targets {
+    for (p, _) in &targets {
         println!("purged {p}");
     }
+    let entries: u64 = targets.iter().map(|(_, n)| n).sum();
+    println!("purged {} pods, {entries} entries", targets.len());
     Ok(())
 }

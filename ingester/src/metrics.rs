@@ -16,7 +16,8 @@ pub const MALFORMED: &str = "kvroute_ingester_malformed_total";
 pub const SKIPPED: &str = "kvroute_ingester_decode_skipped_total";
 /// Batches missed in sequence gaps (without a successful replay).
 pub const GAP_BATCHES: &str = "kvroute_ingester_gap_batches_total";
-/// Replays, by `outcome` (ok, error).
+/// Replays, by `outcome` (ok, error; a gap not replayed: `cooldown` after a
+/// failed replay of the pod, `not_configured` without `--replay-endpoint`).
 pub const REPLAYS: &str = "kvroute_ingester_replays_total";
 /// Engine restarts detected (sequence back to 0).
 pub const RESTARTS: &str = "kvroute_ingester_restarts_total";
@@ -47,3 +48,14 @@ pub const PURGES: &str = "kvroute_ingester_purges_total";
 pub const REBUILDS: &str = "kvroute_ingester_rebuilds_total";
 /// Batches applied by those rebuilds.
 pub const REBUILT_BATCHES: &str = "kvroute_ingester_rebuilt_batches_total";
+/// Live batches dropped because their stream already held `--replay-max-held`
+/// batches while its gap was being replayed (the hole shows as a later gap).
+pub const REPLAY_OVERFLOW: &str = "kvroute_ingester_replay_overflow_total";
+/// Admin requests refused, by `reason` (no_token, bad_token, not_loopback).
+pub const ADMIN_REFUSED: &str = "kvroute_ingester_admin_refused_total";
+/// Topic problems that leave a publisher unindexed or unroutable, by `reason`
+/// (empty, unparseable, no_port, too_long, model_too_long), per batch; each
+/// topic is also warned about once in the log.
+pub const TOPIC_WARNINGS: &str = "kvroute_ingester_topic_warnings_total";
+/// Streams forgotten because more than `--max-topics` were tracked.
+pub const TOPICS_EVICTED: &str = "kvroute_ingester_topics_evicted_total";

@@ -9,6 +9,14 @@
 //! The first batch seen after a restart is rarely seq 0 (whatever the engine
 //! published before the subscription was re-established is lost), so any
 //! sequence below the last one is a restart, and batches `0..seq` were missed.
+//!
+//! A jump forward by more than the tracker's bound (`--max-seq-gap`) is
+//! implausible: one spoofed or corrupt batch at `seq + 2^63` would otherwise
+//! add 9.2e18 to the gap counter and make the pod's real next batch look
+//! like a restart (and clear it). Such a batch is not applied and changes
+//! nothing; only when the stream then continues from it (the next batch is
+//! exactly one more) is it taken as a new stream ([`SeqVerdict::Resync`]),
+//! so a publisher whose numbering really jumped is not ignored forever.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -27,12 +35,18 @@ pub enum SeqVerdict {
     Restart { missed: Range<u64> },
     /// The same sequence again.
     Duplicate,
+    /// Further ahead than the bound allows: skipped, nothing recorded.
+    Implausible,
+    /// The batch right after an implausible jump: the stream really jumped.
+    /// Nothing in between can be known (or replayed), so the pod is cleared,
+    /// as after a restart.
+    Resync,
 }
 
 impl SeqVerdict {
     /// Whether the batch should be applied.
     pub fn applies(&self) -> bool {
-        !matches!(self, SeqVerdict::Duplicate)
+        !matches!(self, SeqVerdict::Duplicate | SeqVerdict::Implausible)
     }
 
     pub fn as_label(&self) -> &'static str {
@@ -42,23 +56,53 @@ impl SeqVerdict {
             SeqVerdict::Gap { .. } => "gap",
             SeqVerdict::Restart { .. } => "restart",
             SeqVerdict::Duplicate => "duplicate",
+            SeqVerdict::Implausible => "implausible",
+            SeqVerdict::Resync => "resync",
         }
     }
 }
 
 /// Last sequence number per topic. One tracker per ordering worker: a topic
 /// always lands on the same worker, so no locking is needed.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SeqTracker {
     last: HashMap<String, u64>,
+    /// Largest gap taken as a gap; beyond it a batch is implausible.
+    max_gap: u64,
+    /// The last implausible sequence per topic, to recognise a stream that
+    /// continues from it.
+    jumped: HashMap<String, u64>,
+}
+
+impl Default for SeqTracker {
+    fn default() -> Self {
+        SeqTracker::with_max_gap(u64::MAX)
+    }
 }
 
 impl SeqTracker {
+    /// A tracker that calls a gap of more than `max_gap` batches implausible.
+    pub fn with_max_gap(max_gap: u64) -> Self {
+        SeqTracker {
+            last: HashMap::new(),
+            max_gap,
+            jumped: HashMap::new(),
+        }
+    }
+
     /// Classifies `seq` for `topic` and records it when it applies.
     pub fn observe(&mut self, topic: &str, seq: u64) -> SeqVerdict {
         let verdict = match self.last.get(topic) {
             None => SeqVerdict::First,
             Some(&last) if seq == last.wrapping_add(1) => SeqVerdict::Next,
+            Some(&last) if seq > last && seq - last - 1 > self.max_gap => {
+                if seq > 0 && self.jumped.get(topic) == Some(&(seq - 1)) {
+                    SeqVerdict::Resync
+                } else {
+                    self.jumped.insert(topic.to_string(), seq);
+                    return SeqVerdict::Implausible;
+                }
+            }
             Some(&last) if seq > last => SeqVerdict::Gap {
                 missed: last + 1..seq,
             },
@@ -67,6 +111,7 @@ impl SeqTracker {
         };
         if verdict.applies() {
             self.last.insert(topic.to_string(), seq);
+            self.jumped.remove(topic);
         }
         verdict
     }
@@ -76,9 +121,19 @@ impl SeqTracker {
         self.last.get(topic).copied()
     }
 
-    /// Forget a topic (its pod was purged).
+    /// Forget a topic (its pod was purged, or it was evicted).
     pub fn forget(&mut self, topic: &str) {
         self.last.remove(topic);
+        self.jumped.remove(topic);
+    }
+
+    /// Topics tracked.
+    pub fn len(&self) -> usize {
+        self.last.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.last.is_empty()
     }
 }
 
@@ -103,5 +158,21 @@ mod tests {
         assert_eq!(t.observe("b", 0), SeqVerdict::Duplicate);
         t.forget("a");
         assert_eq!(t.observe("a", 3), SeqVerdict::First);
+    }
+
+    #[test]
+    fn implausible_jumps_change_nothing_until_the_stream_continues_from_them() {
+        let mut t = SeqTracker::with_max_gap(1000);
+        assert_eq!(t.observe("a", 5), SeqVerdict::First);
+        assert_eq!(t.observe("a", 5 + (1 << 63)), SeqVerdict::Implausible);
+        assert_eq!(t.observe("a", u64::MAX), SeqVerdict::Implausible);
+        assert_eq!(t.last("a"), Some(5));
+        // The real stream goes on: not a restart.
+        assert_eq!(t.observe("a", 6), SeqVerdict::Next);
+        assert_eq!(t.observe("a", 1006), SeqVerdict::Gap { missed: 7..1006 });
+        // A stream that really jumped continues from the jump.
+        assert_eq!(t.observe("a", 1 << 40), SeqVerdict::Implausible);
+        assert_eq!(t.observe("a", (1 << 40) + 1), SeqVerdict::Resync);
+        assert_eq!(t.observe("a", (1 << 40) + 2), SeqVerdict::Next);
     }
 }

@@ -286,6 +286,41 @@ pub fn with_ranks(target: &PodId, known: &[PodId]) -> Vec<PodId> {
     out
 }
 
+/// An operator's purge of one pod id, resolved against the index: every
+/// pod it clears with the entries each holds now, and whether the id named
+/// anything at all (registered in `kvroute:pods`, or holding entries).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PurgeTargets {
+    pub pods: Vec<(PodId, u64)>,
+    pub matched: bool,
+}
+
+impl PurgeTargets {
+    /// Entries over every target.
+    pub fn entries(&self) -> u64 {
+        self.pods.iter().map(|(_, n)| n).sum()
+    }
+}
+
+/// Resolves `pod` (and, without a rank, every rank of that endpoint in
+/// `known`) with each target's entries. An id that matches nothing (a typo)
+/// comes back with `matched == false`: purging it would report success and
+/// clear nothing.
+pub async fn resolve(
+    index: &kvroute_redis::AnyIndex,
+    pod: &PodId,
+    known: &[PodId],
+) -> Result<PurgeTargets, kvroute_core::index::IndexError> {
+    let mut pods = Vec::new();
+    let mut matched = false;
+    for t in with_ranks(pod, known) {
+        let n = index.pod_entries(&t).await?;
+        matched |= n > 0 || known.contains(&t);
+        pods.push((t, n));
+    }
+    Ok(PurgeTargets { pods, matched })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

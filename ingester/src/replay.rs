@@ -85,6 +85,15 @@ pub enum ReplayError {
         timeout: Duration,
         received: usize,
     },
+    /// The replay, waiting for one of the limited replay slots included,
+    /// took longer than `--replay-budget`.
+    #[error(
+        "replay not finished within its {budget:?} budget (waiting for a replay slot included)"
+    )]
+    Budget { budget: Duration },
+    /// The ingester shut down before the replay finished.
+    #[error("replay abandoned at shutdown")]
+    Abandoned,
     #[error("replay {endpoint}: more than {max} batches")]
     TooMany { endpoint: String, max: usize },
     #[error("replay {endpoint}: reply {index} does not start with the empty delimiter frame")]

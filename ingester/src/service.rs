@@ -9,8 +9,9 @@
 //! Redis answers), then the workers, then the sockets.
 //!
 //! `/readyz` checks: `index` (every master answers PING), `writes` (the last
-//! index writes did not all fail, see [`crate::write_health`]) and `sockets` (every
-//! bind address bound and the sockets still running). A failing check prints
+//! index writes did not all fail, see [`crate::write_health`]), `sockets` (every
+//! bind address bound and the sockets still running) and `pipeline` (no
+//! worker stalled for `--stall-after`, see [`pipeline::PipelineStats`]). A failing check prints
 //! its reason.
 
 use crate::admin;
@@ -22,7 +23,7 @@ use crate::purge::{self, LastHeard, PurgePolicy};
 use crate::replay::{ReplayError, ReplayOptions, RouterReplayer};
 use crate::socket::{self, Malformed, RawBatch, SocketConfig, SocketStats, SubOptions};
 use crate::targets::{Discovery, Shard};
-use crate::worker::{NoReplay, ReplayedBatches, Replayer, Worker, WorkerConfig};
+use crate::worker::{NoReplay, ReplayLimits, ReplayedBatches, Replayer, Worker, WorkerConfig};
 use crate::write_health::WatchedIndex;
 use anyhow::Context;
 use kvroute_core::events::Topic;
@@ -104,6 +105,8 @@ pub async fn run_with_targets(
     let redis_ok = readiness.check("index");
     let writes_ok = readiness.check("writes");
     let sockets_ok = readiness.check("sockets");
+    let pipeline_ok = readiness.check("pipeline");
+    pipeline_ok.pass();
     redis_ok.fail("not connected yet");
     sockets_ok.fail("not bound yet");
 
@@ -112,7 +115,12 @@ pub async fn run_with_targets(
     // Served from now on, so `/readyz` explains a startup waiting for Redis.
     let admin_slot = admin::AdminSlot::default();
     let http_shutdown = shutdown.clone();
-    let app = admin::router(readiness.clone(), metrics, admin_slot.clone());
+    let auth = admin::AdminAuth {
+        token: args.admin_token.as_deref().map(Arc::from),
+        allow_loopback: args.admin_allow_loopback,
+    };
+    let app = admin::router(readiness.clone(), metrics, admin_slot.clone(), auth)
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
     let http = tokio::spawn(async move {
         let served = axum::serve(admin, app)
             .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
@@ -157,6 +165,15 @@ pub async fn run_with_targets(
         max_pending_ops: args.max_pending_ops,
         max_inflight_writes: args.max_inflight_writes,
         heard: heard.clone(),
+        replay: ReplayLimits::new(
+            args.replay_concurrency,
+            args.replay_budget,
+            args.replay_cooldown,
+            args.replay_max_held,
+        ),
+        max_seq_gap: args.max_seq_gap,
+        max_clock_skew: Some(args.max_clock_skew),
+        max_topics: args.max_topics.div_ceil(args.workers.max(1)),
         ..WorkerConfig::default()
     };
     let workers: Vec<_> = (0..args.workers)
@@ -177,6 +194,12 @@ pub async fn run_with_targets(
         })
         .collect();
     let workers = Workers::start(workers, args.queue, args.drain_timeout);
+    pipeline::spawn_monitor(
+        workers.stats(),
+        pipeline_ok,
+        args.stall_after,
+        shutdown.clone(),
+    );
 
     let _ = admin_slot.set(admin::Admin {
         purger: workers.purger(),
@@ -239,7 +262,13 @@ pub async fn run_with_targets(
         r
     });
 
-    spawn_health(index.clone(), redis_ok, stats.clone(), shutdown.clone());
+    spawn_health(
+        index.clone(),
+        redis_ok,
+        stats.clone(),
+        (args.warn_silent_publishers_after, args.topic_filter.clone()),
+        shutdown.clone(),
+    );
     if let Some(heard) = &heard {
         purge::spawn(
             policy,
@@ -297,14 +326,52 @@ async fn open_index(
     }
 }
 
+/// Publishers connected while nothing arrives: a topic outside
+/// `--topic-filter` is dropped by the publisher itself (ZeroMQ filters at
+/// the PUB side), so the topic check in the worker never sees it and the
+/// only sign is silence on a live connection. Warns once per silent period.
+#[derive(Default)]
+struct SilentPublishers {
+    /// Since when publishers are connected with `received` unchanged.
+    since: Option<(std::time::Instant, u64)>,
+    warned: bool,
+}
+
+impl SilentPublishers {
+    /// Returns true once when publishers have been connected `after` with
+    /// nothing received.
+    fn observe(&mut self, peers: u64, received: u64, after: Duration) -> bool {
+        let now = std::time::Instant::now();
+        match self.since {
+            _ if peers == 0 => {
+                self.since = None;
+                self.warned = false;
+            }
+            Some((_, r)) if received != r => {
+                self.since = Some((now, received));
+                self.warned = false;
+            }
+            None => self.since = Some((now, received)),
+            Some((t, _)) if !self.warned && now.duration_since(t) >= after => {
+                self.warned = true;
+                return true;
+            }
+            Some(_) => {}
+        }
+        false
+    }
+}
+
 /// Keeps `/readyz` and the socket metrics current.
 fn spawn_health(
     index: Arc<AnyIndex>,
     redis_ok: Check,
     stats: Arc<SocketStats>,
+    (silent_after, topic_filter): (Duration, String),
     shutdown: CancellationToken,
 ) {
     tokio::spawn(async move {
+        let mut silent = SilentPublishers::default();
         loop {
             if let AnyIndex::Redis(r) = index.as_ref() {
                 match r.ping().await {
@@ -324,6 +391,18 @@ fn spawn_health(
                 .set(s.bind_peers as f64);
             metrics::gauge!("kvroute_ingester_connected_publishers", "mode" => "connect")
                 .set(s.connect_peers as f64);
+            if silent.observe(s.bind_peers + s.connect_peers, s.received, silent_after) {
+                metrics::counter!(m::TOPIC_WARNINGS, "reason" => "nothing_received").increment(1);
+                tracing::warn!(
+                    publishers = s.bind_peers + s.connect_peers,
+                    silent_for = ?silent_after,
+                    filter = %topic_filter,
+                    "publishers are connected but no message arrived: if they serve requests, \
+                     their topic does not start with --topic-filter (vLLM's default topic is \
+                     empty, and the subscription filters it out at the publisher); publish \
+                     kv@<pod-ip>:<port>@<model>"
+                );
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -24,7 +24,7 @@ use crate::replay::ReplayError;
 use crate::socket::RawBatch;
 use crate::writes::{WriteConfig, Writes};
 use bytes::Bytes;
-use kvroute_core::events::{DecodedBatch, KvEvent, Topic, decode_batch, parse_topic_with_prefix};
+use kvroute_core::events::{DecodedBatch, KvEvent, Topic, decode_batch};
 use kvroute_core::ids::PodId;
 use kvroute_core::index::{Index, IndexOp};
 use std::collections::{HashMap, HashSet};
@@ -32,8 +32,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod gaps;
+mod limits;
 mod rebuild;
 mod run;
+
+pub use gaps::ReplayLimits;
+pub use limits::{MAX_MEDIUM_LEN, MAX_MODEL_LEN, MAX_TOPIC_LEN};
 
 pub use run::Command;
 
@@ -99,6 +104,17 @@ pub struct WorkerConfig {
     /// Where the purge sweeper learns which pods spoke and over which socket
     /// (`None`: no purge policy). Recorded here, where the topic is parsed.
     pub heard: Option<LastHeard>,
+    /// Bounds on gap replays, which run beside the worker (`worker/gaps.rs`).
+    pub replay: ReplayLimits,
+    /// A gap of more batches than this is implausible (`order.rs`): the
+    /// batch is skipped as malformed.
+    pub max_seq_gap: u64,
+    /// A batch stamped further than this from the ingester's clock is
+    /// skipped as malformed (`None`: not checked). A stamp of 0 means none.
+    pub max_clock_skew: Option<Duration>,
+    /// Streams (topic and rank) this worker tracks; past it the one idle
+    /// longest is forgotten (its next batch is a first one again).
+    pub max_topics: usize,
 }
 
 impl Default for WorkerConfig {
@@ -110,6 +126,10 @@ impl Default for WorkerConfig {
             retry_min: Duration::from_millis(50),
             retry_max: Duration::from_secs(5),
             heard: None,
+            replay: ReplayLimits::default(),
+            max_seq_gap: u64::MAX,
+            max_clock_skew: None,
+            max_topics: 100_000,
         }
     }
 }
@@ -143,7 +163,8 @@ pub(crate) enum Seen {
 
 pub struct Worker<I, R = NoReplay> {
     keyer: Keyer,
-    replayer: R,
+    /// Shared with the replay futures, which run beside the worker's loop.
+    replayer: Arc<R>,
     config: WorkerConfig,
     seqs: SeqTracker,
     pods: HashMap<PodId, PodHealth>,
@@ -154,14 +175,31 @@ pub struct Worker<I, R = NoReplay> {
     streams: HashMap<PodId, Vec<rebuild::Stream>>,
     /// Shed pods to rebuild from replay once their clear has been written.
     rebuild: HashSet<PodId>,
+    /// Gap replays running and the live batches their streams hold meanwhile.
+    gaps: gaps::Gaps,
+    /// The pipeline's shared counters (queue depth, progress), when run by
+    /// [`crate::pipeline::Workers`].
+    pub(crate) pulse: Option<(Arc<crate::pipeline::PipelineStats>, usize)>,
+    /// When each tracked stream last published (a counter, not a clock), and
+    /// its pod: bounds the per-topic state to `max_topics` (`limits.rs`).
+    seen: HashMap<String, (u64, PodId)>,
+    tick: u64,
+    /// Topics already warned about (bounded), so a misconfigured publisher
+    /// is loud once, not once per batch.
+    warned_topics: HashSet<String>,
 }
 
-impl<I: Index + 'static, R: Replayer> Worker<I, R> {
+impl<I: Index + 'static, R: Replayer + 'static> Worker<I, R> {
     pub fn new(index: Arc<I>, keyer: Keyer, replayer: R, config: WorkerConfig) -> Self {
         Worker {
             keyer,
-            replayer,
-            seqs: SeqTracker::default(),
+            replayer: Arc::new(replayer),
+            gaps: gaps::Gaps::default(),
+            pulse: None,
+            seen: HashMap::new(),
+            tick: 0,
+            warned_topics: HashSet::new(),
+            seqs: SeqTracker::with_max_gap(config.max_seq_gap),
             pods: HashMap::new(),
             writes: Writes::new(index, config.writes()),
             config,
@@ -173,13 +211,8 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
     /// Turns one message into pending operations. The only place its topic
     /// is parsed.
     pub async fn handle(&mut self, msg: RawBatch) {
-        let topic = match parse_topic_with_prefix(&msg.topic, &self.config.topic_prefix) {
-            Ok(t) => t,
-            Err(e) => {
-                metrics::counter!(m::MALFORMED, "reason" => "bad_topic").increment(1);
-                tracing::debug!(error = %e, "skipping message with a bad topic");
-                return;
-            }
+        let Some(topic) = self.check_topic(&msg.topic) else {
+            return;
         };
         if let Some(heard) = &self.config.heard {
             let at = tokio::time::Instant::from_std(msg.received_at);
@@ -193,77 +226,77 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
                 return;
             }
         };
+        if let Some(skew) = self.config.max_clock_skew
+            && let Some(off) = implausible_ts(batch.ts, skew)
+        {
+            metrics::counter!(m::MALFORMED, "reason" => "bad_timestamp").increment(1);
+            tracing::warn!(topic = %msg.topic, seq = msg.seq, ts = batch.ts, off_by_s = off, "skipping a batch stamped implausibly far from now");
+            return;
+        }
         // Each data-parallel rank publishes its own sequence on the same topic.
         let stream = match batch.data_parallel_rank {
             Some(r) => format!("{}#{r}", msg.topic),
             None => msg.topic.clone(),
         };
         let pod = topic.pod_id(batch.data_parallel_rank);
+        self.track(&stream, &pod);
         self.note_stream(&pod, &topic, batch.data_parallel_rank, &stream);
-        let verdict = self.seqs.observe(&stream, msg.seq);
+        self.ingest(gaps::Incoming {
+            topic,
+            pod,
+            stream,
+            seq: msg.seq,
+            batch,
+        });
+    }
+
+    /// Sequence verdict and application of one decoded batch (live, or held
+    /// while its stream's gap was being replayed). A gap (or the missed start
+    /// of a restarted stream) starts a replay beside the worker when one can
+    /// be asked; the batch and the stream's next ones then wait for it
+    /// (`worker/gaps.rs`), so a replayed store can never resurrect a block a
+    /// later event removed, and other pods never wait.
+    fn ingest(&mut self, b: gaps::Incoming) {
+        let Some(b) = self.hold_if_replaying(b) else {
+            return;
+        };
+        let verdict = self.seqs.observe(&b.stream, b.seq);
         metrics::counter!(m::BATCHES, "verdict" => verdict.as_label()).increment(1);
-        match &verdict {
+        let b = match verdict {
             SeqVerdict::Duplicate => return,
             SeqVerdict::Restart { missed } => {
                 metrics::counter!(m::RESTARTS).increment(1);
-                tracing::info!(%pod, seq = msg.seq, "sequence went backwards: engine restarted, clearing its entries");
+                tracing::info!(pod = %b.pod, seq = b.seq, "sequence went backwards: engine restarted, clearing its entries");
                 self.writes
-                    .push(&pod, IndexOp::ClearPod { pod: pod.clone() });
-                if !missed.is_empty() {
-                    self.fill_gap(&topic, &pod, batch.data_parallel_rank, missed.clone())
-                        .await;
-                }
-            }
-            SeqVerdict::Gap { missed } => {
-                self.fill_gap(&topic, &pod, batch.data_parallel_rank, missed.clone())
-                    .await;
-            }
-            SeqVerdict::First | SeqVerdict::Next => {}
-        }
-        self.apply_batch(&topic, &pod, batch, Seen::First);
-    }
-
-    /// Replays missed batches `missed` before the current one is applied, so
-    /// a replayed store can never resurrect a block a later event removed.
-    async fn fill_gap(
-        &mut self,
-        topic: &Topic,
-        pod: &PodId,
-        rank: Option<u32>,
-        missed: std::ops::Range<u64>,
-    ) {
-        let count = missed.end - missed.start;
-        match self.replayer.fetch_rank(topic, rank, missed.start).await {
-            Ok(batches) => {
-                let mut got = 0u64;
-                for (seq, payload) in batches {
-                    if !missed.contains(&seq) {
-                        continue;
-                    }
-                    match decode_batch(&payload) {
-                        Ok(b) if b.data_parallel_rank == rank => {
-                            got += 1;
-                            self.apply_batch(topic, pod, b, Seen::First);
-                        }
-                        Ok(_) => {}
-                        Err(_) => {
-                            metrics::counter!(m::MALFORMED, "reason" => "bad_replay_payload")
-                                .increment(1);
-                        }
+                    .push(&b.pod, IndexOp::ClearPod { pod: b.pod.clone() });
+                if missed.is_empty() {
+                    b
+                } else {
+                    match self.start_replay(b, missed) {
+                        Some(b) => b,
+                        None => return,
                     }
                 }
-                metrics::counter!(m::REPLAYS, "outcome" => "ok").increment(1);
-                if got < count {
-                    metrics::counter!(m::GAP_BATCHES).increment(count - got);
-                    tracing::warn!(%pod, missed = count, replayed = got, "replay did not cover the whole gap");
-                }
             }
-            Err(e) => {
-                metrics::counter!(m::REPLAYS, "outcome" => "error").increment(1);
-                metrics::counter!(m::GAP_BATCHES).increment(count);
-                tracing::warn!(%pod, first = missed.start, missed = count, error = %e, "sequence gap not replayed");
+            SeqVerdict::Implausible => {
+                metrics::counter!(m::MALFORMED, "reason" => "seq_jump").increment(1);
+                tracing::warn!(pod = %b.pod, seq = b.seq, last = ?self.seqs.last(&b.stream), max_gap = self.config.max_seq_gap, "skipping a batch whose sequence jumps implausibly far ahead");
+                return;
             }
-        }
+            SeqVerdict::Resync => {
+                metrics::counter!(m::RESTARTS).increment(1);
+                tracing::warn!(pod = %b.pod, seq = b.seq, "the stream continues from an implausible jump: taken as a new stream, clearing the pod's entries");
+                self.writes
+                    .push(&b.pod, IndexOp::ClearPod { pod: b.pod.clone() });
+                b
+            }
+            SeqVerdict::Gap { missed } => match self.start_replay(b, missed) {
+                Some(b) => b,
+                None => return,
+            },
+            SeqVerdict::First | SeqVerdict::Next => b,
+        };
+        self.apply_batch(&b.topic, &b.pod, b.batch, Seen::First);
     }
 
     /// Keys a batch's events and queues their writes. A batch applied
@@ -278,6 +311,13 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
             self.writes.push_ts(pod, batch.ts);
         }
         for event in &batch.events {
+            if !limits::medium_fits(event) {
+                if !again {
+                    metrics::counter!(m::MALFORMED, "reason" => "medium_too_long").increment(1);
+                    tracing::debug!(%pod, "skipping an event whose medium is longer than {MAX_MEDIUM_LEN} bytes");
+                }
+                continue;
+            }
             let health = self.pods.entry(pod.clone()).or_default();
             let trust = health.agree > 0 && health.disagree == 0;
             let (op, outcome) = self.keyer.key_event(pod, &topic.model, event, trust);
@@ -361,12 +401,30 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
             );
         }
         for t in targets {
+            self.forget_replays(&t);
             self.rebuild.remove(&t);
             self.streams.remove(&t);
             self.pods.remove(&t);
             self.writes.purge(&t);
         }
     }
+}
+
+/// How far (in seconds) a publisher stamp `ts` lies from now, when more
+/// than `skew` (or not a number); `None` for a plausible stamp or none (0).
+fn implausible_ts(ts: f64, skew: Duration) -> Option<f64> {
+    if ts == 0.0 {
+        return None;
+    }
+    if !ts.is_finite() {
+        return Some(f64::INFINITY);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs_f64();
+    let off = ts - now;
+    (off.abs() > skew.as_secs_f64()).then_some(off)
 }
 
 #[cfg(test)]

@@ -30,6 +30,8 @@
 //!   (`purge.rs`); a pod whose endpoint left the connect set, after
 //!   `--purge-after` (`gone.rs`).
 
+#[path = "e2e/admin.rs"]
+mod admin;
 #[path = "e2e/gone.rs"]
 mod gone;
 #[path = "e2e/harness.rs"]
@@ -44,6 +46,10 @@ mod purge;
 mod readiness;
 #[path = "e2e/rebuild.rs"]
 mod rebuild;
+#[path = "e2e/spoof.rs"]
+mod spoof;
+#[path = "e2e/stall.rs"]
+mod stall;
 
 use harness::{
     Engine, Index, Ingester, Peer, SEED, batch, bind_endpoint, cleared, connecting, gpu, keys,

@@ -31,6 +31,15 @@ impl AnyIndex {
             AnyIndex::Redis(r) => Ok(r.known_pods().await?),
         }
     }
+
+    /// The entries `pod` holds now (what clearing it removes): the operator's
+    /// purge reports it and rejects a pod id that matches nothing.
+    pub async fn pod_entries(&self, pod: &PodId) -> Result<u64, IndexError> {
+        match self {
+            AnyIndex::Memory(m) => Ok(m.pod_entries(pod)),
+            AnyIndex::Redis(r) => Ok(r.pod_entries(pod).await?),
+        }
+    }
 }
 
 impl Index for AnyIndex {

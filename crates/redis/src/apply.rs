@@ -333,6 +333,13 @@ impl Plan {
         // store), and a linear search made this quadratic.
         let mut seen: FnvHashSet<PodSlot> = FnvHashSet::default();
         let mut released: Vec<Vec<String>> = Vec::new();
+        // Pods that found a slot of theirs empty although this process had
+        // not just registered them in `kvroute:pods`: re-added, because an
+        // empty slot can mean Redis was flushed or restarted empty, and the
+        // operator's purge of an endpoint finds its ranks in that registry.
+        // A fresh slot the cache did not know (queued) still had its pod
+        // registered only if the cache did not know the pod either.
+        let mut unregistered: FnvHashSet<&PodId> = FnvHashSet::default();
         for (expect, reply) in self.expects.iter().zip(replies) {
             match expect {
                 Expect::Plain => {}
@@ -340,6 +347,9 @@ impl Plan {
                     let (flags, names) = parse_store_reply(reply, slots.len())?;
                     for (&slot, is_fresh) in slots.iter().zip(flags) {
                         let key = (pod.clone(), slot);
+                        if is_fresh && !self.new_pods.contains(pod) {
+                            unregistered.insert(pod);
+                        }
                         if is_fresh && !self.queued.contains(&key) && seen.insert(key.clone()) {
                             fresh.push(key);
                         }
@@ -399,10 +409,11 @@ impl Plan {
                     .push(slots::tag_for_slot(*slot));
             }
             calls.extend(registration_calls(per_pod));
+        }
+        if !unregistered.is_empty() {
             let mut cmd = redis::cmd("SADD");
             cmd.arg(layout::PODS_KEY);
-            let pods: FnvHashSet<&PodId> = fresh.iter().map(|(pod, _)| pod).collect();
-            for pod in pods {
+            for pod in unregistered {
                 cmd.arg(pod.as_str());
             }
             calls.push(Call {

@@ -132,6 +132,56 @@ pub(super) async fn clear_pod(
 }
 
 impl RedisIndex {
+    /// The entries (`<tier>|<model>@<key>`) `pod` holds, over every slot its
+    /// registry names: what a ClearPod of it would remove now. Two waves
+    /// (SMEMBERS, then one HLEN per slot). The operator's purge reports it,
+    /// and tells a typo (no entries, not registered) from a pod.
+    pub async fn pod_entries(&self, pod: &PodId) -> Result<u64, Error> {
+        let registry = layout::pod_slots_key(pod);
+        let wave = self
+            .conns
+            .run(vec![Call {
+                slot: slots::key_slot(registry.as_bytes()),
+                cmd: redis::cmd("SMEMBERS").arg(&registry).clone(),
+            }])
+            .await?;
+        let tags: Vec<String> = match wave.replies.into_iter().next() {
+            Some(Value::Array(items) | Value::Set(items)) => items
+                .into_iter()
+                .filter_map(|v| match v {
+                    Value::BulkString(b) => String::from_utf8(b).ok(),
+                    _ => None,
+                })
+                .collect(),
+            other => {
+                return Err(Error::Reply(format!(
+                    "SMEMBERS {registry} returned {other:?}"
+                )));
+            }
+        };
+        if tags.is_empty() {
+            return Ok(0);
+        }
+        let calls: Vec<Call> = tags
+            .iter()
+            .map(|tag| Call {
+                slot: slots::key_slot(tag.as_bytes()),
+                cmd: redis::cmd("HLEN")
+                    .arg(layout::pod_slot_key(tag, pod))
+                    .clone(),
+            })
+            .collect();
+        let wave = self.conns.run(calls).await?;
+        let mut total = 0u64;
+        for reply in wave.replies {
+            match reply {
+                Value::Int(n) => total += n.max(0) as u64,
+                other => return Err(Error::Reply(format!("HLEN returned {other:?}"))),
+            }
+        }
+        Ok(total)
+    }
+
     /// Every pod id in the registry `kvroute:pods` (every pod that ever
     /// stored a block, by any ingester, in any process lifetime), sorted.
     /// An operator's purge of an endpoint reads it to find data-parallel

@@ -14,6 +14,10 @@ use kvroute_core::ids::PodId;
 use parking_lot::Mutex;
 
 const WORDS: usize = SLOT_COUNT as usize / 64;
+/// Pods remembered (2 KiB each). Past it the cache starts over: forgetting
+/// costs a few SADDs that re-register, while keeping every pod ever seen let
+/// a stream of new topics grow memory without bound.
+pub const MAX_PODS: usize = 4096;
 
 /// One bit per slot: 2 KiB per pod.
 struct SlotBits(Box<[u64; WORDS]>);
@@ -62,6 +66,9 @@ impl Registry {
             match pods.get_mut(pod) {
                 Some(bits) => bits.insert(slot),
                 None => {
+                    if pods.len() >= MAX_PODS {
+                        pods.clear();
+                    }
                     let mut bits = SlotBits::new();
                     bits.insert(slot);
                     pods.insert(pod.clone(), bits);
@@ -90,5 +97,18 @@ mod tests {
         assert!(!r.has_slot(&a, 77) && r.has_slot(&b, 77));
         r.clear();
         assert!(!r.has_pod(&b));
+    }
+
+    #[test]
+    fn bounded_in_pods() {
+        let r = Registry::default();
+        let pods: Vec<PodId> = (0..MAX_PODS + 10)
+            .map(|i| PodId::new(format!("127.0.{}.{}:8000", i / 250, i % 250)))
+            .collect();
+        for p in &pods {
+            r.mark([(p, 1)]);
+        }
+        assert!(r.pods.lock().len() <= MAX_PODS);
+        assert!(r.has_pod(pods.last().expect("pods")));
     }
 }

@@ -24,9 +24,13 @@ pub fn loopback(port: u16) -> SocketAddr {
 /// How long one fixture request may take, connect to last byte.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-fn request_bytes(method: &str, addr: SocketAddr, path: &str) -> String {
+fn request_bytes(method: &str, addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> String {
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )
 }
 
@@ -44,9 +48,19 @@ fn parse_response(raw: &[u8]) -> io::Result<(u16, String)> {
 
 /// One request without a body on a fresh connection: `(status, body)`.
 pub async fn http(method: &str, addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
+    http_with_headers(method, addr, path, &[]).await
+}
+
+/// [`http`] with extra request headers (`("Authorization", "Bearer t")`).
+pub async fn http_with_headers(
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> io::Result<(u16, String)> {
     let exchange = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(request_bytes(method, addr, path).as_bytes())
+        s.write_all(request_bytes(method, addr, path, headers).as_bytes())
             .await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
@@ -68,7 +82,7 @@ pub async fn http(method: &str, addr: SocketAddr, path: &str) -> io::Result<(u16
 pub fn get_blocking(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
     s.set_read_timeout(Some(TIMEOUT))?;
-    s.write_all(request_bytes("GET", addr, path).as_bytes())?;
+    s.write_all(request_bytes("GET", addr, path, &[]).as_bytes())?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
     parse_response(&buf)

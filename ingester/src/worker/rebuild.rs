@@ -37,7 +37,14 @@ pub(super) struct Stream {
     key: String,
 }
 
-impl<I: Index + 'static, R: Replayer> Worker<I, R> {
+impl Stream {
+    /// The sequence tracker's key of this stream.
+    pub(super) fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+impl<I: Index + 'static, R: Replayer + 'static> Worker<I, R> {
     /// Remembers a stream of `pod` (a pod publishes one per topic and rank).
     pub(super) fn note_stream(&mut self, pod: &PodId, topic: &Topic, rank: Option<u32>, key: &str) {
         let streams = self.streams.entry(pod.clone()).or_default();

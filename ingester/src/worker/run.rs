@@ -3,7 +3,8 @@
 //!
 //! One `select!` waits for whichever comes first: a command (only while the
 //! write stage can take more, see [`crate::writes::Writes::can_accept`]), a
-//! write finishing, or the end of a failed write's backoff. After each, the
+//! write finishing, a gap replay finishing (`worker/gaps.rs`), or the end of
+//! a failed write's backoff. After each, the
 //! writes that can start are started, so keying the next batches overlaps
 //! the writes of earlier ones.
 
@@ -27,7 +28,7 @@ pub enum Command {
 /// queued meanwhile goes into the same index writes.
 const DRAIN_BATCHES: usize = 256;
 
-impl<I: Index + 'static, R: Replayer> Worker<I, R> {
+impl<I: Index + 'static, R: Replayer + 'static> Worker<I, R> {
     /// Runs worker `id` until its queue closes, then writes what is left
     /// within `drain_timeout`.
     pub async fn run(
@@ -42,15 +43,24 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
             tokio::select! {
                 cmd = rx.recv(), if self.writes.can_accept() => {
                     let Some(cmd) = cmd else { break };
+                    self.took();
                     self.apply(cmd).await;
                     // Opportunistic batching: whatever queued meanwhile goes
                     // into the same index writes.
                     for _ in 0..DRAIN_BATCHES {
                         match rx.try_recv() {
-                            Ok(cmd) => self.apply(cmd).await,
+                            Ok(cmd) => {
+                                self.took();
+                                self.apply(cmd).await;
+                            }
                             Err(_) => break,
                         }
                     }
+                    self.publish_depth();
+                    self.start_writes().await;
+                }
+                Some(done) = self.gaps.next_done(), if self.gaps.any_running() => {
+                    self.replay_done(done);
                     self.start_writes().await;
                 }
                 Some(done) = self.writes.next_done(), if !idle => {
@@ -63,6 +73,21 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
             }
         }
         self.drain(id, drain_timeout).await;
+    }
+
+    /// One command left the queue: the pipeline's depth and progress.
+    fn took(&self) {
+        if let Some((stats, id)) = &self.pulse {
+            stats.took(*id);
+        }
+    }
+
+    /// Sets the queue-depth gauge after a drain, so it reads true when the
+    /// workers catch up (not only when the dispatcher adds).
+    fn publish_depth(&self) {
+        if let Some((stats, _)) = &self.pulse {
+            stats.publish_depth();
+        }
     }
 
     async fn apply(&mut self, cmd: Command) {
@@ -86,6 +111,7 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
     /// grace period ends.
     async fn drain(&mut self, id: usize, drain_timeout: Duration) {
         let deadline = Instant::now() + drain_timeout;
+        self.finish_replays(deadline).await;
         while self.writes.unwritten() > 0 && Instant::now() < deadline {
             self.writes.launch();
             if self.writes.in_flight() > 0 {

@@ -500,3 +500,28 @@ async fn shedding_behind_a_write_in_flight_clears_before_what_survives() {
         assert_eq!(holders(&index.inner, &chain(i)).len(), 1, "B{i}");
     }
 }
+
+/// 30,000 topics used to grow the worker's per-topic state without bound:
+/// past `max_topics` the stream idle longest is forgotten, and a stream
+/// that keeps publishing keeps its sequence (its next batch is `Next`).
+#[tokio::test]
+async fn tracked_topics_are_bounded_and_the_idlest_go_first() {
+    let index = Arc::new(MemoryIndex::new(10_000));
+    let config = WorkerConfig {
+        max_topics: 8,
+        ..WorkerConfig::default()
+    };
+    let mut w = Worker::new(index, Keyer::new(scheme(), 10_000), NoReplay, config);
+    let mut seq = 0;
+    for i in 0..3000u32 {
+        let pod = format!("127.1.{}.{}:8000", i / 200, i % 200 + 1);
+        w.handle(on_pod(msg(0, vec![], Encoding::Map), &pod)).await;
+        // The busy stream publishes between every new topic.
+        w.handle(msg(seq, vec![], Encoding::Map)).await;
+        seq += 1;
+        assert!(w.tracked_streams() <= 8);
+    }
+    assert_eq!(w.seqs.len(), 8, "sequence state bounded too");
+    assert_eq!(w.seqs.last(TOPIC), Some(seq - 1), "the busy stream kept");
+    assert!(w.pods.len() <= 8 && w.streams.len() <= 8);
+}

@@ -98,3 +98,102 @@ async fn malformed_frames_are_counted_and_skipped_while_good_batches_land() {
     peer.wait_for("DONE").await;
     peer.kill().await;
 }
+
+/// Topics and strings that made a pod silently unindexed or bloated Redis:
+/// a pod id without a port is indexed but warned about and counted (no
+/// scorer candidate matches it); a 300-byte model name, a 10 KB topic and a
+/// 10 KB medium are refused and counted, nothing of them in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misconfigured_topics_and_oversized_strings_are_counted_and_refused() {
+    let redis = redis();
+    let ing = Ingester::start(&redis.url(), &["--hash-scheme", "sha256_cbor_64bit"]).await;
+    let scheme = HashScheme::Sha256Cbor64;
+    let engine = Engine::new(scheme, SEED);
+    let (bare, pod) = ("127.0.0.89", "127.0.0.89:8000");
+    let long_model = "m".repeat(300);
+    let huge_model = "m".repeat(10_000);
+    let [t1, t2, t3, t4, t5] = [891, 892, 893, 894, 895].map(|i| tokens(i, 1));
+    let store = |t: &[u32], medium: Option<&str>| batch(vec![engine.stored(None, t, medium).0]);
+    let huge_medium = "x".repeat(10_000);
+    let peer = Peer::spawn(connecting(
+        &ing,
+        &topic(bare, "m"),
+        "v0.33",
+        json!([
+            store(&t1, None),
+            store(&t1, None),
+            {"topic": topic(pod, &long_model)},
+            store(&t2, None),
+            {"topic": topic(pod, &huge_model)},
+            store(&t3, None),
+            {"topic": topic(pod, "m")},
+            store(&t4, Some(&huge_medium)),
+            store(&t5, None),
+        ]),
+    ))
+    .await;
+    let idx = index(&redis, "m");
+    idx.expect("the sentinel", &keys(scheme, &t5), &[&gpu(pod)])
+        .await;
+    idx.assert(
+        "indexed under the bare IP",
+        &keys(scheme, &t1),
+        &[&gpu(bare)],
+    )
+    .await;
+    idx.assert("a 10 KB medium refused", &keys(scheme, &t4), &[])
+        .await;
+    let long = index(&redis, &long_model);
+    long.assert("a 300-byte model refused", &keys(scheme, &t2), &[])
+        .await;
+    const WARNINGS: &str = "kvroute_ingester_topic_warnings_total";
+    assert_eq!(ing.metric(WARNINGS, &[("reason", "no_port")]).await, 2.0);
+    assert_eq!(
+        ing.metric(WARNINGS, &[("reason", "model_too_long")]).await,
+        1.0
+    );
+    assert_eq!(ing.metric(WARNINGS, &[("reason", "too_long")]).await, 1.0);
+    for reason in ["model_too_long", "topic_too_long", "medium_too_long"] {
+        assert_eq!(
+            ing.metric(MALFORMED, &[("reason", reason)]).await,
+            1.0,
+            "{reason}"
+        );
+    }
+    peer.kill().await;
+}
+
+/// vLLM's default topic is empty; with the default `--topic-filter kv@` the
+/// publisher drops every message itself, so nothing reaches the ingester
+/// and before, nothing said why. A publisher connected while nothing
+/// arrives is now warned about and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_publisher_with_vllms_empty_topic_is_reported() {
+    let redis = redis();
+    let ing = Ingester::start(
+        &redis.url(),
+        &[
+            "--hash-scheme",
+            "sha256_cbor_64bit",
+            "--warn-silent-publishers-after",
+            "300ms",
+        ],
+    )
+    .await;
+    let mut script = connecting(&ing, "", "v0.33", json!([{"publish": 5}]));
+    script["forever_interval_ms"] = json!(100);
+    let mut peer = Peer::spawn(script).await;
+    peer.wait_for("DONE").await;
+    ing.expect_metric(
+        "kvroute_ingester_topic_warnings_total",
+        &[("reason", "nothing_received")],
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        ing.metric("kvroute_ingester_messages_received_total", &[])
+            .await,
+        0.0
+    );
+    peer.kill().await;
+}

@@ -143,7 +143,16 @@ async fn redis_restart_mid_stream_then_admin_and_cli_purge() {
 
     let (ok, out) = purge_cli(&redis.url(), &[b]).await;
     assert!(ok, "purge CLI failed: {out}");
-    assert_eq!(out.trim(), format!("purged {b}"));
+    assert_eq!(
+        out.lines().next(),
+        Some(format!("purged {b}").as_str()),
+        "{out}"
+    );
+    assert_eq!(
+        out.lines().nth(1),
+        Some("purged 1 pods, 4 entries"),
+        "{out}"
+    );
     idx.assert("B purged by the CLI", &b_keys, &[]).await;
     pa.kill().await;
     pb.kill().await;

@@ -179,7 +179,10 @@ async fn purging_an_endpoint_clears_ranks_this_process_never_heard() {
     // A rank names one cache: its siblings and the rankless pod stay.
     let (code, body) = ing.post(&format!("/admin/purge?pod={y}%23dp0")).await;
     assert_eq!(code, 202, "{body}");
-    assert_eq!(body, format!("purging {y}#dp0\n"));
+    assert_eq!(
+        body,
+        format!("purging {y}#dp0\npurging 1 pods holding 2 entries\n")
+    );
     idx.expect("Y#dp0 purged", &keys(SCHEME, &entries[4].1), &[])
         .await;
     idx.assert("Y kept", &keys(SCHEME, &entries[3].1), &[&gpu(y)])
@@ -187,7 +190,10 @@ async fn purging_an_endpoint_clears_ranks_this_process_never_heard() {
 
     let (ok, out) = purge_cli(&redis.url(), &[z]).await;
     assert!(ok, "purge CLI failed: {out}");
-    assert_eq!(out, format!("purged {z}\npurged {z}#dp0\npurged {z}#dp2\n"));
+    assert_eq!(
+        out,
+        format!("purged {z}\npurged {z}#dp0\npurged {z}#dp2\npurged 3 pods, 4 entries\n")
+    );
     for (pod, tk) in &entries[5..7] {
         idx.assert(&format!("{pod} purged by the CLI"), &keys(SCHEME, tk), &[])
             .await;
@@ -197,4 +203,74 @@ async fn purging_an_endpoint_clears_ranks_this_process_never_heard() {
         .await;
     idx.assert("Y kept", &keys(SCHEME, &entries[3].1), &[&gpu(y)])
         .await;
+}
+
+/// After Redis comes back empty (FLUSHALL, a restart without persistence)
+/// the registry `kvroute:pods` is written again as pods publish: before, a
+/// pod the writer had registered once was never re-added, so the operator's
+/// purge of its endpoint found no `#dpN` rank, cleared nothing and still
+/// printed "purged". The answers count pods and entries, and an id that
+/// matches nothing is refused (CLI exit code, HTTP 404) instead of
+/// "purged".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_after_a_wipe_finds_reregistered_ranks_and_refuses_typos() {
+    let redis = redis();
+    let model = "m";
+    let idx = index(&redis, model);
+    let engine = Engine::new(SCHEME, SEED);
+    let endpoint = "127.0.0.86:8000";
+    let pod = format!("{endpoint}#dp1");
+    let (before, after) = (tokens(860, 2), tokens(861, 3));
+    let ing = Ingester::start(&redis.url(), &["--hash-scheme", SCHEME.as_str()]).await;
+    let mut script = connecting(
+        &ing,
+        &topic(endpoint, model),
+        "v0.33",
+        json!([
+            batch(vec![engine.stored(None, &before, None).0]),
+            {"wait": "wiped"},
+            batch(vec![engine.stored(None, &after, None).0]),
+        ]),
+    );
+    script["data_parallel_rank"] = json!(1);
+    let mut peer = Peer::spawn(script).await;
+    idx.expect("stored", &keys(SCHEME, &before), &[&gpu(&pod)])
+        .await;
+    idx.command(&["FLUSHALL"]).await.expect("FLUSHALL");
+    peer.resume("wiped").await;
+    idx.expect(
+        "stored after the wipe",
+        &keys(SCHEME, &after),
+        &[&gpu(&pod)],
+    )
+    .await;
+    let registered = idx
+        .command(&["SISMEMBER", "kvroute:pods", &pod])
+        .await
+        .expect("SISMEMBER");
+    assert_eq!(
+        registered,
+        redis::Value::Int(1),
+        "re-registered after the wipe"
+    );
+
+    // A typo: refused, nothing cleared.
+    let (ok, out) = purge_cli(&redis.url(), &["127.0.0.86:8001"]).await;
+    assert!(!ok, "a pod id matching nothing must fail: {out}");
+    let (code, body) = ing.post("/admin/purge?pod=127.0.0.86:8009").await;
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("no pod matches"), "{body}");
+    idx.assert("kept", &keys(SCHEME, &after), &[&gpu(&pod)])
+        .await;
+
+    // The endpoint finds its rank through the registry and says what it cleared.
+    let (ok, out) = purge_cli(&redis.url(), &[endpoint]).await;
+    assert!(ok, "purge CLI failed: {out}");
+    assert_eq!(
+        out,
+        format!("purged {endpoint}\npurged {pod}\npurged 2 pods, 3 entries\n")
+    );
+    idx.assert("the rank purged", &keys(SCHEME, &after), &[])
+        .await;
+    peer.kill().await;
 }

@@ -34,7 +34,7 @@ async fn readyz_follows_failing_writes_and_a_lost_redis_then_recovers() {
     let holder = gpu(pod);
     idx.expect("S0", &keys(SCHEME, &sets[0]), &[&holder]).await;
     let body = ing.wait_readyz(200, &[]).await;
-    assert_eq!(body, "index: ok\nwrites: ok\nsockets: ok\n");
+    assert_eq!(body, "index: ok\nwrites: ok\nsockets: ok\npipeline: ok\n");
 
     // Redis still answers PING but refuses every write.
     idx.command(&["CONFIG", "SET", "maxmemory", "1"])
@@ -87,7 +87,7 @@ async fn readyz_follows_failing_writes_and_a_lost_redis_then_recovers() {
     )
     .await;
     let body = ing.wait_readyz(200, &[]).await;
-    assert_eq!(body, "index: ok\nwrites: ok\nsockets: ok\n");
+    assert_eq!(body, "index: ok\nwrites: ok\nsockets: ok\npipeline: ok\n");
     peer.kill().await;
 }
 
@@ -121,5 +121,5 @@ async fn readyz_explains_a_startup_waiting_for_redis() {
     assert!(body.contains("writes: "), "{body}");
     redis.restart().expect("restart redis-server");
     let body = ing.wait_readyz(200, &[]).await;
-    assert_eq!(body, "index: ok\nwrites: ok\nsockets: ok\n");
+    assert_eq!(body, "index: ok\nwrites: ok\nsockets: ok\npipeline: ok\n");
 }

@@ -219,6 +219,15 @@ impl MemoryIndex {
         pods
     }
 
+    /// The blocks `pod` holds (every model and tier): what a ClearPod of
+    /// it removes now.
+    pub fn pod_entries(&self, pod: &PodId) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.read().pods.get(pod).map_or(0, |b| b.len() as u64))
+            .sum()
+    }
+
     /// How lookups find prefixes from now on.
     pub fn set_lookup_mode(&self, mode: LookupMode) {
         self.lookup.set_mode(mode);
