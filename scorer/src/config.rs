@@ -127,6 +127,14 @@ pub struct ServeArgs {
     /// Scrape each endpoint's vLLM /metrics this often.
     #[arg(long, env = "KVROUTE_SCRAPE_INTERVAL", default_value = "200ms", value_parser = parse_duration)]
     pub scrape_interval: Duration,
+    /// Take an endpoint out of the candidates after this many scrapes in a
+    /// row that could not reach it (refused, reset, timed out); it is back
+    /// at the first scrape it answers. A pod answering with an HTTP error
+    /// stays in. When all candidates are down, routing uses all of them.
+    /// 0 disables. Default 3: one lost scrape does not flap a pod, and a
+    /// dead one is out within ~3 scrape intervals.
+    #[arg(long, env = "KVROUTE_DOWN_AFTER_FAILURES", default_value_t = crate::load::DEFAULT_DOWN_AFTER)]
+    pub down_after_failures: u32,
     /// Ignore scraped metrics older than this.
     #[arg(long, env = "KVROUTE_METRICS_MAX_AGE", default_value = "2s", value_parser = parse_duration)]
     pub metrics_max_age: Duration,

@@ -142,7 +142,7 @@ impl<I: Index + 'static> EndpointPicker<I> {
     /// Scores every candidate for `req` and picks one, without recording the
     /// pick as in flight (the HTTP API's dry run; [`Decide::decide`] records).
     pub async fn score(&self, req: &RouteRequest, subset: Option<&[String]>) -> Report {
-        let endpoints = self.candidates.for_request(subset);
+        let endpoints = self.reachable(self.candidates.for_request(subset));
         let found = self.prefixes.lookup(req, &endpoints).await;
         record_stages(&found);
         let (mut reason, prefix) = match &found.pods {
@@ -196,6 +196,27 @@ impl<I: Index + 'static> EndpointPicker<I> {
                 .collect(),
             picked: chosen.map(|i| endpoints[i].clone()),
             reason,
+        }
+    }
+
+    /// The candidates without those the scraper found down; all of them
+    /// when every one is down (route by load among them rather than answer
+    /// "no endpoint": the scrape itself may be what fails).
+    fn reachable(&self, endpoints: Arc<Vec<String>>) -> Arc<Vec<String>> {
+        let engines = &self.load.engines;
+        if !endpoints.iter().any(|e| engines.is_down(e)) {
+            return endpoints;
+        }
+        let up: Vec<String> = endpoints
+            .iter()
+            .filter(|e| !engines.is_down(e))
+            .cloned()
+            .collect();
+        if up.is_empty() {
+            metrics::counter!(m::ALL_CANDIDATES_DOWN).increment(1);
+            endpoints
+        } else {
+            Arc::new(up)
         }
     }
 

@@ -99,7 +99,7 @@ pub async fn run(
             background::connect_index(index, redis, move |k| env(k), shutdown).await
         });
     }
-    let load = Load::default();
+    let load = Load::new(args.down_after_failures);
     let seed = args.seed.unwrap_or_else(|| {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -1,0 +1,125 @@
+//! Faults and hostile input against the real `kvroute-scorer` binary (a
+//! real Redis where the index matters): dead pods, runaway chat
+//! templates, callers naming hosts to dial, oversized or idle streams,
+//! misconfigured keying. One scorer process per test function; waits poll
+//! with deadlines.
+
+mod support;
+
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::time::Duration;
+use support::e2e::{prose, scorer_args, start_redis};
+use support::index::{IndexWriter, LLAMA, completion_ids, tokenizers};
+use support::pods::Fleet;
+use support::scorer_proc::{ScorerProc, endpoint_field, sum_samples};
+
+/// Whether `endpoint` appears among a report's scores.
+fn scored(report: &Value, endpoint: &str) -> bool {
+    report["scores"]
+        .as_array()
+        .is_some_and(|s| s.iter().any(|e| e["endpoint"] == endpoint))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_pod_holding_the_prefix_leaves_the_candidates_until_it_answers() {
+    let redis = start_redis().await;
+    let fleet = Fleet::start(1).await;
+    let live = fleet.pods[0].name.clone();
+    let live_addr: SocketAddr = live.parse().expect("addr");
+    // Nothing listens there (yet): a pod that died.
+    let dead_addr = SocketAddr::from(([127, 0, 0, 12], live_addr.port()));
+    let dead = dead_addr.to_string();
+    let extra = ["--endpoints", &dead, "--scrape-interval", "100ms"];
+    let scorer = ScorerProc::start("dead-pod", &scorer_args(&redis, &fleet, &extra)).await;
+    let writer = IndexWriter::connect(&redis.url()).await;
+    let toks = tokenizers();
+
+    // The live pod holds one prompt (to see the index connected), the dead
+    // one the whole of another.
+    let warm = prose("live pod", 1_500);
+    writer
+        .store(LLAMA, &live, &completion_ids(&toks, LLAMA, &warm))
+        .await;
+    scorer
+        .score_until(
+            &json!({"model": LLAMA, "prompt": warm}),
+            Duration::from_secs(10),
+            "index connected",
+            |r| r["reason"] == "prefix" && r["picked"] == live.as_str(),
+        )
+        .await;
+    let prompt = prose("dead pod", 1_500);
+    writer
+        .store(LLAMA, &dead, &completion_ids(&toks, LLAMA, &prompt))
+        .await;
+    let body = json!({"model": LLAMA, "prompt": prompt});
+    // Once its scrapes fail three times in a row it is out: the live pod
+    // gets the prompt, and keeps getting it.
+    scorer
+        .score_until(
+            &body,
+            Duration::from_secs(10),
+            "dead pod marked down",
+            |r| r["picked"] == live.as_str() && !scored(r, &dead),
+        )
+        .await;
+    for i in 0..5 {
+        let r = scorer.score(&body).await;
+        assert_eq!(r["picked"], live.as_str(), "request {i}: {r:#}");
+    }
+    let transitions = "kvroute_scorer_endpoint_transitions_total";
+    assert_eq!(scorer.counter(transitions, &[r#"to="down""#]).await, 1.0);
+    assert_eq!(
+        sum_samples(
+            &scorer.metrics().await,
+            "kvroute_scorer_endpoints_down",
+            &[]
+        ),
+        1.0
+    );
+    let log = scorer.log();
+    assert_eq!(
+        log.matches("endpoint unreachable").count(),
+        1,
+        "one WARN for the transition:\n{log}"
+    );
+
+    // It answers again: back, and its prefix wins.
+    let back = Fleet::start_at(&[dead_addr]).await;
+    let r = scorer
+        .score_until(&body, Duration::from_secs(10), "pod back", |r| {
+            r["picked"] == dead.as_str() && r["reason"] == "prefix"
+        })
+        .await;
+    assert!(endpoint_field(&r, &dead, "blocks").as_u64() > Some(0));
+    assert_eq!(scorer.counter(transitions, &[r#"to="up""#]).await, 1.0);
+    assert!(scorer.log().contains("endpoint answers again"));
+
+    // Every pod unreachable: still routed (by whatever is known), never
+    // "no endpoint".
+    drop(back);
+    drop(fleet);
+    scorer
+        .score_until(&body, Duration::from_secs(10), "all down", |_| true)
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sum_samples(
+        &scorer.metrics().await,
+        "kvroute_scorer_endpoints_down",
+        &[],
+    ) < 2.0
+    {
+        assert!(std::time::Instant::now() < deadline, "both pods never down");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = scorer.score(&body).await;
+    assert!(r["picked"].is_string(), "all down still picks: {r:#}");
+    assert!(scored(&r, &live) && scored(&r, &dead), "{r:#}");
+    assert!(
+        scorer
+            .counter("kvroute_scorer_all_candidates_down_total", &[])
+            .await
+            >= 1.0
+    );
+}
