@@ -184,7 +184,6 @@ impl ServeArgs {
                     timeout: self.remote_tokenize_timeout,
                     ..RemoteConfig::default()
                 }),
-                ..TokenizeConfig::default()
             },
         })
     }

@@ -123,3 +123,90 @@ async fn a_dead_pod_holding_the_prefix_leaves_the_candidates_until_it_answers() 
             >= 1.0
     );
 }
+
+/// A model directory: the tiny fixture's tokenizer with `template` as its
+/// chat template.
+fn model_with_template(name: &str, template: &str) -> std::path::PathBuf {
+    let tiny = support::index::tiny_dir();
+    let dir = std::env::temp_dir().join(format!("kvroute-faults-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("model dir");
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(tiny.join(f), dir.join(f)).expect("copy tokenizer");
+    }
+    std::fs::write(dir.join("chat_template.jinja"), template).expect("template");
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runaway_chat_templates_stop_off_the_async_workers() {
+    // Loops ~1e10 times; writes 1e9 copies of a string (6 GB).
+    let loops = model_with_template(
+        "loops",
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    );
+    let repeats = model_with_template(
+        "repeats",
+        "{% for m in messages %}{% for i in range(100000) %}{% for j in range(10000) %}{{ 'repeat' }}{% endfor %}{% endfor %}{% endfor %}",
+    );
+    let fleet = Fleet::start(1).await;
+    let args: Vec<String> = [
+        "--endpoints".to_string(),
+        fleet.endpoints(),
+        "--tokenizer".into(),
+        format!("loops={}", loops.display()),
+        "--tokenizer".into(),
+        format!("repeats={}", repeats.display()),
+        // Long enough that the answer is the render's own limit, not the
+        // pool giving up on it.
+        "--tokenize-timeout".into(),
+        "60s".into(),
+        "--tokenize-threads".into(),
+        "2".into(),
+    ]
+    .to_vec();
+    let scorer = std::sync::Arc::new(ScorerProc::start("templates", &args).await);
+    // Small chats (these rendered inline on the async workers before).
+    let chat =
+        |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+    let started = std::time::Instant::now();
+    let requests: Vec<_> = ["loops", "repeats", "loops", "repeats"]
+        .into_iter()
+        .map(|model| {
+            let (scorer, body) = (scorer.clone(), chat(model));
+            tokio::spawn(async move { scorer.score(&body).await })
+        })
+        .collect();
+    // Meanwhile the scorer's async side answers health checks promptly.
+    let mut probes = 0;
+    while !requests.iter().all(|r| r.is_finished()) {
+        let probe = tokio::time::timeout(
+            Duration::from_secs(2),
+            kvroute_testkit::net::http("GET", scorer.http, "/healthz"),
+        )
+        .await;
+        assert!(
+            matches!(probe, Ok(Ok((200, _)))),
+            "/healthz during the renders: {probe:?}\n{}",
+            scorer.log()
+        );
+        probes += 1;
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "renders not bounded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(probes > 0);
+    for r in requests {
+        let report = r.await.expect("request");
+        assert_eq!(report["reason"], "template_limit", "{report:#}");
+        assert!(report["picked"].is_string(), "still routed: {report:#}");
+    }
+    // (/v1/score is a dry run: decisions, not reports, feed the fallback
+    // counter; the WARN names the model.)
+    let log = scorer.log();
+    assert!(log.contains("chat template stopped at its limit"), "{log}");
+    for d in [loops, repeats] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
