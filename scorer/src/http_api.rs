@@ -57,5 +57,9 @@ async fn score<I: Index + 'static>(
         },
         None => request::parse(&body, None).map_err(|e| bad_request(e.to_string()))?,
     };
-    Ok(Json(scorer.score(&req, extra.endpoints.as_deref()).await))
+    Ok(Json(
+        scorer
+            .score_for_caller(&req, extra.endpoints.as_deref())
+            .await,
+    ))
 }

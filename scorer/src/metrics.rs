@@ -56,3 +56,7 @@ pub const ENDPOINTS_DOWN: &str = "kvroute_scorer_endpoints_down";
 /// Decisions made while every candidate was down (routed among all of
 /// them by load, never "no endpoint").
 pub const ALL_CANDIDATES_DOWN: &str = "kvroute_scorer_all_candidates_down_total";
+/// Endpoints an API caller named (`/v1/score` `endpoints`, `GetPodScores`
+/// `pod_identifiers`) that are not candidates, so remote tokenization did
+/// not dial them, by `api` (`score`, `indexer`).
+pub const DIAL_REJECTED: &str = "kvroute_scorer_dial_rejected_total";

@@ -142,8 +142,37 @@ impl<I: Index + 'static> EndpointPicker<I> {
     /// Scores every candidate for `req` and picks one, without recording the
     /// pick as in flight (the HTTP API's dry run; [`Decide::decide`] records).
     pub async fn score(&self, req: &RouteRequest, subset: Option<&[String]>) -> Report {
+        self.score_inner(req, subset, false).await
+    }
+
+    /// [`Self::score`] for a list of endpoints an API caller named (`/v1/score`'s
+    /// `endpoints`): they are scored, but remote tokenization dials only those
+    /// among the configured or discovered candidates, so a caller cannot make
+    /// the scorer POST prompts to a host of its choosing (the others are
+    /// counted in `kvroute_scorer_dial_rejected_total{api="score"}`). Envoy's
+    /// subset hint ([`Self::score`]) comes from the gateway and is trusted.
+    pub async fn score_for_caller(
+        &self,
+        req: &RouteRequest,
+        endpoints: Option<&[String]>,
+    ) -> Report {
+        self.score_inner(req, endpoints, true).await
+    }
+
+    async fn score_inner(
+        &self,
+        req: &RouteRequest,
+        subset: Option<&[String]>,
+        caller_named: bool,
+    ) -> Report {
         let endpoints = self.reachable(self.candidates.for_request(subset));
-        let found = self.prefixes.lookup(req, &endpoints).await;
+        let dial = match subset {
+            Some(named) if caller_named && !named.is_empty() => {
+                Arc::new(dialable(&endpoints, &self.candidates, "score"))
+            }
+            _ => endpoints.clone(),
+        };
+        let found = self.prefixes.lookup(req, &dial).await;
         record_stages(&found);
         let (mut reason, prefix) = match &found.pods {
             Err(e) => (Reason::Fallback(fallback(e)), BTreeMap::new()),
@@ -232,6 +261,24 @@ impl<I: Index + 'static> EndpointPicker<I> {
             .filter_map(|p| Some((endpoint_for(p.score.pod.endpoint(), endpoints)?, p)));
         fold_best(answering, |p| p.score.normalized)
     }
+}
+
+/// The endpoints among `named` (a caller's list) that are configured or
+/// discovered candidates: the only ones the scorer may dial on a caller's
+/// behalf. The rest are counted as rejected (`api` labels who named them).
+pub fn dialable(named: &[String], candidates: &Candidates, api: &'static str) -> Vec<String> {
+    let known = candidates.current();
+    let (ok, rejected): (Vec<String>, Vec<String>) =
+        named.iter().cloned().partition(|e| known.contains(e));
+    if !rejected.is_empty() {
+        metrics::counter!(m::DIAL_REJECTED, "api" => api).increment(rejected.len() as u64);
+        tracing::debug!(
+            ?rejected,
+            api,
+            "caller-named endpoints are not candidates: not dialed"
+        );
+    }
+    ok
 }
 
 /// The prefix stage's fallback reason, with a log line for a failed lookup.

@@ -128,11 +128,10 @@ pub async fn run(
     }
     // llm-d's remote-indexer API scores from the same index, and tokenizes
     // through the router's stage (one pool bounds all tokenization work).
-    let indexer_api = IndexerServiceServer::new(PodScorer::sharing(
-        index,
-        router.tokenize().clone(),
-        &route_config,
-    ));
+    let indexer_api = IndexerServiceServer::new(
+        PodScorer::sharing(index, router.tokenize().clone(), &route_config)
+            .dialing(candidates.clone()),
+    );
 
     tokio::spawn(
         candidates

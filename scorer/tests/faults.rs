@@ -210,3 +210,79 @@ async fn runaway_chat_templates_stop_off_the_async_workers() {
         let _ = std::fs::remove_dir_all(d);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_cannot_make_the_scorer_dial_a_host_of_their_choice() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // A listener on a loopback port that is no candidate: counts whoever
+    // connects.
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let target_addr = target.local_addr().expect("addr").to_string();
+    let dialed = std::sync::Arc::new(AtomicUsize::new(0));
+    let accept = tokio::spawn({
+        let dialed = dialed.clone();
+        async move {
+            while let Ok((_s, _)) = target.accept().await {
+                dialed.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    let fleet = Fleet::start(1).await;
+    let args: Vec<String> = [
+        "--endpoints",
+        &fleet.endpoints(),
+        "--remote-tokenize",
+        "--remote-tokenize-timeout",
+        "2s",
+    ]
+    .map(String::from)
+    .to_vec();
+    let scorer = ScorerProc::start("ssrf", &args).await;
+    // No local tokenizer for this model: remote tokenization would ask a pod.
+    let report = scorer
+        .score(&json!({
+            "model": "no-local-tokenizer",
+            "prompt": "the prompt a caller wants posted elsewhere",
+            "endpoints": [target_addr],
+        }))
+        .await;
+    assert_eq!(report["reason"], "remote_tokenize_failed", "{report:#}");
+    let mut indexer = support::indexer_client::IndexerClient::connect(scorer.grpc).await;
+    let answer = indexer
+        .call(
+            scorer::indexer_api::GET_POD_SCORES_PATH,
+            scorer::indexer_api::GetPodScoresRequest {
+                prompt: "the prompt a caller wants posted elsewhere".into(),
+                model_name: "no-local-tokenizer".into(),
+                pod_identifiers: vec![target_addr.clone()],
+            },
+        )
+        .await;
+    assert!(answer.is_err(), "no pod tokenized it: {answer:?}");
+    // Both answered, so any dial would have happened by now.
+    assert_eq!(
+        dialed.load(Ordering::SeqCst),
+        0,
+        "the scorer dialed {target_addr}"
+    );
+    assert_eq!(
+        scorer
+            .counter("kvroute_scorer_dial_rejected_total", &[])
+            .await,
+        2.0
+    );
+    // A candidate named by the caller is still asked (the fake pod has no
+    // /tokenize, so it fails there, but it was dialed: its log says so).
+    let report = scorer
+        .score(&json!({
+            "model": "no-local-tokenizer",
+            "prompt": "asked of a candidate",
+            "endpoints": [fleet.pods[0].name],
+        }))
+        .await;
+    assert_eq!(report["reason"], "remote_tokenize_failed", "{report:#}");
+    assert_eq!(fleet.arrivals(), vec![fleet.pods[0].name.clone()]);
+    accept.abort();
+}
