@@ -144,6 +144,15 @@ pub struct ServeArgs {
     /// This replica's name in Redis (default: $HOSTNAME, else a random id).
     #[arg(long, env = "KVROUTE_REPLICA_ID")]
     pub replica_id: Option<String>,
+    /// Read the ingesters' `kvroute:keying`, `kvroute:models` and
+    /// `kvroute:pods` this often (docs/architecture.md, "Keying contract").
+    #[arg(long, env = "KVROUTE_KEYING_CHECK_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub keying_check_interval: Duration,
+    /// Start even when `kvroute:keying` disagrees with --hash-scheme,
+    /// --hash-seed or --block-size (every lookup misses; requests route by
+    /// load). Without it such a scorer refuses to start.
+    #[arg(long, env = "KVROUTE_ALLOW_KEYING_MISMATCH", default_value_t = false)]
+    pub allow_keying_mismatch: bool,
     /// Seed of the random tie-break (default: from the clock).
     #[arg(long, env = "KVROUTE_SEED")]
     pub seed: Option<u64>,

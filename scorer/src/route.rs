@@ -98,6 +98,8 @@ pub struct EndpointPicker<I> {
     config: RouteConfig,
     /// SplitMix64 state for tie-breaks (seedable for tests and benches).
     rng: Mutex<u64>,
+    /// The ingesters' view (`kvroute:models`), when a check runs.
+    index_info: Option<Arc<crate::keying::IndexInfo>>,
 }
 
 impl<I: Index + 'static> EndpointPicker<I> {
@@ -118,7 +120,14 @@ impl<I: Index + 'static> EndpointPicker<I> {
             load,
             config,
             rng: Mutex::new(seed),
+            index_info: None,
         }
+    }
+
+    /// Counts decisions for models no ingester indexed (`kvroute:models`).
+    pub fn with_index_info(mut self, info: Arc<crate::keying::IndexInfo>) -> Self {
+        self.index_info = Some(info);
+        self
     }
 
     pub fn load(&self) -> &Load {
@@ -323,6 +332,9 @@ impl<I: Index + 'static> Decide for EndpointPicker<I> {
         request: RouteRequest,
         subset: Option<Vec<String>>,
     ) -> Result<Decision, DecideError> {
+        if let Some(info) = &self.index_info {
+            info.request_for(self.prefixes.resolve_model(&request.model).0);
+        }
         let report = self.score(&request, subset.as_deref()).await;
         let reason = report.reason.as_label();
         metrics::counter!(m::DECISIONS, "reason" => reason).increment(1);

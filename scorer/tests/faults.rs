@@ -286,3 +286,128 @@ async fn callers_cannot_make_the_scorer_dial_a_host_of_their_choice() {
     assert_eq!(fleet.arrivals(), vec![fleet.pods[0].name.clone()]);
     accept.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keying_that_disagrees_with_the_ingesters_is_refused_or_flagged() {
+    let redis = start_redis().await;
+    let fleet = Fleet::start(1).await;
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let _: () = redis::cmd("HSET")
+        .arg("kvroute:keying")
+        .arg(&[
+            ("hash_scheme", "sha256_cbor"),
+            ("hash_seed", "another-seed"),
+            ("block_size", "16"),
+            ("updated_ms", "1"),
+            ("writer", "ingester-0"),
+        ])
+        .query_async(&mut conn)
+        .await
+        .expect("seed keying");
+    // The ingesters index a pod that is no candidate, and one model.
+    let _: () = redis::cmd("SADD")
+        .arg("kvroute:pods")
+        .arg("127.0.0.99:8000")
+        .query_async(&mut conn)
+        .await
+        .expect("pods");
+    let _: () = redis::cmd("HSET")
+        .arg("kvroute:models")
+        .arg(LLAMA)
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .expect("models");
+
+    // Refused, saying why.
+    let args = scorer_args(&redis, &fleet, &["--keying-check-interval", "100ms"]);
+    let refused = kvroute_testkit::scorer::ScorerProcess::start(&kvroute_testkit::scorer::Launch {
+        binary: std::path::Path::new(support::scorer_proc::bin()),
+        args: &args,
+        name: "keying-refused",
+        clear_env: true,
+    })
+    .await;
+    let Err(e) = refused else {
+        panic!("a scorer with another seed started")
+    };
+    let msg = e.to_string();
+    assert!(
+        msg.contains("another-seed")
+            && msg.contains("kvroute-e2e")
+            && msg.contains("--allow-keying-mismatch"),
+        "{msg}"
+    );
+
+    // Allowed: it runs, says so in /readyz (still 200) and the gauge.
+    let args = scorer_args(
+        &redis,
+        &fleet,
+        &[
+            "--keying-check-interval",
+            "100ms",
+            "--allow-keying-mismatch",
+        ],
+    );
+    let scorer = ScorerProc::start("keying-allowed", &args).await;
+    let (code, text) = kvroute_testkit::net::http("GET", scorer.http, "/readyz")
+        .await
+        .expect("readyz");
+    assert_eq!(code, 200, "{text}");
+    assert!(
+        text.contains("keying: mismatch:") && text.contains("another-seed"),
+        "{text}"
+    );
+    let metrics = scorer.metrics().await;
+    assert_eq!(
+        sum_samples(&metrics, "kvroute_scorer_keying_mismatch", &[]),
+        1.0
+    );
+    // The indexed pod matches no candidate: gauge and WARN.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sum_samples(
+        &scorer.metrics().await,
+        "kvroute_scorer_indexed_pods_unmatched",
+        &[],
+    ) < 1.0
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", scorer.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        scorer
+            .log()
+            .contains("no pod in kvroute:pods is a candidate")
+    );
+    // The keying is fixed by the operator: the mismatch clears.
+    let _: () = redis::cmd("HSET")
+        .arg("kvroute:keying")
+        .arg("hash_seed")
+        .arg(support::index::SEED)
+        .query_async(&mut conn)
+        .await
+        .expect("fix keying");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, text) = kvroute_testkit::net::http("GET", scorer.http, "/readyz")
+            .await
+            .expect("readyz");
+        if text.contains("keying: ok") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        sum_samples(
+            &scorer.metrics().await,
+            "kvroute_scorer_keying_mismatch",
+            &[]
+        ),
+        0.0
+    );
+}
