@@ -118,6 +118,13 @@ pub struct ServeArgs {
     /// Give up on an index lookup after this long (route by load).
     #[arg(long, env = "KVROUTE_LOOKUP_TIMEOUT", default_value = "50ms", value_parser = parse_duration)]
     pub lookup_timeout: Duration,
+    /// Look up at most this many blocks of a prompt (its first ones). The
+    /// default, 8192, covers a 128k-token context at block size 16; a
+    /// longer prompt's lookup stops there (counted,
+    /// `kvroute_scorer_lookups_capped_total`), so one 2M-token prompt cannot
+    /// hold Redis for tens of milliseconds.
+    #[arg(long, env = "KVROUTE_MAX_LOOKUP_BLOCKS", default_value_t = crate::route::DEFAULT_MAX_LOOKUP_BLOCKS)]
+    pub max_lookup_blocks: usize,
     /// How the index finds each pod's prefix: `bisect` reads O(pods x log
     /// blocks) blocks and is exact when pods hold prefixes of the prompt
     /// (what vLLM's hash chaining gives); `linear` reads every block of the
@@ -181,6 +188,7 @@ impl ServeArgs {
             },
             tiers: self.tier_weights.clone(),
             lookup_timeout: self.lookup_timeout,
+            max_lookup_blocks: self.max_lookup_blocks,
             metrics_max_age: self.metrics_max_age,
             adapters,
             tokenize: TokenizeConfig {

@@ -60,3 +60,5 @@ pub const ALL_CANDIDATES_DOWN: &str = "kvroute_scorer_all_candidates_down_total"
 /// `pod_identifiers`) that are not candidates, so remote tokenization did
 /// not dial them, by `api` (`score`, `indexer`).
 pub const DIAL_REJECTED: &str = "kvroute_scorer_dial_rejected_total";
+/// Lookups that covered only the first `--max-lookup-blocks` of a prompt.
+pub const LOOKUPS_CAPPED: &str = "kvroute_scorer_lookups_capped_total";

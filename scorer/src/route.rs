@@ -40,6 +40,8 @@ pub struct RouteConfig {
     pub adapters: HashMap<String, String>,
     /// Where tokenization runs (blocking pool, remote vLLM).
     pub tokenize: TokenizeConfig,
+    /// Blocks of a prompt looked up at most (its first ones).
+    pub max_lookup_blocks: usize,
 }
 
 impl Default for RouteConfig {
@@ -52,9 +54,16 @@ impl Default for RouteConfig {
             metrics_max_age: Duration::from_secs(2),
             adapters: HashMap::new(),
             tokenize: TokenizeConfig::default(),
+            max_lookup_blocks: DEFAULT_MAX_LOOKUP_BLOCKS,
         }
     }
 }
+
+/// Default of `--max-lookup-blocks`: 8192 blocks of 16 tokens is a 128k-token
+/// context, the largest common one (Llama 3.1); a longer prompt's lookup
+/// covers its first 128k tokens. Past that a 2M-token prompt held Redis
+/// ~42 ms in one lookup script, blocking every other client.
+pub const DEFAULT_MAX_LOOKUP_BLOCKS: usize = 8192;
 
 /// One endpoint's view in a scoring report.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]

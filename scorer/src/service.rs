@@ -208,8 +208,10 @@ pub async fn run(
                 .await
         });
     }
-    let app = kvroute_service::health::router(readiness, metrics)
-        .merge(crate::http_api::router(router.clone()));
+    let app = kvroute_service::health::router(readiness, metrics).merge(crate::http_api::router(
+        router.clone(),
+        args.ext_proc.max_body_bytes,
+    ));
     let http_shutdown = shutdown.clone();
     let http = tokio::spawn(async move {
         axum::serve(http_listener, app)

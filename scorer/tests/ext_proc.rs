@@ -229,6 +229,15 @@ async fn no_candidates_gets_503_and_oversized_bodies_413() {
     let (code, _, _) = immediate(s.next().await);
     assert_eq!(code, 413);
     assert_eq!((decide.decided(), decide.finished_count()), (1, 0));
+
+    // One gRPC message over the decoding limit (4 MiB + 64 KiB here): a
+    // 413 too, not a stream that ends without an answer.
+    let mut s = Stream::open(&scorer).await;
+    s.send(headers("/v1/completions", &[], false), None).await;
+    s.send(body(&vec![b' '; 5 << 20], false), None).await;
+    let (code, json, _) = immediate(s.next().await);
+    assert_eq!(code, 413, "{json}");
+    assert_eq!(decide.decided(), 1);
 }
 
 #[tokio::test]

@@ -411,3 +411,39 @@ async fn a_keying_that_disagrees_with_the_ingesters_is_refused_or_flagged() {
         0.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_are_capped_and_score_bodies_share_the_ext_proc_limit() {
+    let redis = start_redis().await;
+    let fleet = Fleet::start(1).await;
+    let pod = fleet.pods[0].name.clone();
+    let extra = ["--max-lookup-blocks", "4", "--max-body-bytes", "4194304"];
+    let scorer = ScorerProc::start("limits", &scorer_args(&redis, &fleet, &extra)).await;
+    let writer = IndexWriter::connect(&redis.url()).await;
+    // 20 blocks held; only the first 4 are looked up.
+    let ids: Vec<u32> = (0..20 * 16).collect();
+    writer.store(LLAMA, &pod, &ids).await;
+    let body = json!({"model": LLAMA, "token_ids": ids});
+    let r = scorer
+        .score_until(&body, Duration::from_secs(10), "index connected", |r| {
+            r["reason"] == "prefix"
+        })
+        .await;
+    assert_eq!(r["blocks"], 20, "{r:#}");
+    assert_eq!(endpoint_field(&r, &pod, "blocks"), 4, "{r:#}");
+    assert!(
+        scorer
+            .counter("kvroute_scorer_lookups_capped_total", &[])
+            .await
+            >= 1.0
+    );
+    // /v1/score takes what ext_proc takes (--max-body-bytes; axum's own
+    // default was 2 MiB), and no more.
+    let prompt = |bytes: usize| json!({"model": "no-tokenizer", "prompt": "a ".repeat(bytes / 2)});
+    let mut client = support::http::Client::connect(scorer.http).await;
+    let reply = support::http::score(&mut client, &prompt(3 << 20)).await;
+    assert_eq!(reply.status, 200, "3 MiB: {:?}", reply.body);
+    let mut client = support::http::Client::connect(scorer.http).await;
+    let reply = support::http::score(&mut client, &prompt(5 << 20)).await;
+    assert_eq!(reply.status, 413, "5 MiB");
+}

@@ -44,6 +44,7 @@ use tracing::Instrument;
 #[derive(Debug, Clone, clap::Args)]
 pub struct ExtProcConfig {
     /// Largest request body the picker buffers; larger requests get 413.
+    /// The same cap applies to `POST /v1/score` bodies.
     #[arg(long, env = "KVROUTE_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
 }

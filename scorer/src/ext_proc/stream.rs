@@ -105,6 +105,25 @@ impl<D: Decide> StreamState<D> {
                 Ok(None) => break "envoy closed the stream",
                 Err(status) => {
                     debug!(code = ?status.code(), message = status.message(), "ext_proc stream error");
+                    // One gRPC message over the decoding limit (a gateway
+                    // sending a whole large body as one chunk): the client
+                    // gets the 413 it would get for the body, not a stream
+                    // that ends with no answer.
+                    let too_big = matches!(
+                        status.code(),
+                        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+                    );
+                    if too_big && !self.decided {
+                        let message = format!(
+                            "request body exceeds {} bytes (one message: {})",
+                            self.config.max_body_bytes,
+                            status.message()
+                        );
+                        let _ = self
+                            .reject(Outcome::TooLarge, "invalid_request_error", &message)
+                            .await;
+                        break "message over the size limit";
+                    }
                     break "stream error";
                 }
             };
