@@ -62,3 +62,6 @@ pub const ALL_CANDIDATES_DOWN: &str = "kvroute_scorer_all_candidates_down_total"
 pub const DIAL_REJECTED: &str = "kvroute_scorer_dial_rejected_total";
 /// Lookups that covered only the first `--max-lookup-blocks` of a prompt.
 pub const LOOKUPS_CAPPED: &str = "kvroute_scorer_lookups_capped_total";
+/// ext_proc requests routed by load without buffering their body (all
+/// streams' buffers at `--max-buffered-bytes`); also counted as routed.
+pub const UNBUFFERED: &str = "kvroute_scorer_unbuffered_requests_total";
