@@ -152,7 +152,7 @@ pub struct ServeArgs {
     #[arg(long, env = "KVROUTE_REPLICA_ID")]
     pub replica_id: Option<String>,
     /// Read the ingesters' `kvroute:keying`, `kvroute:models` and
-    /// `kvroute:pods` this often (docs/architecture.md, "Keying contract").
+    /// `kvroute:pods` this often (docs/scorer-operations.md, "Keying contract").
     #[arg(long, env = "KVROUTE_KEYING_CHECK_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub keying_check_interval: Duration,
     /// Start even when `kvroute:keying` disagrees with --hash-scheme,
