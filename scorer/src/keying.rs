@@ -204,6 +204,10 @@ impl IndexInfo {
 
     /// Counts a request for `model` when no ingester indexed it.
     pub fn request_for(&self, model: &str) {
+        // Body-less or unbuffered requests name no model.
+        if model.is_empty() {
+            return;
+        }
         let known = match &*self.models.read() {
             Some(m) => m.contains(model),
             None => return,
