@@ -126,22 +126,43 @@ pub async fn scrape_metrics(
                 let Ok(uri) = format!("http://{ep}/metrics").parse::<hyper::Uri>() else {
                     return;
                 };
+                // Err(true): the pod did not answer at all (connect error,
+                // reset, timeout), which counts towards taking it down;
+                // Err(false): it answered, but not with metrics (a non-vLLM
+                // backend or an error page): alive, just no load signal.
                 let fetch = async {
-                    let resp = client.get(uri).await.ok()?;
+                    let resp = client.get(uri).await.map_err(|e| (true, e.to_string()))?;
                     if !resp.status().is_success() {
-                        return None;
+                        return Err((false, format!("HTTP {}", resp.status())));
                     }
-                    let body = resp.into_body().collect().await.ok()?.to_bytes();
-                    Some(parse_vllm_metrics(&String::from_utf8_lossy(&body)))
+                    let body = resp
+                        .into_body()
+                        .collect()
+                        .await
+                        .map_err(|e| (true, e.to_string()))?
+                        .to_bytes();
+                    Ok(parse_vllm_metrics(&String::from_utf8_lossy(&body)))
                 };
-                match tokio::time::timeout(timeout, fetch).await {
-                    Ok(Some(l)) => load.engines.record(ep, l),
-                    _ => metrics::counter!(crate::metrics::SCRAPE_FAILURES).increment(1),
+                let outcome = tokio::time::timeout(timeout, fetch)
+                    .await
+                    .unwrap_or_else(|_| Err((true, format!("timed out after {timeout:?}"))));
+                match outcome {
+                    Ok(l) => load.engines.record(ep, l),
+                    Err((unreachable, error)) => {
+                        metrics::counter!(crate::metrics::SCRAPE_FAILURES).increment(1);
+                        if unreachable {
+                            load.engines.record_unreachable(ep, &error);
+                        } else {
+                            // It answered: a pod that was down is up again.
+                            load.engines.record_answered(ep);
+                        }
+                    }
                 }
             }
         });
         futures::future::join_all(scrapes).await;
         load.engines.forget_except(&endpoints);
+        metrics::gauge!(crate::metrics::ENDPOINTS_DOWN).set(load.engines.down_count() as f64);
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(interval) => {}

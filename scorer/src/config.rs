@@ -118,6 +118,13 @@ pub struct ServeArgs {
     /// Give up on an index lookup after this long (route by load).
     #[arg(long, env = "KVROUTE_LOOKUP_TIMEOUT", default_value = "50ms", value_parser = parse_duration)]
     pub lookup_timeout: Duration,
+    /// Look up at most this many blocks of a prompt (its first ones). The
+    /// default, 8192, covers a 128k-token context at block size 16; a
+    /// longer prompt's lookup stops there (counted,
+    /// `kvroute_scorer_lookups_capped_total`), so one 2M-token prompt cannot
+    /// hold Redis for tens of milliseconds.
+    #[arg(long, env = "KVROUTE_MAX_LOOKUP_BLOCKS", default_value_t = crate::route::DEFAULT_MAX_LOOKUP_BLOCKS)]
+    pub max_lookup_blocks: usize,
     /// How the index finds each pod's prefix: `bisect` reads O(pods x log
     /// blocks) blocks and is exact when pods hold prefixes of the prompt
     /// (what vLLM's hash chaining gives); `linear` reads every block of the
@@ -127,6 +134,14 @@ pub struct ServeArgs {
     /// Scrape each endpoint's vLLM /metrics this often.
     #[arg(long, env = "KVROUTE_SCRAPE_INTERVAL", default_value = "200ms", value_parser = parse_duration)]
     pub scrape_interval: Duration,
+    /// Take an endpoint out of the candidates after this many scrapes in a
+    /// row that could not reach it (refused, reset, timed out); it is back
+    /// at the first scrape it answers. A pod answering with an HTTP error
+    /// stays in. When all candidates are down, routing uses all of them.
+    /// 0 disables. Default 3: one lost scrape does not flap a pod, and a
+    /// dead one is out within ~3 scrape intervals.
+    #[arg(long, env = "KVROUTE_DOWN_AFTER_FAILURES", default_value_t = crate::load::DEFAULT_DOWN_AFTER)]
+    pub down_after_failures: u32,
     /// Ignore scraped metrics older than this.
     #[arg(long, env = "KVROUTE_METRICS_MAX_AGE", default_value = "2s", value_parser = parse_duration)]
     pub metrics_max_age: Duration,
@@ -136,6 +151,15 @@ pub struct ServeArgs {
     /// This replica's name in Redis (default: $HOSTNAME, else a random id).
     #[arg(long, env = "KVROUTE_REPLICA_ID")]
     pub replica_id: Option<String>,
+    /// Read the ingesters' `kvroute:keying`, `kvroute:models` and
+    /// `kvroute:pods` this often (docs/scorer-operations.md, "Keying contract").
+    #[arg(long, env = "KVROUTE_KEYING_CHECK_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub keying_check_interval: Duration,
+    /// Start even when `kvroute:keying` disagrees with --hash-scheme,
+    /// --hash-seed or --block-size (every lookup misses; requests route by
+    /// load). Without it such a scorer refuses to start.
+    #[arg(long, env = "KVROUTE_ALLOW_KEYING_MISMATCH", default_value_t = false)]
+    pub allow_keying_mismatch: bool,
     /// Seed of the random tie-break (default: from the clock).
     #[arg(long, env = "KVROUTE_SEED")]
     pub seed: Option<u64>,
@@ -164,6 +188,7 @@ impl ServeArgs {
             },
             tiers: self.tier_weights.clone(),
             lookup_timeout: self.lookup_timeout,
+            max_lookup_blocks: self.max_lookup_blocks,
             metrics_max_age: self.metrics_max_age,
             adapters,
             tokenize: TokenizeConfig {
@@ -176,7 +201,6 @@ impl ServeArgs {
                     timeout: self.remote_tokenize_timeout,
                     ..RemoteConfig::default()
                 }),
-                ..TokenizeConfig::default()
             },
         })
     }

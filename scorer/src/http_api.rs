@@ -35,10 +35,16 @@ fn bad_request(msg: String) -> ApiError {
     )
 }
 
-/// Routes under `/v1`.
-pub fn router<I: Index + 'static>(scorer: Arc<EndpointPicker<I>>) -> axum::Router {
+/// Routes under `/v1`. Bodies up to `max_body_bytes` (`--max-body-bytes`,
+/// the ext_proc cap too: a prompt Envoy can route can be scored here;
+/// axum's own default would be 2 MiB); larger ones get 413.
+pub fn router<I: Index + 'static>(
+    scorer: Arc<EndpointPicker<I>>,
+    max_body_bytes: usize,
+) -> axum::Router {
     axum::Router::new()
         .route("/v1/score", post(score::<I>))
+        .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
         .with_state(scorer)
 }
 
@@ -57,5 +63,9 @@ async fn score<I: Index + 'static>(
         },
         None => request::parse(&body, None).map_err(|e| bad_request(e.to_string()))?,
     };
-    Ok(Json(scorer.score(&req, extra.endpoints.as_deref()).await))
+    Ok(Json(
+        scorer
+            .score_for_caller(&req, extra.endpoints.as_deref())
+            .await,
+    ))
 }

@@ -24,7 +24,7 @@
 //! llm-d-kv-cache's `api/indexerpb/indexer.proto`; a unit test pins the wire
 //! bytes.
 
-use crate::candidates::endpoint_for;
+use crate::candidates::{Candidates, endpoint_for};
 use crate::decide::{Prompt, RouteRequest};
 use crate::prefix::{PrefixError, PrefixLookup};
 use crate::reason::Fallback;
@@ -217,6 +217,9 @@ impl ScoresError {
 /// tier weights, LoRA adapters, lookup deadline).
 pub struct PodScorer<I> {
     prefixes: PrefixLookup<I>,
+    /// The only pods remote tokenization may dial (`pod_identifiers` come
+    /// from the caller; see [`crate::route::dialable`]). Empty by default.
+    candidates: Arc<Candidates>,
 }
 
 impl<I: Index + 'static> PodScorer<I> {
@@ -237,7 +240,16 @@ impl<I: Index + 'static> PodScorer<I> {
     pub fn sharing(index: Arc<I>, tokenize: Arc<Tokenize>, config: &RouteConfig) -> Self {
         PodScorer {
             prefixes: PrefixLookup::new(index, tokenize, config),
+            candidates: Arc::new(Candidates::default()),
         }
+    }
+
+    /// Remote tokenization may dial these pods (the scorer's candidates):
+    /// those of `pod_identifiers` among them, or all of them when the
+    /// request names none.
+    pub fn dialing(mut self, candidates: Arc<Candidates>) -> Self {
+        self.candidates = candidates;
+        self
     }
 
     /// Every pod holding the prompt's first block (among `pod_identifiers`
@@ -259,13 +271,19 @@ impl<I: Index + 'static> PodScorer<I> {
             chat_template_kwargs: None,
             request_id: None,
         };
-        // Remote tokenization (when on) may ask the pods named by address.
-        let pods: Vec<String> = req
-            .pod_identifiers
-            .iter()
-            .filter(|p| p.parse::<SocketAddr>().is_ok())
-            .cloned()
-            .collect();
+        // Remote tokenization (when on) may ask the pods named by address,
+        // if they are candidates (never a host the caller picks).
+        let pods: Vec<String> = if req.pod_identifiers.is_empty() {
+            self.candidates.current().to_vec()
+        } else {
+            let named: Vec<String> = req
+                .pod_identifiers
+                .iter()
+                .filter_map(|p| p.parse::<SocketAddr>().ok())
+                .map(|a| a.to_string())
+                .collect();
+            crate::route::dialable(&named, &self.candidates, "indexer")
+        };
         let found = self.prefixes.lookup(&route, &pods).await;
         let fail = |e| ScoresError::from_prefix(e, &found.base);
         let found_pods = match found.pods {

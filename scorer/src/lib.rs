@@ -14,6 +14,7 @@ pub mod ext_proc;
 pub mod grpc;
 pub mod http_api;
 pub mod indexer_api;
+pub mod keying;
 pub mod load;
 pub mod metrics;
 pub mod prefix;

@@ -6,7 +6,15 @@
 //!   one interval;
 //! - vLLM's own `/metrics` (`vllm:num_requests_waiting`,
 //!   `vllm:num_requests_running`, `vllm:kv_cache_usage_perc`) scraped per
-//!   endpoint; values older than a staleness bound are ignored.
+//!   endpoint; values older than a staleness bound are ignored;
+//! - whether an endpoint answers at all: after `--down-after-failures`
+//!   scrapes in a row that could not connect or timed out, the endpoint is
+//!   *down* and leaves the candidate set (a dead pod that still holds a
+//!   prefix in the index would otherwise keep winning it, and every request
+//!   for that prompt would fail at Envoy). The first scrape it answers
+//!   brings it back. When every candidate is down the scorer routes among
+//!   all of them by load rather than answer "no endpoint": the scrape may be
+//!   what is broken.
 
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
@@ -102,17 +110,109 @@ pub fn parse_vllm_metrics(text: &str) -> EngineLoad {
     load
 }
 
-/// Latest scrape per endpoint, with its time.
-#[derive(Debug, Default)]
+/// Default of `--down-after-failures`: three scrapes in a row (0.6 s at the
+/// default 200 ms interval when the connection is refused) is long enough
+/// not to flap on one lost packet, short enough that few requests fail.
+pub const DEFAULT_DOWN_AFTER: u32 = 3;
+
+/// Scrape failures in a row of one endpoint, and whether it is down.
+#[derive(Debug, Default, Clone, Copy)]
+struct Health {
+    failures: u32,
+    down: bool,
+}
+
+/// Latest scrape per endpoint, with its time, and which endpoints stopped
+/// answering.
+#[derive(Debug)]
 pub struct EngineLoads {
     by_endpoint: RwLock<HashMap<String, (Instant, EngineLoad)>>,
+    health: RwLock<HashMap<String, Health>>,
+    /// Consecutive unreachable scrapes that mark an endpoint down (0: never).
+    down_after: u32,
+}
+
+impl Default for EngineLoads {
+    fn default() -> Self {
+        Self::new(DEFAULT_DOWN_AFTER)
+    }
 }
 
 impl EngineLoads {
+    /// `down_after`: unreachable scrapes in a row that take an endpoint out
+    /// of the candidates (0 disables).
+    pub fn new(down_after: u32) -> Self {
+        EngineLoads {
+            by_endpoint: RwLock::default(),
+            health: RwLock::default(),
+            down_after,
+        }
+    }
+
+    /// A scrape answered: the load, and the endpoint is up (again).
     pub fn record(&self, endpoint: &str, load: EngineLoad) {
         self.by_endpoint
             .write()
             .insert(endpoint.to_string(), (Instant::now(), load));
+        self.record_answered(endpoint);
+    }
+
+    /// The endpoint answered (with or without usable metrics): it is up.
+    pub fn record_answered(&self, endpoint: &str) {
+        let was_down = {
+            let mut health = self.health.write();
+            match health.get_mut(endpoint) {
+                Some(h) => {
+                    let was = h.down;
+                    *h = Health::default();
+                    was
+                }
+                None => false,
+            }
+        };
+        if was_down {
+            tracing::info!(
+                endpoint,
+                "endpoint answers again: back among the candidates"
+            );
+            metrics::counter!(crate::metrics::ENDPOINT_TRANSITIONS, "to" => "up").increment(1);
+        }
+    }
+
+    /// A scrape could not reach `endpoint` (refused, reset, timed out).
+    /// Returns true when this failure took it down.
+    pub fn record_unreachable(&self, endpoint: &str, error: &str) -> bool {
+        if self.down_after == 0 {
+            return false;
+        }
+        let (went_down, failures) = {
+            let mut health = self.health.write();
+            let h = health.entry(endpoint.to_string()).or_default();
+            h.failures = h.failures.saturating_add(1);
+            let went = !h.down && h.failures >= self.down_after;
+            h.down |= went;
+            (went, h.failures)
+        };
+        if went_down {
+            tracing::warn!(
+                endpoint,
+                failures,
+                error,
+                "endpoint unreachable: out of the candidates until it answers again"
+            );
+            metrics::counter!(crate::metrics::ENDPOINT_TRANSITIONS, "to" => "down").increment(1);
+        }
+        went_down
+    }
+
+    /// Whether `endpoint` is down (unreachable `down_after` times in a row).
+    pub fn is_down(&self, endpoint: &str) -> bool {
+        self.health.read().get(endpoint).is_some_and(|h| h.down)
+    }
+
+    /// How many endpoints are down now.
+    pub fn down_count(&self) -> usize {
+        self.health.read().values().filter(|h| h.down).count()
     }
 
     /// The load of `endpoint` if scraped within `max_age`.
@@ -124,6 +224,7 @@ impl EngineLoads {
 
     pub fn forget_except(&self, keep: &[String]) {
         self.by_endpoint.write().retain(|k, _| keep.contains(k));
+        self.health.write().retain(|k, _| keep.contains(k));
     }
 }
 
@@ -132,6 +233,17 @@ impl EngineLoads {
 pub struct Load {
     pub in_flight: Arc<InFlight>,
     pub engines: Arc<EngineLoads>,
+}
+
+impl Load {
+    /// Load state whose endpoints go down after `down_after` unreachable
+    /// scrapes in a row (`--down-after-failures`).
+    pub fn new(down_after: u32) -> Self {
+        Load {
+            in_flight: Arc::default(),
+            engines: Arc::new(EngineLoads::new(down_after)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -160,6 +272,30 @@ vllm:num_requests_running{x=\"}\"} NaN
             Some(0.5)
         );
         assert_eq!(parse_vllm_metrics("").kv_usage, None);
+    }
+
+    #[test]
+    fn unreachable_in_a_row_takes_an_endpoint_down_until_it_answers() {
+        let e = EngineLoads::new(3);
+        let ep = "127.0.0.11:8000";
+        assert!(!e.record_unreachable(ep, "refused"));
+        // One answer in between resets the run.
+        e.record(ep, EngineLoad::default());
+        assert!(!e.record_unreachable(ep, "refused"));
+        assert!(!e.record_unreachable(ep, "refused"));
+        assert!(!e.is_down(ep));
+        assert!(e.record_unreachable(ep, "refused"));
+        assert!(e.is_down(ep));
+        // Already down: no second transition.
+        assert!(!e.record_unreachable(ep, "refused"));
+        assert_eq!(e.down_count(), 1);
+        e.record(ep, EngineLoad::default());
+        assert!(!e.is_down(ep));
+        let never = EngineLoads::new(0);
+        for _ in 0..10 {
+            assert!(!never.record_unreachable(ep, "refused"));
+        }
+        assert!(!never.is_down(ep));
     }
 
     #[test]

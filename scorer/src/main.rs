@@ -75,7 +75,17 @@ async fn main() -> anyhow::Result<()> {
                 shutdown.clone(),
             ));
             let listeners = bind(&cli.serve).await?;
-            scorer::service::run(cli.serve, listeners, env, Some(metrics), shutdown).await
+            let ran =
+                scorer::service::run(cli.serve, listeners, env, Some(metrics), shutdown).await;
+            // A configuration the index contradicts: the message, no backtrace.
+            if let Err(e) = &ran
+                && let Some(m) = e.downcast_ref::<scorer::keying::KeyingMismatch>()
+            {
+                tracing::error!("{m}");
+                eprintln!("kvroute-scorer: {m}");
+                std::process::exit(EX_USAGE);
+            }
+            ran
         }
     }
 }

@@ -48,3 +48,20 @@ pub const INDEXER_API_REQUESTS: &str = "kvroute_scorer_indexer_api_requests_tota
 
 /// vLLM `/metrics` scrapes that failed or timed out.
 pub const SCRAPE_FAILURES: &str = "kvroute_scorer_scrape_failures_total";
+/// Endpoints going out of (`to="down"`: unreachable scrapes in a row) and
+/// back into (`to="up"`) the candidate set.
+pub const ENDPOINT_TRANSITIONS: &str = "kvroute_scorer_endpoint_transitions_total";
+/// Endpoints down now (out of the candidates until they answer).
+pub const ENDPOINTS_DOWN: &str = "kvroute_scorer_endpoints_down";
+/// Decisions made while every candidate was down (routed among all of
+/// them by load, never "no endpoint").
+pub const ALL_CANDIDATES_DOWN: &str = "kvroute_scorer_all_candidates_down_total";
+/// Endpoints an API caller named (`/v1/score` `endpoints`, `GetPodScores`
+/// `pod_identifiers`) that are not candidates, so remote tokenization did
+/// not dial them, by `api` (`score`, `indexer`).
+pub const DIAL_REJECTED: &str = "kvroute_scorer_dial_rejected_total";
+/// Lookups that covered only the first `--max-lookup-blocks` of a prompt.
+pub const LOOKUPS_CAPPED: &str = "kvroute_scorer_lookups_capped_total";
+/// ext_proc requests routed by load without buffering their body (all
+/// streams' buffers at `--max-buffered-bytes`); also counted as routed.
+pub const UNBUFFERED: &str = "kvroute_scorer_unbuffered_requests_total";

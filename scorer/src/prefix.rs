@@ -87,6 +87,8 @@ pub struct PrefixLookup<I> {
     /// LoRA adapter name -> base model.
     adapters: HashMap<String, String>,
     lookup_timeout: Duration,
+    /// Keys looked up at most per request (`--max-lookup-blocks`).
+    max_lookup_blocks: usize,
 }
 
 impl<I: Index + 'static> PrefixLookup<I> {
@@ -97,6 +99,7 @@ impl<I: Index + 'static> PrefixLookup<I> {
             tiers: config.tiers.clone(),
             adapters: config.adapters.clone(),
             lookup_timeout: config.lookup_timeout,
+            max_lookup_blocks: config.max_lookup_blocks.max(1),
         }
     }
 
@@ -129,9 +132,15 @@ impl<I: Index + 'static> PrefixLookup<I> {
             Err(why) => (Vec::new(), Err(PrefixError::Tokenize(why))),
             Ok(keys) => {
                 let started = Instant::now();
+                // A prefix deeper than the cap scores as a full match of
+                // the capped part: one request cannot hold Redis for long.
+                let looked = &keys[..keys.len().min(self.max_lookup_blocks)];
+                if looked.len() < keys.len() {
+                    metrics::counter!(crate::metrics::LOOKUPS_CAPPED).increment(1);
+                }
                 let found = tokio::time::timeout(
                     self.lookup_timeout,
-                    self.index.lookup(&ModelName::new(base), &keys, None),
+                    self.index.lookup(&ModelName::new(base), looked, None),
                 )
                 .await;
                 timings.lookup = Some(started.elapsed());
@@ -139,7 +148,7 @@ impl<I: Index + 'static> PrefixLookup<I> {
                     Err(_) => Err(PrefixError::Timeout(self.lookup_timeout)),
                     Ok(Err(e)) => Err(PrefixError::Index(e)),
                     Ok(Ok(found)) => {
-                        let scores = score_prefixes(&found.pods, keys.len(), &self.tiers);
+                        let scores = score_prefixes(&found.pods, looked.len(), &self.tiers);
                         Ok(found
                             .pods
                             .into_iter()

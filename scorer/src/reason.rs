@@ -19,6 +19,9 @@ pub enum Fallback {
     NoTokenizer,
     /// The chat template failed to render or its text to tokenize.
     TemplateError,
+    /// The chat template stopped at a render bound (fuel, output size,
+    /// message count or text: `kvroute_tokens::ChatLimits`).
+    TemplateLimit,
     /// The tokenizer failed (or its pool job panicked).
     TokenizeError,
     /// The tokenization pool's queue was full, or no thread came free in time.
@@ -37,10 +40,11 @@ pub enum Fallback {
 
 impl Fallback {
     /// Every fallback, for tests and documentation.
-    pub const ALL: [Fallback; 10] = [
+    pub const ALL: [Fallback; 11] = [
         Fallback::EmptyPrompt,
         Fallback::NoTokenizer,
         Fallback::TemplateError,
+        Fallback::TemplateLimit,
         Fallback::TokenizeError,
         Fallback::TokenizeOverloaded,
         Fallback::TokenizeTimeout,
@@ -56,6 +60,7 @@ impl Fallback {
             Fallback::EmptyPrompt => "empty_prompt",
             Fallback::NoTokenizer => "no_tokenizer",
             Fallback::TemplateError => "template_error",
+            Fallback::TemplateLimit => "template_limit",
             Fallback::TokenizeError => "tokenize_error",
             Fallback::TokenizeOverloaded => "tokenize_overloaded",
             Fallback::TokenizeTimeout => "tokenize_timeout",
@@ -152,6 +157,7 @@ mod tests {
                 "empty_prompt",
                 "no_tokenizer",
                 "template_error",
+                "template_limit",
                 "tokenize_error",
                 "tokenize_overloaded",
                 "tokenize_timeout",

@@ -40,6 +40,8 @@ pub struct RouteConfig {
     pub adapters: HashMap<String, String>,
     /// Where tokenization runs (blocking pool, remote vLLM).
     pub tokenize: TokenizeConfig,
+    /// Blocks of a prompt looked up at most (its first ones).
+    pub max_lookup_blocks: usize,
 }
 
 impl Default for RouteConfig {
@@ -52,9 +54,16 @@ impl Default for RouteConfig {
             metrics_max_age: Duration::from_secs(2),
             adapters: HashMap::new(),
             tokenize: TokenizeConfig::default(),
+            max_lookup_blocks: DEFAULT_MAX_LOOKUP_BLOCKS,
         }
     }
 }
+
+/// Default of `--max-lookup-blocks`: 8192 blocks of 16 tokens is a 128k-token
+/// context, the largest common one (Llama 3.1); a longer prompt's lookup
+/// covers its first 128k tokens. Past that a 2M-token prompt held Redis
+/// ~42 ms in one lookup script, blocking every other client.
+pub const DEFAULT_MAX_LOOKUP_BLOCKS: usize = 8192;
 
 /// One endpoint's view in a scoring report.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -98,6 +107,8 @@ pub struct EndpointPicker<I> {
     config: RouteConfig,
     /// SplitMix64 state for tie-breaks (seedable for tests and benches).
     rng: Mutex<u64>,
+    /// The ingesters' view (`kvroute:models`), when a check runs.
+    index_info: Option<Arc<crate::keying::IndexInfo>>,
 }
 
 impl<I: Index + 'static> EndpointPicker<I> {
@@ -118,7 +129,14 @@ impl<I: Index + 'static> EndpointPicker<I> {
             load,
             config,
             rng: Mutex::new(seed),
+            index_info: None,
         }
+    }
+
+    /// Counts decisions for models no ingester indexed (`kvroute:models`).
+    pub fn with_index_info(mut self, info: Arc<crate::keying::IndexInfo>) -> Self {
+        self.index_info = Some(info);
+        self
     }
 
     pub fn load(&self) -> &Load {
@@ -142,8 +160,37 @@ impl<I: Index + 'static> EndpointPicker<I> {
     /// Scores every candidate for `req` and picks one, without recording the
     /// pick as in flight (the HTTP API's dry run; [`Decide::decide`] records).
     pub async fn score(&self, req: &RouteRequest, subset: Option<&[String]>) -> Report {
-        let endpoints = self.candidates.for_request(subset);
-        let found = self.prefixes.lookup(req, &endpoints).await;
+        self.score_inner(req, subset, false).await
+    }
+
+    /// [`Self::score`] for a list of endpoints an API caller named (`/v1/score`'s
+    /// `endpoints`): they are scored, but remote tokenization dials only those
+    /// among the configured or discovered candidates, so a caller cannot make
+    /// the scorer POST prompts to a host of its choosing (the others are
+    /// counted in `kvroute_scorer_dial_rejected_total{api="score"}`). Envoy's
+    /// subset hint ([`Self::score`]) comes from the gateway and is trusted.
+    pub async fn score_for_caller(
+        &self,
+        req: &RouteRequest,
+        endpoints: Option<&[String]>,
+    ) -> Report {
+        self.score_inner(req, endpoints, true).await
+    }
+
+    async fn score_inner(
+        &self,
+        req: &RouteRequest,
+        subset: Option<&[String]>,
+        caller_named: bool,
+    ) -> Report {
+        let endpoints = self.reachable(self.candidates.for_request(subset));
+        let dial = match subset {
+            Some(named) if caller_named && !named.is_empty() => {
+                Arc::new(dialable(&endpoints, &self.candidates, "score"))
+            }
+            _ => endpoints.clone(),
+        };
+        let found = self.prefixes.lookup(req, &dial).await;
         record_stages(&found);
         let (mut reason, prefix) = match &found.pods {
             Err(e) => (Reason::Fallback(fallback(e)), BTreeMap::new()),
@@ -199,6 +246,27 @@ impl<I: Index + 'static> EndpointPicker<I> {
         }
     }
 
+    /// The candidates without those the scraper found down; all of them
+    /// when every one is down (route by load among them rather than answer
+    /// "no endpoint": the scrape itself may be what fails).
+    fn reachable(&self, endpoints: Arc<Vec<String>>) -> Arc<Vec<String>> {
+        let engines = &self.load.engines;
+        if !endpoints.iter().any(|e| engines.is_down(e)) {
+            return endpoints;
+        }
+        let up: Vec<String> = endpoints
+            .iter()
+            .filter(|e| !engines.is_down(e))
+            .cloned()
+            .collect();
+        if up.is_empty() {
+            metrics::counter!(m::ALL_CANDIDATES_DOWN).increment(1);
+            endpoints
+        } else {
+            Arc::new(up)
+        }
+    }
+
     /// Each candidate endpoint's best index pod (several data-parallel ranks
     /// of one endpoint: the best one counts); pods of no candidate drop out.
     fn best_per_endpoint<'a>(
@@ -211,6 +279,24 @@ impl<I: Index + 'static> EndpointPicker<I> {
             .filter_map(|p| Some((endpoint_for(p.score.pod.endpoint(), endpoints)?, p)));
         fold_best(answering, |p| p.score.normalized)
     }
+}
+
+/// The endpoints among `named` (a caller's list) that are configured or
+/// discovered candidates: the only ones the scorer may dial on a caller's
+/// behalf. The rest are counted as rejected (`api` labels who named them).
+pub fn dialable(named: &[String], candidates: &Candidates, api: &'static str) -> Vec<String> {
+    let known = candidates.current();
+    let (ok, rejected): (Vec<String>, Vec<String>) =
+        named.iter().cloned().partition(|e| known.contains(e));
+    if !rejected.is_empty() {
+        metrics::counter!(m::DIAL_REJECTED, "api" => api).increment(rejected.len() as u64);
+        tracing::debug!(
+            ?rejected,
+            api,
+            "caller-named endpoints are not candidates: not dialed"
+        );
+    }
+    ok
 }
 
 /// The prefix stage's fallback reason, with a log line for a failed lookup.
@@ -255,6 +341,9 @@ impl<I: Index + 'static> Decide for EndpointPicker<I> {
         request: RouteRequest,
         subset: Option<Vec<String>>,
     ) -> Result<Decision, DecideError> {
+        if let Some(info) = &self.index_info {
+            info.request_for(self.prefixes.resolve_model(&request.model).0);
+        }
         let report = self.score(&request, subset.as_deref()).await;
         let reason = report.reason.as_label();
         metrics::counter!(m::DECISIONS, "reason" => reason).increment(1);

@@ -110,27 +110,63 @@ pub async fn run(
             }
         });
     }
-    let load = Load::default();
+    let load = Load::new(args.down_after_failures);
     let seed = args.seed.unwrap_or_else(|| {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0x5eed)
     });
-    let router = Arc::new(EndpointPicker::new(
-        index.clone(),
-        keys,
-        tokenizers,
-        candidates.clone(),
-        load.clone(),
-        route_config.clone(),
-        seed,
+    // The ingesters' keying, models and pods (docs/architecture.md,
+    // "Keying contract"): a disagreeing keying refuses to start here.
+    let readiness = Readiness::default();
+    let index_info = Arc::new(crate::keying::IndexInfo::new(
+        &args.keys,
+        readiness.advisory("keying"),
     ));
+    if !urls.is_empty() {
+        let cluster = args.redis.is_cluster(&urls);
+        crate::keying::check_at_start(
+            &urls,
+            cluster,
+            &index_info,
+            args.allow_keying_mismatch,
+            Duration::from_secs(2),
+        )
+        .await
+        .context("configuration")?;
+        tokio::spawn(crate::keying::run(
+            urls.clone(),
+            cluster,
+            index_info.clone(),
+            candidates.clone(),
+            tokenizers.clone(),
+            args.remote_tokenize,
+            args.keying_check_interval,
+            shutdown.clone(),
+        ));
+    }
+    let router = Arc::new(
+        EndpointPicker::new(
+            index.clone(),
+            keys,
+            tokenizers,
+            candidates.clone(),
+            load.clone(),
+            route_config.clone(),
+            seed,
+        )
+        .with_index_info(index_info),
+    );
     // Tokenizers named explicitly load now (a bad path should show at start,
     // not on the first request); models found in directories load lazily.
     // Both on the stage's loader thread (see `tokenize/loader.rs` for why).
     for (model, result) in router.tokenize().preload().await {
         match result {
+            Ok(tok) if tok.chat_template().is_none() => tracing::warn!(
+                %model,
+                "tokenizer loaded without a chat template: chat requests for this model route by load"
+            ),
             Ok(_) => tracing::info!(%model, "tokenizer loaded"),
             Err(e) => {
                 tracing::warn!(%model, error = %e, "tokenizer failed to load: this model routes by load")
@@ -139,11 +175,10 @@ pub async fn run(
     }
     // llm-d's remote-indexer API scores from the same index, and tokenizes
     // through the router's stage (one pool bounds all tokenization work).
-    let indexer_api = IndexerServiceServer::new(PodScorer::sharing(
-        index,
-        router.tokenize().clone(),
-        &route_config,
-    ));
+    let indexer_api = IndexerServiceServer::new(
+        PodScorer::sharing(index, router.tokenize().clone(), &route_config)
+            .dialing(candidates.clone()),
+    );
 
     tokio::spawn(
         candidates
@@ -180,7 +215,6 @@ pub async fn run(
     }
 
     // Ready once both servers are listening (the caller bound them).
-    let readiness = Readiness::default();
     let serving = readiness.check("serving");
     let health = GrpcHealth::new().await;
     {
@@ -191,8 +225,10 @@ pub async fn run(
                 .await
         });
     }
-    let app = kvroute_service::health::router(readiness, metrics)
-        .merge(crate::http_api::router(router.clone()));
+    let app = kvroute_service::health::router(readiness, metrics).merge(crate::http_api::router(
+        router.clone(),
+        args.ext_proc.max_body_bytes,
+    ));
     let http_shutdown = shutdown.clone();
     let http = tokio::spawn(async move {
         axum::serve(http_listener, app)

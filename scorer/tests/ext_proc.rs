@@ -209,6 +209,7 @@ async fn bad_bodies_get_400() {
 async fn no_candidates_gets_503_and_oversized_bodies_413() {
     let (decide, scorer) = scorer(ExtProcConfig {
         max_body_bytes: 1000,
+        ..ExtProcConfig::default()
     })
     .await;
     let mut s = Stream::open(&scorer).await;
@@ -229,6 +230,59 @@ async fn no_candidates_gets_503_and_oversized_bodies_413() {
     let (code, _, _) = immediate(s.next().await);
     assert_eq!(code, 413);
     assert_eq!((decide.decided(), decide.finished_count()), (1, 0));
+
+    // One gRPC message over the decoding limit (4 MiB + 64 KiB here): a
+    // 413 too, not a stream that ends without an answer.
+    let mut s = Stream::open(&scorer).await;
+    s.send(headers("/v1/completions", &[], false), None).await;
+    s.send(body(&vec![b' '; 5 << 20], false), None).await;
+    let (code, json, _) = immediate(s.next().await);
+    assert_eq!(code, 413, "{json}");
+    assert_eq!(decide.decided(), 1);
+}
+
+#[tokio::test]
+async fn over_the_buffer_budget_routes_unbuffered_and_idle_bodies_get_408() {
+    let (decide, scorer) = scorer(ExtProcConfig {
+        max_body_bytes: 10_000,
+        max_buffered_bytes: 1_500,
+        body_idle_timeout: std::time::Duration::from_secs(1),
+    })
+    .await;
+    // A holds 800 bytes of the budget while its body is incomplete.
+    let payload = completion("model-a", &"hello ".repeat(200));
+    let mut a = Stream::open(&scorer).await;
+    a.send(headers("/v1/completions", &[], false), None).await;
+    a.send(body(&payload[..800], false), None).await;
+    a.quiet().await;
+    // B's 800 bytes would pass it: routed by load at once, body streamed
+    // through as it comes, never buffered.
+    let mut b = Stream::open(&scorer).await;
+    b.send(headers("/v1/completions", &[], false), None).await;
+    b.send(body(&[b'x'; 800], false), None).await;
+    assert_eq!(routed(&mut b).await, POD_DEFAULT);
+    let Reply::RequestBody(first) = b.next().await else {
+        panic!("body echoed")
+    };
+    assert_eq!(streamed(first.response), (vec![b'x'; 800], false));
+    b.send(body(&[b'y'; 200], true), None).await;
+    let Reply::RequestBody(rest) = b.next().await else {
+        panic!("rest echoed")
+    };
+    assert_eq!(streamed(rest.response), (vec![b'y'; 200], true));
+    // A still completes, buffered, and routes on its prompt.
+    a.send(body(&payload[800..], true), None).await;
+    assert_eq!(routed(&mut a).await, POD_A);
+    assert_eq!(a.request_body().await.0, payload);
+    assert_eq!(decide.decided(), 2);
+
+    // A body that stalls: 408 and the stream ends.
+    let mut c = Stream::open(&scorer).await;
+    c.send(headers("/v1/completions", &[], false), None).await;
+    c.send(body(b"{\"model\"", false), None).await;
+    let (code, _, _) = immediate(c.next().await);
+    assert_eq!(code, 408);
+    c.ends().await;
 }
 
 #[tokio::test]

@@ -62,10 +62,15 @@ impl Check {
     }
 }
 
+/// A registered check: its name, the check, and whether it is advisory.
+type Entry = (&'static str, Check, bool);
+
 /// The set of readiness checks of a process.
 #[derive(Debug, Clone, Default)]
 pub struct Readiness {
-    checks: Arc<Mutex<Vec<(&'static str, Check)>>>,
+    /// (name, check, advisory): an advisory check prints its reason but
+    /// never fails readiness.
+    checks: Arc<Mutex<Vec<Entry>>>,
 }
 
 impl Readiness {
@@ -75,7 +80,20 @@ impl Readiness {
             ok: AtomicBool::new(false),
             reason: Mutex::new(String::new()),
         }));
-        self.checks.lock().push((name, c.clone()));
+        self.checks.lock().push((name, c.clone(), false));
+        c
+    }
+
+    /// Registers an advisory check, initially passing: when it fails,
+    /// `/readyz` prints `name: reason` but readiness is unaffected (a
+    /// condition worth an operator's eye that must not take traffic away,
+    /// such as the scorer's keying disagreeing with the ingesters').
+    pub fn advisory(&self, name: &'static str) -> Check {
+        let c = Check(Arc::new(CheckState {
+            ok: AtomicBool::new(true),
+            reason: Mutex::new(String::new()),
+        }));
+        self.checks.lock().push((name, c.clone(), true));
         c
     }
 
@@ -84,10 +102,16 @@ impl Readiness {
         let checks = self.checks.lock();
         let mut ok = true;
         let mut text = String::new();
-        for (name, c) in checks.iter() {
+        for (name, c, advisory) in checks.iter() {
             let pass = c.get();
-            ok &= pass;
             text.push_str(name);
+            if !pass && *advisory {
+                text.push_str(": ");
+                text.push_str(&c.reason());
+                text.push('\n');
+                continue;
+            }
+            ok &= pass;
             if pass {
                 text.push_str(": ok\n");
             } else {
@@ -165,5 +189,14 @@ mod tests {
         );
         redis.pass();
         assert_eq!(r.report(), (true, "redis: ok\nsockets: ok\n".into()));
+        let keying = r.advisory("keying");
+        keying.fail("mismatch: a vs b");
+        assert_eq!(
+            r.report(),
+            (
+                true,
+                "redis: ok\nsockets: ok\nkeying: mismatch: a vs b\n".into()
+            )
+        );
     }
 }

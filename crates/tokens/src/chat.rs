@@ -30,6 +30,39 @@ use super::pyjson::{self, py_strip};
 
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// Bounds on one render. A chat template is code from a model directory
+/// (or a request's `chat_template_kwargs` steering it); without bounds a
+/// loop (`range` nested in `range`) spins a thread for hours and a repeat
+/// (`x * n` in a loop) builds gigabytes. Each render stops with
+/// [`TokensError::Limit`] (or a minijinja `OutOfFuel` error) at the first
+/// bound it crosses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChatLimits {
+    /// minijinja fuel per render: one per instruction plus one per 64 bytes
+    /// produced. 20M is ~40x what a 10,000-message chat of 16 MiB needs
+    /// (~60 instructions a message plus its bytes) and stops a runaway
+    /// template within about a second on one core (a debug build: a few).
+    pub fuel: u64,
+    /// Largest rendered prompt: 32 MiB, twice the default body cap (the
+    /// template adds headers around the message text, never that much).
+    pub max_output_bytes: usize,
+    /// Most messages in one conversation.
+    pub max_messages: usize,
+    /// Most bytes of message JSON strings (content, names, tool calls).
+    pub max_input_bytes: usize,
+}
+
+impl Default for ChatLimits {
+    fn default() -> Self {
+        ChatLimits {
+            fuel: 20_000_000,
+            max_output_bytes: 32 << 20,
+            max_messages: 10_000,
+            max_input_bytes: 16 << 20,
+        }
+    }
+}
+
 /// How message content reaches the template (vLLM's
 /// `--chat-template-content-format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -80,6 +113,7 @@ impl Default for ChatOptions {
 /// carries. Cheap to share (`Send + Sync`); rendering takes `&self`.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    limits: ChatLimits,
     /// The detected format (`String` or `OpenAi`, never `Auto`).
     detected: ContentFormat,
     /// `bos_token`, `eos_token`, ... as transformers' `special_tokens_map`.
@@ -99,7 +133,17 @@ impl ChatTemplate {
     /// Compiles `source`. `special_tokens` are the context's string variables
     /// (`("bos_token", "<|begin_of_text|>")`, ...).
     pub fn new(source: &str, special_tokens: &[(String, Json)]) -> Result<Self, TokensError> {
+        Self::with_limits(source, special_tokens, ChatLimits::default())
+    }
+
+    /// [`Self::new`] with explicit render bounds.
+    pub fn with_limits(
+        source: &str,
+        special_tokens: &[(String, Json)],
+        limits: ChatLimits,
+    ) -> Result<Self, TokensError> {
         let mut env = Environment::new();
+        env.set_fuel(Some(limits.fuel));
         env.set_syntax(
             minijinja::syntax::SyntaxConfig::builder()
                 .trim_blocks(true)
@@ -115,6 +159,7 @@ impl ChatTemplate {
         env.add_template_owned(TEMPLATE_NAME, rewrite_generation_tags(source))?;
         Ok(Self {
             env,
+            limits,
             detected: detect_content_format(source),
             special_tokens: special_tokens
                 .iter()
@@ -134,6 +179,19 @@ impl ChatTemplate {
             return Err(TokensError::Messages(
                 "continue_final_message and add_generation_prompt are mutually exclusive".into(),
             ));
+        }
+        if messages.len() > self.limits.max_messages {
+            return Err(TokensError::Limit(format!(
+                "{} messages, more than {}",
+                messages.len(),
+                self.limits.max_messages
+            )));
+        }
+        if !strings_within(messages, self.limits.max_input_bytes) {
+            return Err(TokensError::Limit(format!(
+                "message text over {} bytes",
+                self.limits.max_input_bytes
+            )));
         }
         let format = match opts.content_format {
             ContentFormat::Auto => self.detected,
@@ -163,15 +221,72 @@ impl ChatTemplate {
             "add_generation_prompt".into(),
             Value::from(opts.add_generation_prompt),
         ));
+        let mut out = Capped {
+            buf: Vec::new(),
+            max: self.limits.max_output_bytes,
+            overflowed: false,
+        };
         let rendered = self
             .env
             .get_template(TEMPLATE_NAME)?
-            .render(Value::from_pairs(ctx))?;
+            .render_captured_to(Value::from_pairs(ctx), &mut out);
+        if out.overflowed {
+            return Err(TokensError::Limit(format!(
+                "rendered prompt over {} bytes",
+                out.max
+            )));
+        }
+        drop(rendered?);
+        let rendered = String::from_utf8(out.buf)
+            .map_err(|_| TokensError::Messages("rendered prompt is not UTF-8".into()))?;
         match final_text {
             Some(text) => cut_after_final_message(rendered, &text),
             None => Ok(rendered),
         }
     }
+}
+
+/// The render's output, refusing to grow past `max` (the write that would
+/// fails, which ends the render, and sets `overflowed`).
+struct Capped {
+    buf: Vec<u8>,
+    max: usize,
+    overflowed: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len().saturating_add(data.len()) > self.max {
+            self.overflowed = true;
+            return Err(std::io::Error::other("rendered prompt too large"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Whether the strings inside `messages` total at most `limit` bytes.
+fn strings_within(messages: &[Json], limit: usize) -> bool {
+    fn walk(v: &Json, left: &mut usize) -> bool {
+        match v {
+            Json::String(s) => match left.checked_sub(s.len()) {
+                Some(l) => {
+                    *left = l;
+                    true
+                }
+                None => false,
+            },
+            Json::Array(a) => a.iter().all(|v| walk(v, left)),
+            Json::Object(o) => o.values().all(|v| walk(v, left)),
+            _ => true,
+        }
+    }
+    let mut left = limit;
+    messages.iter().all(|m| walk(m, &mut left))
 }
 
 fn raise_exception(message: String) -> Result<Value, Error> {

@@ -30,7 +30,7 @@ mod pyjson;
 mod registry;
 mod tokenizer;
 
-pub use chat::{ChatOptions, ChatTemplate, ContentFormat};
+pub use chat::{ChatLimits, ChatOptions, ChatTemplate, ContentFormat};
 pub use prefix_cache::{CacheStats, PrefixCache, SegmentationMode, TextCache, text_cache};
 pub use registry::{TokenizerRegistry, parse_tokenizer_arg, resolve_model_dir};
 pub use tokenizer::{Tokenizer, TokenizerOptions};
@@ -75,6 +75,12 @@ pub enum TokensError {
     /// `raise_exception("...")` lands here with its message.
     #[error("chat template: {0:#}")]
     Template(#[from] minijinja::Error),
+    /// A chat over a render bound ([`ChatLimits`]: messages, text, output).
+    /// Running out of fuel (a looping template) is a [`Self::Template`]
+    /// error of kind `OutOfFuel`; [`Self::is_limit`] tells both apart from
+    /// other template errors.
+    #[error("chat over a limit: {0}")]
+    Limit(String),
     /// The messages are not a conversation vLLM would accept.
     #[error("invalid chat messages: {0}")]
     Messages(String),
@@ -92,6 +98,18 @@ pub enum TokensError {
         #[source]
         source: Arc<TokensError>,
     },
+}
+
+impl TokensError {
+    /// Whether rendering stopped at a bound ([`ChatLimits`]) rather than
+    /// failing on its own: the template (or the chat) is too costly.
+    pub fn is_limit(&self) -> bool {
+        match self {
+            TokensError::Limit(_) => true,
+            TokensError::Template(e) => e.kind() == minijinja::ErrorKind::OutOfFuel,
+            _ => false,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -41,12 +41,15 @@ pub struct TokenizerOptions {
     /// Bound of the tokenized-prefix cache, in weighted bytes (text + ids).
     /// 64 MiB holds e.g. ~4k distinct 4 KiB system prompts with their ids.
     pub cache_bytes: u64,
+    /// Bounds on rendering the model's chat template.
+    pub chat_limits: crate::ChatLimits,
 }
 
 impl Default for TokenizerOptions {
     fn default() -> Self {
         Self {
             cache_bytes: 64 << 20,
+            chat_limits: crate::ChatLimits::default(),
         }
     }
 }
@@ -174,7 +177,7 @@ impl Tokenizer {
         let chat = cfg
             .chat_template
             .as_deref()
-            .map(|src| ChatTemplate::new(src, &cfg.special_tokens))
+            .map(|src| ChatTemplate::with_limits(src, &cfg.special_tokens, opts.chat_limits))
             .transpose()?;
         let cache = PrefixCache::new(&inner, opts.cache_bytes);
         tracing::info!(

@@ -9,6 +9,53 @@
 /// tokens fit; vLLM's own default request limit is far larger than useful).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
+/// Bytes buffered by all streams together, bounded (`--max-buffered-bytes`):
+/// one body's cap alone lets 100 slow uploads of 15 MiB hold 1.5 GB.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    used: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    max: usize,
+}
+
+impl Budget {
+    pub fn new(max: usize) -> Self {
+        Budget {
+            used: Default::default(),
+            max,
+        }
+    }
+
+    /// Takes `n` bytes from the budget, or refuses (nothing taken).
+    fn reserve(&self, n: usize) -> bool {
+        use std::sync::atomic::Ordering::AcqRel;
+        self.used
+            .fetch_update(AcqRel, std::sync::atomic::Ordering::Acquire, |u| {
+                u.checked_add(n).filter(|&t| t <= self.max)
+            })
+            .is_ok()
+    }
+
+    fn release(&self, n: usize) {
+        self.used.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Bytes reserved now.
+    pub fn used(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// Why a chunk was not buffered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PushError {
+    #[error(transparent)]
+    TooLarge(#[from] TooLarge),
+    /// All streams' buffers together would pass the budget; the chunk is
+    /// handed back (the caller routes without buffering).
+    #[error("buffered bytes of all streams over the budget")]
+    OverBudget,
+}
+
 /// The body grew past the configured cap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("request body exceeds {max} bytes")]
@@ -21,6 +68,15 @@ pub struct TooLarge {
 pub struct BodyBuffer {
     buf: Vec<u8>,
     max: usize,
+    budget: Option<Budget>,
+    /// Bytes taken from the budget (released on take and drop).
+    reserved: usize,
+}
+
+impl Drop for BodyBuffer {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 impl BodyBuffer {
@@ -31,7 +87,36 @@ impl BodyBuffer {
         Self {
             buf: Vec::with_capacity(capacity),
             max,
+            budget: None,
+            reserved: 0,
         }
+    }
+
+    /// Also bounded by `budget`, shared with the other streams.
+    pub fn with_budget(mut self, budget: Budget) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    fn release(&mut self) {
+        if let Some(b) = &self.budget {
+            b.release(std::mem::take(&mut self.reserved));
+        }
+    }
+
+    /// Appends one chunk within the cap and the shared budget; over the
+    /// budget the chunk comes back with the error.
+    pub fn push_within_budget(&mut self, chunk: Vec<u8>) -> Result<(), (PushError, Vec<u8>)> {
+        if self.buf.len().saturating_add(chunk.len()) > self.max {
+            return Err((TooLarge { max: self.max }.into(), chunk));
+        }
+        if let Some(b) = &self.budget {
+            if !b.reserve(chunk.len()) {
+                return Err((PushError::OverBudget, chunk));
+            }
+            self.reserved += chunk.len();
+        }
+        self.push(chunk).map_err(|e| (e.into(), Vec::new()))
     }
 
     /// Appends one chunk. The first chunk is moved in rather than copied
@@ -62,6 +147,7 @@ impl BodyBuffer {
 
     /// The buffered body, leaving the buffer empty.
     pub fn take(&mut self) -> Vec<u8> {
+        self.release();
         std::mem::take(&mut self.buf)
     }
 }
@@ -81,6 +167,21 @@ mod tests {
         b.push(b"hij".to_vec()).expect("exactly the cap");
         assert_eq!(b.take(), b"abcdefghij");
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn the_budget_is_shared_and_given_back() {
+        let budget = Budget::new(10);
+        let mut a = BodyBuffer::new(100, None).with_budget(budget.clone());
+        let mut b = BodyBuffer::new(100, None).with_budget(budget.clone());
+        a.push_within_budget(vec![1; 6]).expect("fits");
+        let (err, back) = b.push_within_budget(vec![2; 6]).expect_err("over budget");
+        assert_eq!((err, back.len()), (PushError::OverBudget, 6));
+        b.push_within_budget(vec![2; 4]).expect("fits");
+        assert_eq!(budget.used(), 10);
+        assert_eq!(a.take().len(), 6);
+        drop(b);
+        assert_eq!(budget.used(), 0);
     }
 
     #[test]

@@ -15,6 +15,9 @@ pub enum Outcome {
     TooLarge,
     /// `Decide` had no candidate: 503.
     NoCandidates,
+    /// The request body stalled longer than `--body-idle-timeout`: 408.
+    Idle,
+
     /// The stream ended before a decision (client gone, Envoy reset).
     Abandoned,
 }
@@ -26,6 +29,8 @@ impl Outcome {
             Self::BadRequest => "bad_request",
             Self::TooLarge => "too_large",
             Self::NoCandidates => "no_candidates",
+            Self::Idle => "idle",
+
             Self::Abandoned => "abandoned",
         }
     }
@@ -36,6 +41,7 @@ impl Outcome {
             Self::BadRequest => Some(400),
             Self::TooLarge => Some(413),
             Self::NoCandidates => Some(503),
+            Self::Idle => Some(408),
             Self::Routed | Self::Abandoned => None,
         }
     }
@@ -49,6 +55,12 @@ pub fn record(outcome: Outcome) {
     }
 }
 
+/// A request routed by load without buffering its body (the streams'
+/// buffers were at `--max-buffered-bytes`); it also counts as routed.
+pub fn unbuffered() {
+    metrics::counter!(crate::metrics::UNBUFFERED).increment(1);
+}
+
 pub fn decision_time(elapsed: Duration) {
     metrics::histogram!(DECISION_SECONDS).record(elapsed.as_secs_f64());
 }
@@ -56,6 +68,7 @@ pub fn decision_time(elapsed: Duration) {
 fn code_label(code: u16) -> &'static str {
     match code {
         400 => "400",
+        408 => "408",
         413 => "413",
         503 => "503",
         _ => "other",

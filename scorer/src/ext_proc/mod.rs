@@ -44,14 +44,31 @@ use tracing::Instrument;
 #[derive(Debug, Clone, clap::Args)]
 pub struct ExtProcConfig {
     /// Largest request body the picker buffers; larger requests get 413.
+    /// The same cap applies to `POST /v1/score` bodies.
     #[arg(long, env = "KVROUTE_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
+    /// Request bytes all ext_proc streams may hold buffered together. A body
+    /// that would pass it is not buffered: the request routes by load at
+    /// once and its body streams through (`kvroute_scorer_unbuffered_requests_total`), so a
+    /// burst of large or slow uploads costs prefix hits, never memory or
+    /// failed requests. Default 512 MiB: 32 bodies at the 16 MiB cap.
+    #[arg(long, env = "KVROUTE_MAX_BUFFERED_BYTES", default_value_t = DEFAULT_MAX_BUFFERED_BYTES)]
+    pub max_buffered_bytes: usize,
+    /// A request body that sends nothing for this long while being buffered
+    /// gets 408 and its buffer is freed (a stalled client holds no memory).
+    #[arg(long, env = "KVROUTE_BODY_IDLE_TIMEOUT", default_value = "30s", value_parser = kvroute_service::duration::parse_duration)]
+    pub body_idle_timeout: std::time::Duration,
 }
+
+/// Default of `--max-buffered-bytes`.
+pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 512 << 20;
 
 impl Default for ExtProcConfig {
     fn default() -> Self {
         Self {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
+            body_idle_timeout: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -72,6 +89,8 @@ fn max_message_bytes(config: &ExtProcConfig) -> usize {
 pub struct ExtProc<D> {
     decide: Arc<D>,
     config: ExtProcConfig,
+    /// Buffered request bytes of all streams.
+    budget: body::Budget,
 }
 
 impl<D> std::fmt::Debug for ExtProc<D> {
@@ -88,7 +107,13 @@ pub fn ext_proc_service<D: Decide>(
     config: ExtProcConfig,
 ) -> ExternalProcessorServer<ExtProc<D>> {
     let max = max_message_bytes(&config);
-    ExternalProcessorServer::new(ExtProc { decide, config }).max_decoding_message_size(max)
+    let budget = body::Budget::new(config.max_buffered_bytes);
+    ExternalProcessorServer::new(ExtProc {
+        decide,
+        config,
+        budget,
+    })
+    .max_decoding_message_size(max)
 }
 
 #[tonic::async_trait]
@@ -100,7 +125,12 @@ impl<D: Decide> ExternalProcessor for ExtProc<D> {
         request: Request<Streaming<ProcessingRequest>>,
     ) -> Result<Response<Self::ProcessStream>, Status> {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-        let state = stream::StreamState::new(Arc::clone(&self.decide), self.config.clone(), tx);
+        let state = stream::StreamState::new(
+            Arc::clone(&self.decide),
+            self.config.clone(),
+            self.budget.clone(),
+            tx,
+        );
         let span = tracing::info_span!(
             "ext_proc",
             request_id = tracing::field::Empty,

@@ -13,7 +13,7 @@
 //! Every decided request owns a [`Finished`] guard, so `Decide::finished`
 //! runs exactly once whether the response completes or the stream dies.
 
-use super::body::BodyBuffer;
+use super::body::{BodyBuffer, Budget, PushError};
 use super::metadata::{self, subset_hint};
 use super::metrics::{self, Outcome};
 use super::{ExtProcConfig, response};
@@ -74,15 +74,21 @@ pub(super) struct StreamState<D: Decide> {
     /// The gateway's candidate subset, from the first message carrying one.
     subset: Option<Vec<String>>,
     body: BodyBuffer,
+    budget: Budget,
+    /// Routed before the body ended (over the buffer budget): the rest of
+    /// the body is echoed as it arrives.
+    passthrough: bool,
     /// Present from the decision until the response ends.
     finished: Option<Finished<D>>,
     decided: bool,
 }
 
 impl<D: Decide> StreamState<D> {
-    pub(super) fn new(decide: Arc<D>, config: ExtProcConfig, tx: Tx) -> Self {
+    pub(super) fn new(decide: Arc<D>, config: ExtProcConfig, budget: Budget, tx: Tx) -> Self {
         let body = BodyBuffer::new(config.max_body_bytes, None);
         Self {
+            budget,
+            passthrough: false,
             decide,
             config,
             tx,
@@ -100,11 +106,44 @@ impl<D: Decide> StreamState<D> {
     /// released when `self` drops at the end.
     pub(super) async fn run(mut self, mut inbound: Streaming<ProcessingRequest>) {
         let why = loop {
-            let message = match inbound.message().await {
+            // While the body is being buffered, a stall frees the buffer.
+            let next = if self.phase == Phase::Body {
+                match tokio::time::timeout(self.config.body_idle_timeout, inbound.message()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        let message =
+                            format!("request body idle for {:?}", self.config.body_idle_timeout);
+                        let _ = self.reject(Outcome::Idle, "timeout", &message).await;
+                        break "request body idle";
+                    }
+                }
+            } else {
+                inbound.message().await
+            };
+            let message = match next {
                 Ok(Some(message)) => message,
                 Ok(None) => break "envoy closed the stream",
                 Err(status) => {
                     debug!(code = ?status.code(), message = status.message(), "ext_proc stream error");
+                    // One gRPC message over the decoding limit (a gateway
+                    // sending a whole large body as one chunk): the client
+                    // gets the 413 it would get for the body, not a stream
+                    // that ends with no answer.
+                    let too_big = matches!(
+                        status.code(),
+                        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+                    );
+                    if too_big && !self.decided {
+                        let message = format!(
+                            "request body exceeds {} bytes (one message: {})",
+                            self.config.max_body_bytes,
+                            status.message()
+                        );
+                        let _ = self
+                            .reject(Outcome::TooLarge, "invalid_request_error", &message)
+                            .await;
+                        break "message over the size limit";
+                    }
                     break "stream error";
                 }
             };
@@ -189,24 +228,47 @@ impl<D: Decide> StreamState<D> {
             return self.route(request, started, None).await;
         }
         let expected = metadata::header(map, "content-length").and_then(|v| v.parse().ok());
-        self.body = BodyBuffer::new(self.config.max_body_bytes, expected);
+        self.body = BodyBuffer::new(
+            self.config.max_body_bytes,
+            expected.map(|e: usize| {
+                // Presize only what the budget could hold anyway.
+                e.min(
+                    self.config
+                        .max_buffered_bytes
+                        .saturating_sub(self.budget.used()),
+                )
+            }),
+        )
+        .with_budget(self.budget.clone());
         self.phase = Phase::Body;
         Ok(Step::Continue)
     }
 
     async fn request_body(&mut self, body: HttpBody) -> Result<Step, Gone> {
+        if self.phase == Phase::Routed && self.passthrough {
+            for (chunk, last) in response::chunks(body.body, body.end_of_stream) {
+                self.send(response::request_body(chunk, last)).await?;
+            }
+            return Ok(Step::Continue);
+        }
         if self.phase != Phase::Body {
             warn!(phase = ?self.phase, "request body out of order; ignored");
             return Ok(Step::Continue);
         }
-        if let Err(too_large) = self.body.push(body.body) {
-            return self
-                .reject(
-                    Outcome::TooLarge,
-                    "invalid_request_error",
-                    &too_large.to_string(),
-                )
-                .await;
+        match self.body.push_within_budget(body.body) {
+            Ok(()) => {}
+            Err((PushError::TooLarge(too_large), _)) => {
+                return self
+                    .reject(
+                        Outcome::TooLarge,
+                        "invalid_request_error",
+                        &too_large.to_string(),
+                    )
+                    .await;
+            }
+            Err((PushError::OverBudget, chunk)) => {
+                return self.unbuffered(chunk, body.end_of_stream).await;
+            }
         }
         if body.end_of_stream {
             return self.body_complete(true).await;
@@ -276,6 +338,23 @@ impl<D: Decide> StreamState<D> {
             }
         }
         Ok(Step::Continue)
+    }
+
+    /// Over the buffer budget: route by load now, echo what was buffered
+    /// plus `chunk`, and let the rest of the body through as it comes.
+    async fn unbuffered(&mut self, chunk: Vec<u8>, end_of_stream: bool) -> Result<Step, Gone> {
+        let started = Instant::now();
+        let mut body = self.body.take();
+        body.extend_from_slice(&chunk);
+        debug!(
+            bytes = body.len(),
+            "buffer budget exhausted: routing by load, body unbuffered"
+        );
+        metrics::unbuffered();
+        self.passthrough = true;
+        let request = request::unknown_prompt(self.request_id.clone());
+        self.route(request, started, Some((body, end_of_stream)))
+            .await
     }
 
     async fn reject(&mut self, outcome: Outcome, kind: &str, message: &str) -> Result<Step, Gone> {

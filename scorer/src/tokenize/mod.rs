@@ -14,14 +14,18 @@
 //!   one costs ~0.3 ms, a hundredth of tokenizing it).
 //! - `cached`: the model's tokenizer is loaded and every piece of the prompt
 //!   is in its prefix cache ([`kvroute_tokens::Tokenizer::encode_cached`]:
-//!   a boundary scan and a lookup per piece, ~50 µs at 2048 blocks); chat
-//!   templates of up to [`TokenizeConfig::inline_render_bytes`] of message
-//!   text are rendered inline first (~10 µs for 21 KiB). No thread hop.
-//! - `pool`: anything else local (a cold prompt, a first load of the
-//!   model's tokenizer, done by the [`Loader`] thread while the pool job
-//!   waits, a large chat to render) runs on the [`BlockingPool`], keys
-//!   included; past its queue bound or deadline the
-//!   request routes by load (`tokenize_overloaded`, `tokenize_timeout`).
+//!   a boundary scan and a lookup per piece, ~50 µs at 2048 blocks). No
+//!   thread hop. Completions only: a chat template is code from the model
+//!   directory, and a slow or looping one on an async worker would stall
+//!   every stream that worker serves (`/healthz` included), so chats never
+//!   render here.
+//! - `pool`: anything else local (a cold prompt, every chat, a first load
+//!   of the model's tokenizer, done by the [`Loader`] thread while the pool
+//!   job waits) runs on the [`BlockingPool`], keys included; past its queue
+//!   bound or deadline the request routes by load (`tokenize_overloaded`,
+//!   `tokenize_timeout`). A render stops at its
+//!   [`kvroute_tokens::ChatLimits`] (fuel, output size, messages, text),
+//!   so an abandoned job also frees its thread (`template_limit`).
 //! - `remote`: no local tokenizer for the model and `--remote-tokenize` on:
 //!   a vLLM pod tokenizes ([`RemoteTokenizer`]); otherwise `no_tokenizer`.
 
@@ -43,24 +47,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Settings of the tokenization stage.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct TokenizeConfig {
     pub pool: PoolConfig,
     /// Ask a vLLM pod when no local tokenizer exists (`None`: off).
     pub remote: Option<RemoteConfig>,
-    /// Chats with at most this much message text are rendered on the async
-    /// thread to check the prefix cache; larger ones render in the pool.
-    pub inline_render_bytes: usize,
-}
-
-impl Default for TokenizeConfig {
-    fn default() -> Self {
-        TokenizeConfig {
-            pool: PoolConfig::default(),
-            remote: None,
-            inline_render_bytes: 64 << 10,
-        }
-    }
 }
 
 /// How many requests took each path (tests and logs; metrics count too).
@@ -87,15 +78,12 @@ pub struct Tokenize {
     keys: Arc<KeyCache>,
     pool: BlockingPool,
     remote: Option<RemoteTokenizer>,
-    inline_render_bytes: usize,
     counts: [AtomicU64; 4],
 }
 
 /// Prompt work for the pool.
 enum Input {
     Text(String),
-    /// A chat already rendered inline (its prefix-cache check missed).
-    Rendered(String),
     Chat(Vec<Json>, ChatOptions),
     /// Never sent: token ids are keyed before any tokenizer is consulted.
     Ids(Vec<u32>),
@@ -116,7 +104,6 @@ impl Tokenize {
             keys: Arc::new(keys),
             pool: BlockingPool::new(config.pool),
             remote: config.remote.map(RemoteTokenizer::new),
-            inline_render_bytes: config.inline_render_bytes,
             counts: Default::default(),
         }
     }
@@ -225,8 +212,8 @@ impl Tokenize {
     }
 
     /// Ids from the prefix cache when every piece is there (`Ok(Ok)`), else
-    /// the work the pool must do (`Ok(Err)`); `Err` is a fallback reason
-    /// (a template that fails to render).
+    /// the work the pool must do (`Ok(Err)`). Chats always go to the pool
+    /// (see the module doc: no template runs on an async worker).
     fn warm(
         &self,
         tok: &Tokenizer,
@@ -237,12 +224,6 @@ impl Tokenize {
             Prompt::Text(text) => Ok(tok
                 .encode_cached(text, true)
                 .ok_or_else(|| Input::Text(text.clone()))),
-            Prompt::Chat(messages) if text_bytes(messages, self.inline_render_bytes) => {
-                let text = tok
-                    .render_chat(messages, &options())
-                    .map_err(|_| Fallback::TemplateError)?;
-                Ok(tok.encode_cached(&text, false).ok_or(Input::Rendered(text)))
-            }
             other => Ok(Err(owned_input(other, options))),
         }
     }
@@ -292,28 +273,15 @@ fn encode(tok: &Tokenizer, input: Input) -> Result<Vec<u32>, Fallback> {
         Input::Text(t) => tok
             .encode_completion(&t)
             .map_err(|_| Fallback::TokenizeError),
-        Input::Rendered(t) => tok.encode(&t, false).map_err(|_| Fallback::TemplateError),
-        Input::Chat(m, o) => tok.encode_chat(&m, &o).map_err(|_| Fallback::TemplateError),
+        Input::Chat(m, o) => tok.encode_chat(&m, &o).map_err(|e| {
+            if e.is_limit() {
+                tracing::warn!(model = tok.name(), error = %e, "chat template stopped at its limit: routing by load");
+                Fallback::TemplateLimit
+            } else {
+                tracing::debug!(model = tok.name(), error = %e, "chat template failed: routing by load");
+                Fallback::TemplateError
+            }
+        }),
         Input::Ids(ids) => Ok(ids),
     }
-}
-
-/// Whether the strings inside `messages` total at most `limit` bytes.
-fn text_bytes(messages: &[Json], limit: usize) -> bool {
-    fn walk(v: &Json, left: &mut usize) -> bool {
-        match v {
-            Json::String(s) => {
-                *left = match left.checked_sub(s.len()) {
-                    Some(l) => l,
-                    None => return false,
-                };
-                true
-            }
-            Json::Array(a) => a.iter().all(|v| walk(v, left)),
-            Json::Object(o) => o.values().all(|v| walk(v, left)),
-            _ => true,
-        }
-    }
-    let mut left = limit;
-    messages.iter().all(|m| walk(m, &mut left))
 }

@@ -93,6 +93,19 @@ impl Fleet {
         panic!("no port free on 127.0.0.11..1{n}");
     }
 
+    /// Pods on exactly `addrs` (one brought back where another died).
+    pub async fn start_at(addrs: &[SocketAddr]) -> Fleet {
+        let arrivals = Arc::new(Mutex::new(Vec::new()));
+        let pods = addrs
+            .iter()
+            .map(|a| {
+                let l = bind(a.ip(), a.port()).unwrap_or_else(|e| panic!("bind {a}: {e}"));
+                serve(l, arrivals.clone())
+            })
+            .collect();
+        Fleet { pods, arrivals }
+    }
+
     /// `--endpoints` for the scorer.
     pub fn endpoints(&self) -> String {
         let names: Vec<&str> = self.pods.iter().map(|p| p.name.as_str()).collect();
@@ -153,9 +166,13 @@ fn serve(listener: TcpListener, arrivals: Arc<Mutex<Vec<String>>>) -> Pod {
     let task = tokio::spawn({
         let state = Arc::clone(&state);
         async move {
+            // Connections live in this task's set, so a dropped pod closes
+            // its keep-alive connections too (it is dead, not half-alive).
+            let mut connections = tokio::task::JoinSet::new();
             while let Ok((stream, _)) = listener.accept().await {
+                while connections.try_join_next().is_some() {}
                 let state = Arc::clone(&state);
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let service = service_fn(move |req| handle(Arc::clone(&state), req));
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)

@@ -268,3 +268,52 @@ fn bad_messages_are_errors_not_panics() {
     }
     assert!(ChatTemplate::new("{% for %}", &[]).is_err());
 }
+
+/// A template that would loop for hours.
+pub(crate) const LOOPS: &str =
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+/// One that would write 1e9 copies of a string (6 GB at 6 bytes).
+pub(crate) const REPEATS: &str =
+    "{% for i in range(100000) %}{% for j in range(10000) %}{{ 'repeat' }}{% endfor %}{% endfor %}";
+
+#[test]
+fn runaway_templates_stop_at_their_bounds() {
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    for (name, src) in [("loop", LOOPS), ("repeat", REPEATS)] {
+        let started = std::time::Instant::now();
+        let err =
+            render(&template(src), msgs.clone(), &ChatOptions::default()).expect_err("bounded");
+        assert!(err.is_limit(), "{name}: {err}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "{name} took {:?}",
+            started.elapsed()
+        );
+    }
+    // The output cap holds even with fuel to spare.
+    let limits = ChatLimits {
+        fuel: u64::MAX,
+        max_output_bytes: 1 << 20,
+        ..ChatLimits::default()
+    };
+    let t = ChatTemplate::with_limits(REPEATS, &[], limits).expect("compile");
+    let err = render(&t, msgs.clone(), &ChatOptions::default()).expect_err("capped");
+    assert!(matches!(err, TokensError::Limit(_)), "{err}");
+    // Message count and text size.
+    let limits = ChatLimits {
+        max_messages: 2,
+        max_input_bytes: 10,
+        ..ChatLimits::default()
+    };
+    let t = ChatTemplate::with_limits(SIMPLE, &[], limits).expect("compile");
+    let three = json!([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "user", "content": "c"}]);
+    assert!(render(&t, three, &ChatOptions::default()).is_err_and(|e| e.is_limit()));
+    let long = json!([{"role": "user", "content": "more than ten bytes"}]);
+    assert!(render(&t, long, &ChatOptions::default()).is_err_and(|e| e.is_limit()));
+    // Within the bounds the same template renders as before.
+    let ok = json!([{"role": "user", "content": "hi"}]);
+    assert_eq!(
+        render(&t, ok, &ChatOptions::default()).expect("renders"),
+        "[user]hi\n[assistant]"
+    );
+}

@@ -8,8 +8,15 @@ use crate::{Tokenizer, TokenizerOptions};
 fn load(json: &serde_json::Value, cache_bytes: u64) -> (TempDir, Tokenizer) {
     let dir = TempDir::new("cache");
     dir.write("tokenizer.json", &json.to_string());
-    let tok =
-        Tokenizer::from_path("t", dir.path(), &TokenizerOptions { cache_bytes }).expect("load");
+    let tok = Tokenizer::from_path(
+        "t",
+        dir.path(),
+        &TokenizerOptions {
+            cache_bytes,
+            ..TokenizerOptions::default()
+        },
+    )
+    .expect("load");
     (dir, tok)
 }
 
