@@ -47,3 +47,7 @@ pub const PURGES: &str = "kvroute_ingester_purges_total";
 pub const REBUILDS: &str = "kvroute_ingester_rebuilds_total";
 /// Batches applied by those rebuilds.
 pub const REBUILT_BATCHES: &str = "kvroute_ingester_rebuilt_batches_total";
+/// ZeroMQ peers disconnected by the transport bounds, by `mode` (bind,
+/// connect, replay) and `reason` (`socket::Rejected`: too_large,
+/// handshake_timeout, too_many_connections, protocol).
+pub const ZMQ_REJECTED: &str = "kvroute_ingester_zmq_rejected_total";

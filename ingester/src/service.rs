@@ -20,7 +20,7 @@ use crate::metrics as m;
 use crate::pipeline::{self, Workers};
 use crate::purge::{self, LastHeard, PurgePolicy};
 use crate::replay::{ReplayError, ReplayOptions, RouterReplayer};
-use crate::socket::{self, Malformed, RawBatch, SocketConfig, SocketStats, SubOptions};
+use crate::socket::{self, Malformed, RawBatch, Rejected, SocketConfig, SocketStats, SubOptions};
 use crate::targets::{Discovery, Shard};
 use crate::worker::{NoReplay, ReplayedBatches, Replayer, Worker, WorkerConfig};
 use crate::write_health::WatchedIndex;
@@ -163,7 +163,10 @@ pub async fn run_with_targets(
             let replayer = match &args.replay_endpoint {
                 Some(t) => AnyReplayer::Router(RouterReplayer::new(
                     t.clone(),
-                    ReplayOptions::new(args.replay_timeout),
+                    ReplayOptions {
+                        max_message_size: args.zmq_max_message_size,
+                        ..ReplayOptions::new(args.replay_timeout)
+                    },
                 )),
                 None => AnyReplayer::None(NoReplay),
             };
@@ -209,6 +212,9 @@ pub async fn run_with_targets(
     let socket_config = SocketConfig {
         options: SubOptions {
             topic_filter: args.topic_filter.clone(),
+            max_message_size: args.zmq_max_message_size,
+            handshake_timeout: args.zmq_handshake_timeout,
+            max_connections: args.zmq_max_connections,
             ..SubOptions::default()
         },
         bind: args.zmq_bind.clone(),
@@ -313,6 +319,12 @@ fn spawn_health(
             for reason in Malformed::ALL {
                 metrics::counter!(m::MALFORMED, "reason" => reason.as_label())
                     .absolute(s.malformed(reason));
+            }
+            for reason in Rejected::ALL {
+                for mode in ["bind", "connect"] {
+                    metrics::counter!(m::ZMQ_REJECTED, "mode" => mode, "reason" => reason.as_label())
+                        .absolute(s.rejected(mode, reason));
+                }
             }
             metrics::counter!("kvroute_ingester_reconnects_total").absolute(s.reconnects);
             metrics::gauge!("kvroute_ingester_connected_publishers", "mode" => "bind")

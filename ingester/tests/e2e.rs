@@ -34,6 +34,8 @@
 mod gone;
 #[path = "e2e/harness.rs"]
 mod harness;
+#[path = "e2e/hostile.rs"]
+mod hostile;
 #[path = "e2e/malformed.rs"]
 mod malformed;
 #[path = "e2e/outage.rs"]

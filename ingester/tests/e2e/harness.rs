@@ -335,6 +335,11 @@ impl Ingester {
         .await
     }
 
+    /// Whether the process is still running (a crash shows here).
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Sends SIGTERM (through `kill`: the crate forbids unsafe, so no libc).
     pub fn sigterm(&self) {
         let pid = self.child.id().expect("running");
