@@ -75,6 +75,14 @@ pub struct RunArgs {
     /// trip; the margin is for a loaded node.
     #[arg(long, env = "KVROUTE_ZMQ_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub zmq_handshake_timeout: Duration,
+    /// Payload bytes of batches held while the index is not reachable yet at
+    /// startup (the sockets are up before it); applied in order once Redis
+    /// answers. Past it new batches are dropped, counted
+    /// (`kvroute_ingester_startup_dropped_batches_total`) and handled as a
+    /// sequence gap (replayed with `--replay-endpoint`). 64 MiB holds some
+    /// 10,000 busy engine steps.
+    #[arg(long, env = "KVROUTE_STARTUP_BUFFER", default_value = "64MiB", value_parser = parse_size)]
+    pub startup_buffer: usize,
     /// Bind mode: connections each `--zmq-bind` address keeps at once
     /// (handshaking or established); one beyond it is closed at once and
     /// counted (`reason="too_many_connections"`). Each vLLM data-parallel

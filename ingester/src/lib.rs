@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod early;
 pub mod keys;
 pub mod metrics;
 pub mod order;

@@ -51,3 +51,7 @@ pub const REBUILT_BATCHES: &str = "kvroute_ingester_rebuilt_batches_total";
 /// connect, replay) and `reason` (`socket::Rejected`: too_large,
 /// handshake_timeout, too_many_connections, protocol).
 pub const ZMQ_REJECTED: &str = "kvroute_ingester_zmq_rejected_total";
+/// Batches dropped because they arrived before the index answered and the
+/// startup buffer (`--startup-buffer`) was full; each topic's loss is then
+/// handled as a sequence gap.
+pub const STARTUP_DROPPED: &str = "kvroute_ingester_startup_dropped_batches_total";

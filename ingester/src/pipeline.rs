@@ -60,6 +60,13 @@ impl Workers {
         self.senders[i].send(Command::Batch(msg)).await.is_ok()
     }
 
+    /// Tells the topic's worker that its batches from `from` on were dropped
+    /// before reaching it (`crate::early`), so the next one is a gap.
+    pub async fn missed(&self, topic: String, from: u64) {
+        let i = shard(&topic, self.senders.len());
+        let _ = self.senders[i].send(Command::Missed { topic, from }).await;
+    }
+
     /// Purges a pod on every worker (each drops what it holds for the pod, in
     /// order with its batches, then clears it in the index).
     pub async fn purge(&self, pod: &PodId) {

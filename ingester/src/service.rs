@@ -5,8 +5,11 @@
 //! (one [`RawBatch`] type all the way; the worker parses its topic)
 //!
 //! Startup order: metrics and the admin server first (so `/healthz` answers
-//! and `/readyz` explains what is missing), then the index (retried until
-//! Redis answers), then the workers, then the sockets.
+//! and `/readyz` explains what is missing), then the sockets (bound and
+//! dialled at once, so nothing pods publish meanwhile is lost), then the
+//! index (retried until Redis answers; batches received meanwhile are held,
+//! bounded, in [`EarlyBuffer`]), then the workers, which get the held batches
+//! first.
 //!
 //! `/readyz` checks: `index` (every master answers PING), `writes` (the last
 //! index writes did not all fail, see [`crate::write_health`]) and `sockets` (every
@@ -15,6 +18,7 @@
 
 use crate::admin;
 use crate::config::RunArgs;
+use crate::early::EarlyBuffer;
 use crate::keys::Keyer;
 use crate::metrics as m;
 use crate::pipeline::{self, Workers};
@@ -29,7 +33,7 @@ use kvroute_core::events::Topic;
 use kvroute_redis::AnyIndex;
 use kvroute_service::health::{Check, Readiness};
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -131,11 +135,103 @@ pub async fn run_with_targets(
         workers = args.workers,
         "starting kvroute-ingester"
     );
-    let Some(index) = open_index(&args, &env, &shutdown).await? else {
-        // Shut down before the index came up.
-        let _ = http.await;
-        return Ok(());
+    // Connect-mode targets, resolved and sharded across replicas.
+    let connect = if targets.is_some() {
+        targets
+    } else if args.zmq_connect.is_empty() {
+        None
+    } else {
+        let targets = Discovery::parse(&args.zmq_connect).context("--zmq-connect")?;
+        let ordinal = args.ordinal(&env);
+        let shard = Shard::new(args.replicas, ordinal).context("--replicas/--replica-ordinal")?;
+        tracing::info!(
+            replicas = args.replicas,
+            ordinal,
+            "connect mode: taking the publishers of this shard"
+        );
+        Some(
+            Discovery::new(targets, shard, args.dns_refresh)
+                .start(shutdown.clone())
+                .await,
+        )
     };
+    let purge_targets = connect.clone();
+
+    let stats = Arc::new(SocketStats::default());
+    let (tx, mut rx) = mpsc::channel::<RawBatch>(args.queue);
+    let socket_config = SocketConfig {
+        options: SubOptions {
+            topic_filter: args.topic_filter.clone(),
+            max_message_size: args.zmq_max_message_size,
+            handshake_timeout: args.zmq_handshake_timeout,
+            max_connections: args.zmq_max_connections,
+            ..SubOptions::default()
+        },
+        bind: args.zmq_bind.clone(),
+        connect,
+    };
+    let socket_shutdown = shutdown.clone();
+    let socket_stats = stats.clone();
+    let socket_check = sockets_ok.clone();
+    let sockets = tokio::spawn(async move {
+        let up = socket_check.clone();
+        let r = socket::run_with(
+            socket_config,
+            tx,
+            socket_stats,
+            socket_shutdown.clone(),
+            move || up.pass(),
+        )
+        .await;
+        match &r {
+            Err(e) => {
+                tracing::error!(error = %e, "sockets stopped");
+                socket_check.fail(format!("sockets stopped: {e}"));
+                socket_shutdown.cancel();
+            }
+            Ok(()) => socket_check.fail("sockets stopped: shutdown"),
+        }
+        r
+    });
+
+    // Socket metrics from now on; PING once the index is open.
+    let health_index: Arc<OnceLock<Arc<AnyIndex>>> = Arc::default();
+    spawn_health(
+        health_index.clone(),
+        redis_ok.clone(),
+        stats.clone(),
+        shutdown.clone(),
+    );
+
+    // Sockets first: what pods publish while Redis is unreachable is held
+    // (bounded) and applied once it answers (`early.rs`).
+    let mut early = EarlyBuffer::new(args.startup_buffer);
+    let opened = {
+        let open = open_index(&args, &env, &shutdown);
+        tokio::pin!(open);
+        loop {
+            tokio::select! {
+                opened = &mut open => break opened?,
+                Some(batch) = rx.recv() => early.push(batch),
+            }
+        }
+    };
+    let Some(index) = opened else {
+        // Shut down before the index came up (or a socket failed).
+        let _ = http.await;
+        return match sockets.await {
+            Ok(Err(e)) => Err(e).context("ZeroMQ sockets"),
+            Err(e) => Err(e).context("ZeroMQ socket task"),
+            Ok(Ok(())) => Ok(()),
+        };
+    };
+    if !early.is_empty() || early.dropped() > 0 {
+        tracing::info!(
+            held = early.len(),
+            dropped = early.dropped(),
+            "index connected: applying what arrived meanwhile"
+        );
+    }
     let index = Arc::new(index);
     redis_ok.pass();
     let watched = Arc::new(WatchedIndex::new(index.clone(), writes_ok));
@@ -185,66 +281,7 @@ pub async fn run_with_targets(
         index: index.clone(),
     });
 
-    // Connect-mode targets, resolved and sharded across replicas.
-    let connect = if targets.is_some() {
-        targets
-    } else if args.zmq_connect.is_empty() {
-        None
-    } else {
-        let targets = Discovery::parse(&args.zmq_connect).context("--zmq-connect")?;
-        let ordinal = args.ordinal(&env);
-        let shard = Shard::new(args.replicas, ordinal).context("--replicas/--replica-ordinal")?;
-        tracing::info!(
-            replicas = args.replicas,
-            ordinal,
-            "connect mode: taking the publishers of this shard"
-        );
-        Some(
-            Discovery::new(targets, shard, args.dns_refresh)
-                .start(shutdown.clone())
-                .await,
-        )
-    };
-    let purge_targets = connect.clone();
-
-    let stats = Arc::new(SocketStats::default());
-    let (tx, rx) = mpsc::channel::<RawBatch>(args.queue);
-    let socket_config = SocketConfig {
-        options: SubOptions {
-            topic_filter: args.topic_filter.clone(),
-            max_message_size: args.zmq_max_message_size,
-            handshake_timeout: args.zmq_handshake_timeout,
-            max_connections: args.zmq_max_connections,
-            ..SubOptions::default()
-        },
-        bind: args.zmq_bind.clone(),
-        connect,
-    };
-    let socket_shutdown = shutdown.clone();
-    let socket_stats = stats.clone();
-    let socket_check = sockets_ok.clone();
-    let sockets = tokio::spawn(async move {
-        let up = socket_check.clone();
-        let r = socket::run_with(
-            socket_config,
-            tx,
-            socket_stats,
-            socket_shutdown.clone(),
-            move || up.pass(),
-        )
-        .await;
-        match &r {
-            Err(e) => {
-                tracing::error!(error = %e, "sockets stopped");
-                socket_check.fail(format!("sockets stopped: {e}"));
-                socket_shutdown.cancel();
-            }
-            Ok(()) => socket_check.fail("sockets stopped: shutdown"),
-        }
-        r
-    });
-
-    spawn_health(index.clone(), redis_ok, stats.clone(), shutdown.clone());
+    let _ = health_index.set(index.clone());
     if let Some(heard) = &heard {
         purge::spawn(
             policy,
@@ -256,6 +293,17 @@ pub async fn run_with_targets(
         );
     }
 
+    // What arrived before the index answered, in order, then the losses
+    // past the startup buffer's bound as gaps, then live batches.
+    let (held, dropped_from) = early.drain();
+    for batch in held {
+        if !workers.dispatch(batch).await {
+            break;
+        }
+    }
+    for (topic, from) in dropped_from {
+        workers.missed(topic, from).await;
+    }
     // Runs until the sockets stop and the channel drains.
     pipeline::run_dispatcher(rx, &workers).await;
     sockets_ok.fail("shutting down");
@@ -300,14 +348,14 @@ async fn open_index(
 
 /// Keeps `/readyz` and the socket metrics current.
 fn spawn_health(
-    index: Arc<AnyIndex>,
+    index: Arc<OnceLock<Arc<AnyIndex>>>,
     redis_ok: Check,
     stats: Arc<SocketStats>,
     shutdown: CancellationToken,
 ) {
     tokio::spawn(async move {
         loop {
-            if let AnyIndex::Redis(r) = index.as_ref() {
+            if let Some(AnyIndex::Redis(r)) = index.get().map(|i| i.as_ref()) {
                 match r.ping().await {
                     Ok(_) => redis_ok.pass(),
                     Err(e) => redis_ok.fail(format!("PING failed: {e}")),

@@ -154,6 +154,10 @@ pub struct Worker<I, R = NoReplay> {
     streams: HashMap<PodId, Vec<rebuild::Stream>>,
     /// Shed pods to rebuild from replay once their clear has been written.
     rebuild: HashSet<PodId>,
+    /// Topics whose batches from this sequence on were dropped before they
+    /// reached the worker (startup buffer full): the topic's first batch
+    /// seen is a gap from there, not a first batch.
+    missed: HashMap<String, u64>,
 }
 
 impl<I: Index + 'static, R: Replayer> Worker<I, R> {
@@ -167,7 +171,13 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
             config,
             streams: HashMap::new(),
             rebuild: HashSet::new(),
+            missed: HashMap::new(),
         }
+    }
+
+    /// Batches of `topic` from `from` on never reached the worker.
+    pub fn note_missed(&mut self, topic: String, from: u64) {
+        self.missed.insert(topic, from);
     }
 
     /// Turns one message into pending operations. The only place its topic
@@ -200,7 +210,17 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
         };
         let pod = topic.pod_id(batch.data_parallel_rank);
         self.note_stream(&pod, &topic, batch.data_parallel_rank, &stream);
-        let verdict = self.seqs.observe(&stream, msg.seq);
+        let mut verdict = self.seqs.observe(&stream, msg.seq);
+        // A stream first seen after its earlier batches were dropped on the
+        // way in: they are a gap (a stream seen before has its own).
+        if let Some(from) = self.missed.remove(&msg.topic)
+            && verdict == SeqVerdict::First
+            && from < msg.seq
+        {
+            verdict = SeqVerdict::Gap {
+                missed: from..msg.seq,
+            };
+        }
         metrics::counter!(m::BATCHES, "verdict" => verdict.as_label()).increment(1);
         match &verdict {
             SeqVerdict::Duplicate => return,

@@ -46,6 +46,8 @@ mod purge;
 mod readiness;
 #[path = "e2e/rebuild.rs"]
 mod rebuild;
+#[path = "e2e/startup.rs"]
+mod startup;
 
 use harness::{
     Engine, Index, Ingester, Peer, SEED, batch, bind_endpoint, cleared, connecting, gpu, keys,

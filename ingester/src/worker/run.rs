@@ -21,6 +21,12 @@ pub enum Command {
     Batch(RawBatch),
     /// Forget everything of a pod (admin purge, pod gone).
     Purge(PodId),
+    /// Batches of `topic` from sequence `from` on were dropped before they
+    /// reached the worker (the startup buffer was full): a gap.
+    Missed {
+        topic: String,
+        from: u64,
+    },
 }
 
 /// Commands drained from the queue before the next writes start: whatever
@@ -69,6 +75,7 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
         match cmd {
             Command::Batch(msg) => self.handle(msg).await,
             Command::Purge(pod) => self.purge(&pod),
+            Command::Missed { topic, from } => self.note_missed(topic, from),
         }
     }
 
