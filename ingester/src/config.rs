@@ -83,6 +83,11 @@ pub struct RunArgs {
     /// 10,000 busy engine steps.
     #[arg(long, env = "KVROUTE_STARTUP_BUFFER", default_value = "64MiB", value_parser = parse_size)]
     pub startup_buffer: usize,
+    /// How often the ingester checks that Redis kept its data (`kvroute:epoch`:
+    /// a restart empty or from an older dump clears and rebuilds this
+    /// ingester's pods), and stamps `kvroute:models`. One small pipeline.
+    #[arg(long, env = "KVROUTE_REDIS_EPOCH_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub redis_epoch_interval: Duration,
     /// Bind mode: connections each `--zmq-bind` address keeps at once
     /// (handshaking or established); one beyond it is closed at once and
     /// counted (`reason="too_many_connections"`). Each vLLM data-parallel

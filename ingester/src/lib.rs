@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod bookkeeping;
 pub mod config;
 pub mod early;
 pub mod keys;

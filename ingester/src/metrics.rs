@@ -55,3 +55,9 @@ pub const ZMQ_REJECTED: &str = "kvroute_ingester_zmq_rejected_total";
 /// startup buffer (`--startup-buffer`) was full; each topic's loss is then
 /// handled as a sequence gap.
 pub const STARTUP_DROPPED: &str = "kvroute_ingester_startup_dropped_batches_total";
+/// Redis found to have lost or rewound data, by `kind` (epoch_missing,
+/// epoch_changed, counter_rewound); each clears and rebuilds this ingester's pods.
+pub const DATA_LOSS: &str = "kvroute_ingester_redis_data_loss_total";
+/// 1 while `kvroute:keying` holds another scheme, seed or block size than
+/// this ingester's (not overwritten), else 0.
+pub const KEYING_CONFLICT: &str = "kvroute_ingester_keying_conflict";

@@ -106,6 +106,16 @@ pub struct Purger {
 }
 
 impl Purger {
+    /// Asks every worker to clear and rebuild the pods it heard (Redis lost
+    /// or rewound data: `crate::bookkeeping`); a no-op after shutdown.
+    pub async fn resync(&self, resync: crate::worker::Resync) {
+        for tx in &self.senders {
+            if let Some(tx) = tx.upgrade() {
+                let _ = tx.send(Command::Resync(resync)).await;
+            }
+        }
+    }
+
     /// Purges on every worker; a no-op once the workers shut down.
     pub async fn purge(&self, pod: &PodId) {
         for tx in &self.senders {

@@ -17,6 +17,7 @@
 //! its reason.
 
 use crate::admin;
+use crate::bookkeeping::{self, Keying, ModelsSeen};
 use crate::config::RunArgs;
 use crate::early::EarlyBuffer;
 use crate::keys::Keyer;
@@ -241,6 +242,14 @@ pub async fn run_with_targets(
         silent_after: args.purge_silent_after,
     };
     let heard = policy.is_enabled().then(LastHeard::default);
+    let models = ModelsSeen::default();
+    let keying = Keying {
+        hash_scheme: keys.scheme().as_str().to_owned(),
+        hash_seed: args.keys.hash_seed.clone(),
+        block_size: keys.block_size(),
+        writer: env("HOSTNAME")
+            .unwrap_or_else(|| format!("kvroute-ingester-{}", std::process::id())),
+    };
     let keyer = Keyer::new(keys, args.chain_cache);
     let worker_config = WorkerConfig {
         topic_prefix: args
@@ -252,6 +261,7 @@ pub async fn run_with_targets(
         max_pending_ops: args.max_pending_ops,
         max_inflight_writes: args.max_inflight_writes,
         heard: heard.clone(),
+        models: matches!(index.as_ref(), AnyIndex::Redis(_)).then(|| models.clone()),
         ..WorkerConfig::default()
     };
     let workers: Vec<_> = (0..args.workers)
@@ -282,6 +292,16 @@ pub async fn run_with_targets(
     });
 
     let _ = health_index.set(index.clone());
+    if matches!(index.as_ref(), AnyIndex::Redis(_)) {
+        tokio::spawn(bookkeeping::run(
+            index.clone(),
+            keying,
+            models,
+            workers.purger(),
+            args.redis_epoch_interval,
+            shutdown.clone(),
+        ));
+    }
     if let Some(heard) = &heard {
         purge::spawn(
             policy,

@@ -99,6 +99,8 @@ pub struct WorkerConfig {
     /// Where the purge sweeper learns which pods spoke and over which socket
     /// (`None`: no purge policy). Recorded here, where the topic is parsed.
     pub heard: Option<LastHeard>,
+    /// Where models indexed are noted for `kvroute:models` (`None`: no Redis).
+    pub models: Option<crate::bookkeeping::ModelsSeen>,
 }
 
 impl Default for WorkerConfig {
@@ -110,6 +112,7 @@ impl Default for WorkerConfig {
             retry_min: Duration::from_millis(50),
             retry_max: Duration::from_secs(5),
             heard: None,
+            models: None,
         }
     }
 }
@@ -158,6 +161,18 @@ pub struct Worker<I, R = NoReplay> {
     /// reached the worker (startup buffer full): the topic's first batch
     /// seen is a gap from there, not a first batch.
     missed: HashMap<String, u64>,
+    /// When each pod's last rebuild from replay started ([`Worker::resync`]).
+    rebuilt_at: HashMap<PodId, std::time::Instant>,
+}
+
+/// Redis lost or rewound data ([`Command::Resync`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Resync {
+    /// The last check before the loss that found the data intact.
+    pub since: std::time::Instant,
+    /// Whether Redis may hold removed blocks (restored from an older dump),
+    /// not only miss some (restarted empty).
+    pub stale_possible: bool,
 }
 
 impl<I: Index + 'static, R: Replayer> Worker<I, R> {
@@ -172,6 +187,7 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
             streams: HashMap::new(),
             rebuild: HashSet::new(),
             missed: HashMap::new(),
+            rebuilt_at: HashMap::new(),
         }
     }
 
@@ -208,6 +224,9 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
             Some(r) => format!("{}#{r}", msg.topic),
             None => msg.topic.clone(),
         };
+        if let Some(models) = &self.config.models {
+            models.note(topic.model.as_str());
+        }
         let pod = topic.pod_id(batch.data_parallel_rank);
         self.note_stream(&pod, &topic, batch.data_parallel_rank, &stream);
         let mut verdict = self.seqs.observe(&stream, msg.seq);

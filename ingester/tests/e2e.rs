@@ -30,12 +30,16 @@
 //!   (`purge.rs`); a pod whose endpoint left the connect set, after
 //!   `--purge-after` (`gone.rs`).
 
+#[path = "e2e/dataloss.rs"]
+mod dataloss;
 #[path = "e2e/gone.rs"]
 mod gone;
 #[path = "e2e/harness.rs"]
 mod harness;
 #[path = "e2e/hostile.rs"]
 mod hostile;
+#[path = "e2e/keying.rs"]
+mod keying;
 #[path = "e2e/malformed.rs"]
 mod malformed;
 #[path = "e2e/outage.rs"]

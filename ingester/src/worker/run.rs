@@ -27,6 +27,9 @@ pub enum Command {
         topic: String,
         from: u64,
     },
+    /// Redis lost or rewound data: clear every pod heard and rebuild it
+    /// (see `Worker::resync`).
+    Resync(super::Resync),
 }
 
 /// Commands drained from the queue before the next writes start: whatever
@@ -76,6 +79,7 @@ impl<I: Index + 'static, R: Replayer> Worker<I, R> {
             Command::Batch(msg) => self.handle(msg).await,
             Command::Purge(pod) => self.purge(&pod),
             Command::Missed { topic, from } => self.note_missed(topic, from),
+            Command::Resync(r) => self.resync(r),
         }
     }
 
