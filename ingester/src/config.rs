@@ -112,6 +112,45 @@ pub struct RunArgs {
     #[arg(long, env = "KVROUTE_STALL_AFTER", default_value = "10s", value_parser = parse_duration)]
     pub stall_after: Duration,
 
+    /// Largest ZeroMQ message (all frames together) a publisher or replay
+    /// socket may send, in bytes (suffixes KiB, MiB, GiB). A frame header
+    /// declaring more is rejected before anything is allocated for it, the
+    /// connection is dropped, logged and counted
+    /// (`kvroute_ingester_zmq_rejected_total{reason="too_large"}`). vLLM
+    /// sends one batch per engine step; measured with vLLM's encoding
+    /// (32-byte hashes, a 152k vocabulary, as many evictions as stores) a
+    /// step costs 8.4 bytes per scheduled token: 70 KB at vLLM's default
+    /// 8,192-token step, 1.1 MB at 131,072, 8.8 MB at 1,048,576. 16 MiB
+    /// keeps a 1M-token step with room to spare; worst-case memory of
+    /// partly received messages is this times the connections open.
+    #[arg(long, env = "KVROUTE_ZMQ_MAX_MESSAGE_SIZE", default_value = "16MiB", value_parser = parse_size)]
+    pub zmq_max_message_size: usize,
+    /// Bind mode: an accepted connection must finish the ZMTP handshake
+    /// (greeting and READY) within this, or it is closed and counted
+    /// (`reason="handshake_timeout"`). libzmq completes it in one round
+    /// trip; the margin is for a loaded node.
+    #[arg(long, env = "KVROUTE_ZMQ_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub zmq_handshake_timeout: Duration,
+    /// Payload bytes of batches held while the index is not reachable yet at
+    /// startup (the sockets are up before it); applied in order once Redis
+    /// answers. Past it new batches are dropped, counted
+    /// (`kvroute_ingester_startup_dropped_batches_total`) and handled as a
+    /// sequence gap (replayed with `--replay-endpoint`). 64 MiB holds some
+    /// 10,000 busy engine steps.
+    #[arg(long, env = "KVROUTE_STARTUP_BUFFER", default_value = "64MiB", value_parser = parse_size)]
+    pub startup_buffer: usize,
+    /// How often the ingester checks that Redis kept its data (`kvroute:epoch`:
+    /// a restart empty or from an older dump clears and rebuilds this
+    /// ingester's pods), and stamps `kvroute:models`. One small pipeline.
+    #[arg(long, env = "KVROUTE_REDIS_EPOCH_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub redis_epoch_interval: Duration,
+    /// Bind mode: connections each `--zmq-bind` address keeps at once
+    /// (handshaking or established); one beyond it is closed at once and
+    /// counted (`reason="too_many_connections"`). Each vLLM data-parallel
+    /// rank holds one: raise it for more publishers per replica.
+    #[arg(long, env = "KVROUTE_ZMQ_MAX_CONNECTIONS", default_value_t = 256)]
+    pub zmq_max_connections: usize,
+
     /// Admin and observability HTTP address (/healthz, /readyz, /metrics, /admin/purge).
     /// On every interface by default, for Kubernetes probes and Prometheus;
     /// `/admin/*` answers only a loopback peer or `--admin-token`.
@@ -169,6 +208,30 @@ pub struct RunArgs {
     pub purge_silent_after: Option<Duration>,
 }
 
+/// A byte count: `1048576`, `512KiB`, `16MiB`, `1GiB` (also `KB`/`MB`/`GB`
+/// as powers of 1024, `B`, any case, spaces allowed before the unit).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (like 16MiB or 1048576)"))?;
+    let scale: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown unit {other:?} (use KiB, MiB or GiB)"
+            ));
+        }
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
 impl RunArgs {
     /// The replica ordinal: the flag, else `$HOSTNAME`'s numeric suffix.
     pub fn ordinal(&self, env: impl Fn(&str) -> Option<String>) -> u32 {
@@ -193,6 +256,14 @@ impl RunArgs {
             return Err(
                 "--replay-concurrency, --stall-after and --max-topics must be above zero".into(),
             );
+        }
+        if self.zmq_max_connections == 0 || self.zmq_max_message_size == 0 {
+            return Err(
+                "--zmq-max-connections and --zmq-max-message-size must be above zero".into(),
+            );
+        }
+        if self.zmq_handshake_timeout.is_zero() {
+            return Err("--zmq-handshake-timeout must be above zero".into());
         }
         if self.replicas == 0 {
             return Err("--replicas must be at least 1".into());
@@ -296,6 +367,30 @@ mod tests {
         .expect("parse");
         assert_eq!(cli.run.purge_silent_after, Some(Duration::from_secs(600)));
         assert!(cli.run.validate().is_ok());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("512 kib"), Ok(512 << 10));
+        assert_eq!(parse_size("1GB"), Ok(1 << 30));
+        assert!(parse_size("16 MiBs").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("").is_err());
+        let cli = Cli::try_parse_from(["x", "--zmq-bind", "tcp://127.0.0.1:1"]).expect("parse");
+        assert_eq!(cli.run.zmq_max_message_size, 16 << 20);
+        assert_eq!(cli.run.zmq_max_connections, 256);
+        assert_eq!(cli.run.zmq_handshake_timeout, Duration::from_secs(5));
+        let cli = Cli::try_parse_from([
+            "x",
+            "--zmq-bind",
+            "tcp://127.0.0.1:1",
+            "--zmq-max-connections",
+            "0",
+        ])
+        .expect("parse");
+        assert!(cli.run.validate().is_err());
     }
 
     #[test]

@@ -13,7 +13,9 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod bookkeeping;
 pub mod config;
+pub mod early;
 pub mod keys;
 pub mod metrics;
 pub mod order;

@@ -59,3 +59,17 @@ pub const ADMIN_REFUSED: &str = "kvroute_ingester_admin_refused_total";
 pub const TOPIC_WARNINGS: &str = "kvroute_ingester_topic_warnings_total";
 /// Streams forgotten because more than `--max-topics` were tracked.
 pub const TOPICS_EVICTED: &str = "kvroute_ingester_topics_evicted_total";
+/// ZeroMQ peers disconnected by the transport bounds, by `mode` (bind,
+/// connect, replay) and `reason` (`socket::Rejected`: too_large,
+/// handshake_timeout, too_many_connections, protocol).
+pub const ZMQ_REJECTED: &str = "kvroute_ingester_zmq_rejected_total";
+/// Batches dropped because they arrived before the index answered and the
+/// startup buffer (`--startup-buffer`) was full; each topic's loss is then
+/// handled as a sequence gap.
+pub const STARTUP_DROPPED: &str = "kvroute_ingester_startup_dropped_batches_total";
+/// Redis found to have lost or rewound data, by `kind` (epoch_missing,
+/// epoch_changed, counter_rewound); each clears and rebuilds this ingester's pods.
+pub const DATA_LOSS: &str = "kvroute_ingester_redis_data_loss_total";
+/// 1 while `kvroute:keying` holds another scheme, seed or block size than
+/// this ingester's (not overwritten), else 0.
+pub const KEYING_CONFLICT: &str = "kvroute_ingester_keying_conflict";

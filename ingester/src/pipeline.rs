@@ -199,6 +199,13 @@ impl Workers {
         send(&self.senders[i], &self.stats, i, Command::Batch(msg), true).await
     }
 
+    /// Tells the topic's worker that its batches from `from` on were dropped
+    /// before reaching it (`crate::early`), so the next one is a gap.
+    pub async fn missed(&self, topic: String, from: u64) {
+        let i = shard(&topic, self.senders.len());
+        let _ = self.senders[i].send(Command::Missed { topic, from }).await;
+    }
+
     /// Purges a pod on every worker (each drops what it holds for the pod, in
     /// order with its batches, then clears it in the index).
     pub async fn purge(&self, pod: &PodId) {
@@ -240,6 +247,16 @@ pub struct Purger {
 }
 
 impl Purger {
+    /// Asks every worker to clear and rebuild the pods it heard (Redis lost
+    /// or rewound data: `crate::bookkeeping`); a no-op after shutdown.
+    pub async fn resync(&self, resync: crate::worker::Resync) {
+        for tx in &self.senders {
+            if let Some(tx) = tx.upgrade() {
+                let _ = tx.send(Command::Resync(resync)).await;
+            }
+        }
+    }
+
     /// Purges on every worker; a no-op once the workers shut down.
     pub async fn purge(&self, pod: &PodId) {
         for (i, tx) in self.senders.iter().enumerate() {

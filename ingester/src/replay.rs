@@ -26,6 +26,11 @@ use zeromq::{DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, ZmqMes
 
 /// vLLM's default replay buffer (`buffer_steps`): a full replay fits.
 pub const DEFAULT_MAX_BATCHES: usize = 10_000;
+/// Payload bytes one replay may hold: vLLM's 10,000 buffered batches at
+/// 25 KB each (a busy step; the default 8,192-token step is at most 70 KB,
+/// most steps store a few blocks), and four workers replaying at once stay
+/// within 1 GiB. A replay over it fails like one over `max_batches`.
+pub const DEFAULT_MAX_BYTES: usize = 256 << 20;
 
 /// One batch from the replay socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +49,11 @@ pub struct ReplayOptions {
     pub timeout: Duration,
     /// More batches than this is an error (a bound on memory).
     pub max_batches: usize,
+    /// More payload bytes than this is an error (a bound on memory).
+    pub max_bytes: usize,
+    /// Largest message the replay socket may send (`--zmq-max-message-size`):
+    /// a bigger frame header ends the replay before anything is allocated.
+    pub max_message_size: usize,
 }
 
 impl ReplayOptions {
@@ -51,6 +61,8 @@ impl ReplayOptions {
         ReplayOptions {
             timeout,
             max_batches: DEFAULT_MAX_BATCHES,
+            max_bytes: DEFAULT_MAX_BYTES,
+            max_message_size: crate::socket::DEFAULT_MAX_MESSAGE_SIZE,
         }
     }
 }
@@ -96,6 +108,8 @@ pub enum ReplayError {
     Abandoned,
     #[error("replay {endpoint}: more than {max} batches")]
     TooMany { endpoint: String, max: usize },
+    #[error("replay {endpoint}: more than {max} payload bytes")]
+    TooLarge { endpoint: String, max: usize },
     #[error("replay {endpoint}: reply {index} does not start with the empty delimiter frame")]
     NoDelimiter { endpoint: String, index: usize },
     #[error("replay {endpoint}: reply {index} is malformed: {source}")]
@@ -133,15 +147,20 @@ pub async fn replay_with(
     };
 
     let mut opts = SocketOptions::default();
-    opts.connect_timeout(options.timeout);
+    opts.connect_timeout(options.timeout)
+        .max_message_size(options.max_message_size);
     let mut socket = DealerSocket::with_options(opts);
     timeout_at(deadline, socket.connect(endpoint))
         .await
         .map_err(|_| timed_out(0))?
-        .map_err(|source| ReplayError::Connect {
-            endpoint: endpoint.to_owned(),
-            source,
+        .map_err(|source| {
+            count_rejection(endpoint, &source);
+            ReplayError::Connect {
+                endpoint: endpoint.to_owned(),
+                source,
+            }
         })?;
+    let mut bytes = 0usize;
 
     let mut request = ZmqMessage::from(Bytes::new());
     request.push_back(Bytes::copy_from_slice(&from_seq.to_be_bytes()));
@@ -158,10 +177,13 @@ pub async fn replay_with(
         let reply = timeout_at(deadline, socket.recv())
             .await
             .map_err(|_| timed_out(index))?
-            .map_err(|source| ReplayError::Recv {
-                endpoint: endpoint.to_owned(),
-                received: index,
-                source,
+            .map_err(|source| {
+                count_rejection(endpoint, &source);
+                ReplayError::Recv {
+                    endpoint: endpoint.to_owned(),
+                    received: index,
+                    source,
+                }
             })?;
         let mut frames = reply.into_vec();
         if frames.first().is_none_or(|f| !f.is_empty()) {
@@ -191,6 +213,13 @@ pub async fn replay_with(
         }
         // parse_replay_frames accepted 2 or 3 frames: the payload is the last.
         let payload = frames.pop().unwrap_or_default();
+        bytes = bytes.saturating_add(payload.len());
+        if bytes > options.max_bytes {
+            return Err(ReplayError::TooLarge {
+                endpoint: endpoint.to_owned(),
+                max: options.max_bytes,
+            });
+        }
         got.push(Replayed {
             topic,
             seq,
@@ -199,6 +228,16 @@ pub async fn replay_with(
     }
     tracing::debug!(%endpoint, from_seq, batches = got.len(), "replay complete");
     Ok(got)
+}
+
+/// Counts (`kvroute_ingester_zmq_rejected_total{mode="replay"}`) and logs a
+/// replay socket that broke the transport bounds (an oversized frame).
+fn count_rejection(endpoint: &str, error: &zeromq::ZmqError) {
+    if let Some(reason) = crate::socket::Rejected::of(error) {
+        metrics::counter!(crate::metrics::ZMQ_REJECTED, "mode" => "replay", "reason" => reason.as_label())
+            .increment(1);
+        tracing::warn!(%endpoint, reason = reason.as_label(), %error, "replay socket rejected and disconnected");
+    }
 }
 
 /// The worker's [`Replayer`] over vLLM's replay socket: the endpoint of a

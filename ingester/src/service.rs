@@ -5,8 +5,11 @@
 //! (one [`RawBatch`] type all the way; the worker parses its topic)
 //!
 //! Startup order: metrics and the admin server first (so `/healthz` answers
-//! and `/readyz` explains what is missing), then the index (retried until
-//! Redis answers), then the workers, then the sockets.
+//! and `/readyz` explains what is missing), then the sockets (bound and
+//! dialled at once, so nothing pods publish meanwhile is lost), then the
+//! index (retried until Redis answers; batches received meanwhile are held,
+//! bounded, in [`EarlyBuffer`]), then the workers, which get the held batches
+//! first.
 //!
 //! `/readyz` checks: `index` (every master answers PING), `writes` (the last
 //! index writes did not all fail, see [`crate::write_health`]), `sockets` (every
@@ -15,13 +18,15 @@
 //! its reason.
 
 use crate::admin;
+use crate::bookkeeping::{self, Keying, ModelsSeen};
 use crate::config::RunArgs;
+use crate::early::EarlyBuffer;
 use crate::keys::Keyer;
 use crate::metrics as m;
 use crate::pipeline::{self, Workers};
 use crate::purge::{self, LastHeard, PurgePolicy};
 use crate::replay::{ReplayError, ReplayOptions, RouterReplayer};
-use crate::socket::{self, Malformed, RawBatch, SocketConfig, SocketStats, SubOptions};
+use crate::socket::{self, Malformed, RawBatch, Rejected, SocketConfig, SocketStats, SubOptions};
 use crate::targets::{Discovery, Shard};
 use crate::worker::{NoReplay, ReplayLimits, ReplayedBatches, Replayer, Worker, WorkerConfig};
 use crate::write_health::WatchedIndex;
@@ -31,7 +36,7 @@ use kvroute_core::index::IndexError;
 use kvroute_redis::AnyIndex;
 use kvroute_service::health::{Check, Readiness};
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -140,72 +145,6 @@ pub async fn run_with_targets(
         workers = args.workers,
         "starting kvroute-ingester"
     );
-    let Some(index) = open_index(&args, &env, &shutdown).await? else {
-        // Shut down before the index came up.
-        let _ = http.await;
-        return Ok(());
-    };
-    let index = Arc::new(index);
-    redis_ok.pass();
-    let watched = Arc::new(WatchedIndex::new(index.clone(), writes_ok));
-
-    let policy = PurgePolicy {
-        gone_after: args.purge_after,
-        silent_after: args.purge_silent_after,
-    };
-    let heard = policy.is_enabled().then(LastHeard::default);
-    let keyer = Keyer::new(keys, args.chain_cache);
-    let worker_config = WorkerConfig {
-        topic_prefix: args
-            .topic_filter
-            .split('@')
-            .next()
-            .unwrap_or("kv")
-            .to_string(),
-        max_pending_ops: args.max_pending_ops,
-        max_inflight_writes: args.max_inflight_writes,
-        heard: heard.clone(),
-        replay: ReplayLimits::new(
-            args.replay_concurrency,
-            args.replay_budget,
-            args.replay_cooldown,
-            args.replay_max_held,
-        ),
-        max_seq_gap: args.max_seq_gap,
-        max_clock_skew: Some(args.max_clock_skew),
-        max_topics: args.max_topics.div_ceil(args.workers.max(1)),
-        ..WorkerConfig::default()
-    };
-    let workers: Vec<_> = (0..args.workers)
-        .map(|_| {
-            let replayer = match &args.replay_endpoint {
-                Some(t) => AnyReplayer::Router(RouterReplayer::new(
-                    t.clone(),
-                    ReplayOptions::new(args.replay_timeout),
-                )),
-                None => AnyReplayer::None(NoReplay),
-            };
-            Worker::new(
-                watched.clone(),
-                keyer.clone(),
-                replayer,
-                worker_config.clone(),
-            )
-        })
-        .collect();
-    let workers = Workers::start(workers, args.queue, args.drain_timeout);
-    pipeline::spawn_monitor(
-        workers.stats(),
-        pipeline_ok,
-        args.stall_after,
-        shutdown.clone(),
-    );
-
-    let _ = admin_slot.set(admin::Admin {
-        purger: workers.purger(),
-        index: index.clone(),
-    });
-
     // Connect-mode targets, resolved and sharded across replicas.
     let connect = if targets.is_some() {
         targets
@@ -229,10 +168,13 @@ pub async fn run_with_targets(
     let purge_targets = connect.clone();
 
     let stats = Arc::new(SocketStats::default());
-    let (tx, rx) = mpsc::channel::<RawBatch>(args.queue);
+    let (tx, mut rx) = mpsc::channel::<RawBatch>(args.queue);
     let socket_config = SocketConfig {
         options: SubOptions {
             topic_filter: args.topic_filter.clone(),
+            max_message_size: args.zmq_max_message_size,
+            handshake_timeout: args.zmq_handshake_timeout,
+            max_connections: args.zmq_max_connections,
             ..SubOptions::default()
         },
         bind: args.zmq_bind.clone(),
@@ -262,13 +204,129 @@ pub async fn run_with_targets(
         r
     });
 
+    // Socket metrics from now on; PING once the index is open.
+    let health_index: Arc<OnceLock<Arc<AnyIndex>>> = Arc::default();
     spawn_health(
-        index.clone(),
-        redis_ok,
+        health_index.clone(),
+        redis_ok.clone(),
         stats.clone(),
         (args.warn_silent_publishers_after, args.topic_filter.clone()),
         shutdown.clone(),
     );
+
+    // Sockets first: what pods publish while Redis is unreachable is held
+    // (bounded) and applied once it answers (`early.rs`).
+    let mut early = EarlyBuffer::new(args.startup_buffer);
+    let opened = {
+        let open = open_index(&args, &env, &shutdown);
+        tokio::pin!(open);
+        loop {
+            tokio::select! {
+                opened = &mut open => break opened?,
+                Some(batch) = rx.recv() => early.push(batch),
+            }
+        }
+    };
+    let Some(index) = opened else {
+        // Shut down before the index came up (or a socket failed).
+        let _ = http.await;
+        return match sockets.await {
+            Ok(Err(e)) => Err(e).context("ZeroMQ sockets"),
+            Err(e) => Err(e).context("ZeroMQ socket task"),
+            Ok(Ok(())) => Ok(()),
+        };
+    };
+    if !early.is_empty() || early.dropped() > 0 {
+        tracing::info!(
+            held = early.len(),
+            dropped = early.dropped(),
+            "index connected: applying what arrived meanwhile"
+        );
+    }
+    let index = Arc::new(index);
+    redis_ok.pass();
+    let watched = Arc::new(WatchedIndex::new(index.clone(), writes_ok));
+
+    let policy = PurgePolicy {
+        gone_after: args.purge_after,
+        silent_after: args.purge_silent_after,
+    };
+    let heard = policy.is_enabled().then(LastHeard::default);
+    let models = ModelsSeen::default();
+    let keying = Keying {
+        hash_scheme: keys.scheme().as_str().to_owned(),
+        hash_seed: args.keys.hash_seed.clone(),
+        block_size: keys.block_size(),
+        writer: env("HOSTNAME")
+            .unwrap_or_else(|| format!("kvroute-ingester-{}", std::process::id())),
+    };
+    let keyer = Keyer::new(keys, args.chain_cache);
+    let worker_config = WorkerConfig {
+        topic_prefix: args
+            .topic_filter
+            .split('@')
+            .next()
+            .unwrap_or("kv")
+            .to_string(),
+        max_pending_ops: args.max_pending_ops,
+        max_inflight_writes: args.max_inflight_writes,
+        heard: heard.clone(),
+        models: matches!(index.as_ref(), AnyIndex::Redis(_)).then(|| models.clone()),
+        replay: ReplayLimits::new(
+            args.replay_concurrency,
+            args.replay_budget,
+            args.replay_cooldown,
+            args.replay_max_held,
+        ),
+        max_seq_gap: args.max_seq_gap,
+        max_clock_skew: Some(args.max_clock_skew),
+        max_topics: args.max_topics.div_ceil(args.workers.max(1)),
+        ..WorkerConfig::default()
+    };
+    let workers: Vec<_> = (0..args.workers)
+        .map(|_| {
+            let replayer = match &args.replay_endpoint {
+                Some(t) => AnyReplayer::Router(RouterReplayer::new(
+                    t.clone(),
+                    ReplayOptions {
+                        max_message_size: args.zmq_max_message_size,
+                        ..ReplayOptions::new(args.replay_timeout)
+                    },
+                )),
+                None => AnyReplayer::None(NoReplay),
+            };
+            Worker::new(
+                watched.clone(),
+                keyer.clone(),
+                replayer,
+                worker_config.clone(),
+            )
+        })
+        .collect();
+    let workers = Workers::start(workers, args.queue, args.drain_timeout);
+    pipeline::spawn_monitor(
+        workers.stats(),
+        pipeline_ok,
+        args.stall_after,
+        shutdown.clone(),
+    );
+
+    let _ = admin_slot.set(admin::Admin {
+        purger: workers.purger(),
+        index: index.clone(),
+    });
+
+    let _ = health_index.set(index.clone());
+    if matches!(index.as_ref(), AnyIndex::Redis(_)) {
+        tokio::spawn(bookkeeping::run(
+            index.clone(),
+            keying,
+            models,
+            workers.purger(),
+            args.redis_epoch_interval,
+            shutdown.clone(),
+        ));
+    }
     if let Some(heard) = &heard {
         purge::spawn(
             policy,
@@ -280,6 +338,17 @@ pub async fn run_with_targets(
         );
     }
 
+    // What arrived before the index answered, in order, then the losses
+    // past the startup buffer's bound as gaps, then live batches.
+    let (held, dropped_from) = early.drain();
+    for batch in held {
+        if !workers.dispatch(batch).await {
+            break;
+        }
+    }
+    for (topic, from) in dropped_from {
+        workers.missed(topic, from).await;
+    }
     // Runs until the sockets stop and the channel drains.
     pipeline::run_dispatcher(rx, &workers).await;
     sockets_ok.fail("shutting down");
@@ -364,7 +433,7 @@ impl SilentPublishers {
 
 /// Keeps `/readyz` and the socket metrics current.
 fn spawn_health(
-    index: Arc<AnyIndex>,
+    index: Arc<OnceLock<Arc<AnyIndex>>>,
     redis_ok: Check,
     stats: Arc<SocketStats>,
     (silent_after, topic_filter): (Duration, String),
@@ -373,7 +442,7 @@ fn spawn_health(
     tokio::spawn(async move {
         let mut silent = SilentPublishers::default();
         loop {
-            if let AnyIndex::Redis(r) = index.as_ref() {
+            if let Some(AnyIndex::Redis(r)) = index.get().map(|i| i.as_ref()) {
                 match r.ping().await {
                     Ok(_) => redis_ok.pass(),
                     Err(e) => redis_ok.fail(format!("PING failed: {e}")),
@@ -385,6 +454,12 @@ fn spawn_health(
             for reason in Malformed::ALL {
                 metrics::counter!(m::MALFORMED, "reason" => reason.as_label())
                     .absolute(s.malformed(reason));
+            }
+            for reason in Rejected::ALL {
+                for mode in ["bind", "connect"] {
+                    metrics::counter!(m::ZMQ_REJECTED, "mode" => mode, "reason" => reason.as_label())
+                        .absolute(s.rejected(mode, reason));
+                }
             }
             metrics::counter!("kvroute_ingester_reconnects_total").absolute(s.reconnects);
             metrics::gauge!("kvroute_ingester_connected_publishers", "mode" => "bind")

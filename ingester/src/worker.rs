@@ -115,6 +115,8 @@ pub struct WorkerConfig {
     /// Streams (topic and rank) this worker tracks; past it the one idle
     /// longest is forgotten (its next batch is a first one again).
     pub max_topics: usize,
+    /// Where models indexed are noted for `kvroute:models` (`None`: no Redis).
+    pub models: Option<crate::bookkeeping::ModelsSeen>,
 }
 
 impl Default for WorkerConfig {
@@ -130,6 +132,7 @@ impl Default for WorkerConfig {
             max_seq_gap: u64::MAX,
             max_clock_skew: None,
             max_topics: 100_000,
+            models: None,
         }
     }
 }
@@ -187,6 +190,22 @@ pub struct Worker<I, R = NoReplay> {
     /// Topics already warned about (bounded), so a misconfigured publisher
     /// is loud once, not once per batch.
     warned_topics: HashSet<String>,
+    /// Topics whose batches from this sequence on were dropped before they
+    /// reached the worker (startup buffer full): the topic's first batch
+    /// seen is a gap from there, not a first batch.
+    missed: HashMap<String, u64>,
+    /// When each pod's last rebuild from replay started ([`Worker::resync`]).
+    rebuilt_at: HashMap<PodId, std::time::Instant>,
+}
+
+/// Redis lost or rewound data ([`Command::Resync`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Resync {
+    /// The last check before the loss that found the data intact.
+    pub since: std::time::Instant,
+    /// Whether Redis may hold removed blocks (restored from an older dump),
+    /// not only miss some (restarted empty).
+    pub stale_possible: bool,
 }
 
 impl<I: Index + 'static, R: Replayer + 'static> Worker<I, R> {
@@ -205,7 +224,14 @@ impl<I: Index + 'static, R: Replayer + 'static> Worker<I, R> {
             config,
             streams: HashMap::new(),
             rebuild: HashSet::new(),
+            missed: HashMap::new(),
+            rebuilt_at: HashMap::new(),
         }
+    }
+
+    /// Batches of `topic` from `from` on never reached the worker.
+    pub fn note_missed(&mut self, topic: String, from: u64) {
+        self.missed.insert(topic, from);
     }
 
     /// Turns one message into pending operations. The only place its topic
@@ -238,15 +264,20 @@ impl<I: Index + 'static, R: Replayer + 'static> Worker<I, R> {
             Some(r) => format!("{}#{r}", msg.topic),
             None => msg.topic.clone(),
         };
+        if let Some(models) = &self.config.models {
+            models.note(topic.model.as_str());
+        }
         let pod = topic.pod_id(batch.data_parallel_rank);
         self.track(&stream, &pod);
         self.note_stream(&pod, &topic, batch.data_parallel_rank, &stream);
+        let missed_from = self.missed.remove(&msg.topic);
         self.ingest(gaps::Incoming {
             topic,
             pod,
             stream,
             seq: msg.seq,
             batch,
+            missed_from,
         });
     }
 
@@ -260,7 +291,18 @@ impl<I: Index + 'static, R: Replayer + 'static> Worker<I, R> {
         let Some(b) = self.hold_if_replaying(b) else {
             return;
         };
-        let verdict = self.seqs.observe(&b.stream, b.seq);
+        let mut verdict = self.seqs.observe(&b.stream, b.seq);
+        // A stream first seen after its earlier batches were dropped on the
+        // way in (startup buffer full): they are a gap (a stream seen before
+        // has its own).
+        if let Some(from) = b.missed_from
+            && verdict == SeqVerdict::First
+            && from < b.seq
+        {
+            verdict = SeqVerdict::Gap {
+                missed: from..b.seq,
+            };
+        }
         metrics::counter!(m::BATCHES, "verdict" => verdict.as_label()).increment(1);
         let b = match verdict {
             SeqVerdict::Duplicate => return,

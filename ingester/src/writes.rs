@@ -227,6 +227,19 @@ impl<I: Index + 'static> Writes<I> {
         self.dirty.insert(pod.clone());
     }
 
+    /// Queues a clear of the pod in front of its pending operations (behind
+    /// its write in flight, if any), keeping them.
+    pub fn clear_first(&mut self, pod: &PodId) {
+        let at = self
+            .pending
+            .iter()
+            .position(|(p, _)| p == pod)
+            .unwrap_or(self.pending.len());
+        self.pending
+            .insert(at, (pod.clone(), IndexOp::ClearPod { pod: pod.clone() }));
+        self.dirty.remove(pod);
+    }
+
     /// Starts writes for every pod without one in flight, spread over the
     /// free write slots: `plan::plan` (`writes/plan.rs`) decides, and
     /// `Writes::spawn` starts each planned write. Does nothing while a failed

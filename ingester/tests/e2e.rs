@@ -32,10 +32,16 @@
 
 #[path = "e2e/admin.rs"]
 mod admin;
+#[path = "e2e/dataloss.rs"]
+mod dataloss;
 #[path = "e2e/gone.rs"]
 mod gone;
 #[path = "e2e/harness.rs"]
 mod harness;
+#[path = "e2e/hostile.rs"]
+mod hostile;
+#[path = "e2e/keying.rs"]
+mod keying;
 #[path = "e2e/malformed.rs"]
 mod malformed;
 #[path = "e2e/outage.rs"]
@@ -50,6 +56,8 @@ mod rebuild;
 mod spoof;
 #[path = "e2e/stall.rs"]
 mod stall;
+#[path = "e2e/startup.rs"]
+mod startup;
 
 use harness::{
     Engine, Index, Ingester, Peer, SEED, batch, bind_endpoint, cleared, connecting, gpu, keys,

@@ -317,13 +317,22 @@ async fn replay_in_both_reply_shapes() {
         );
         // The count bound.
         let opts = ReplayOptions {
-            timeout: Duration::from_secs(3),
             max_batches: 3,
+            ..ReplayOptions::new(Duration::from_secs(3))
         };
         let err = replay::replay_with(&ep, 0, opts)
             .await
             .expect_err("too many");
         assert!(matches!(err, ReplayError::TooMany { max: 3, .. }), "{err}");
+        // The byte bound: the first payload is already over it.
+        let opts = ReplayOptions {
+            max_bytes: 1,
+            ..ReplayOptions::new(Duration::from_secs(3))
+        };
+        let err = replay::replay_with(&ep, 0, opts)
+            .await
+            .expect_err("too large");
+        assert!(matches!(err, ReplayError::TooLarge { max: 1, .. }), "{err}");
         // Through the worker's Replayer, with the pod's host in the template.
         let port = ep.rsplit(':').next().expect("port");
         let r = RouterReplayer::new(

@@ -12,6 +12,7 @@
 //! | `apply.rs` | write path: ops -> per-slot script calls (packed on a single node) |
 //! | `resolve.rs` | removes by engine hash -> block keys |
 //! | `clear.rs` | ClearPod without SCAN |
+//! | `commands.rs` | plain commands on one key's master (bookkeeping) |
 //! | `lookup.rs` | read path: which way a prompt is read, pipelined HKEYS -> walk |
 //! | `bisect.rs` | bisecting reads: `lua/lookup.lua` (single node), rounds (cluster) |
 //!
@@ -25,6 +26,7 @@ mod apply;
 mod bisect;
 mod clear;
 mod cluster;
+mod commands;
 mod layout;
 mod lookup;
 mod node_lookup;

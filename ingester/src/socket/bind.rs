@@ -57,7 +57,7 @@ pub struct BoundSub {
 
 impl BoundSub {
     pub async fn bind(endpoints: &[String], options: &SubOptions) -> Result<Self, SocketError> {
-        let mut socket = SubSocket::new();
+        let mut socket = SubSocket::with_options(options.zmq_options());
         let monitor = socket.monitor();
         socket
             .subscribe(&options.topic_filter)
@@ -131,7 +131,10 @@ impl BoundSub {
                         }
                         tracing::info!(?peer, "publisher disconnected");
                     }
-                    SocketEvent::AcceptFailed(error) => {
+                    // Counted and logged there when the bounds refused it.
+                    SocketEvent::AcceptFailed(error)
+                        if !stats.rejected("bind", "an accepted connection", &error) =>
+                    {
                         tracing::warn!(%error, "a publisher's connection failed its handshake");
                     }
                     _ => {}
@@ -142,9 +145,14 @@ impl BoundSub {
                             break stop;
                         }
                     }
-                    // One peer's stream failed; the socket dropped that peer
-                    // and keeps serving the others.
-                    Err(error) => tracing::debug!(%error, "a publisher's stream ended with an error"),
+                    // One peer's stream failed (an oversized frame among
+                    // them); the socket dropped that peer and keeps serving
+                    // the others.
+                    Err(error) => {
+                        if !stats.rejected("bind", "a connected publisher", &error) {
+                            tracing::debug!(%error, "a publisher's stream ended with an error");
+                        }
+                    }
                 },
             }
         };

@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::{self, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use zeromq::{Socket, SocketEvent, SocketOptions, SocketRecv, SubSocket};
+use zeromq::{Socket, SocketEvent, SocketRecv, SubSocket};
 
 /// Default bound on one dial (TCP connect retries + ZMTP handshake).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -169,6 +169,8 @@ impl Endpoint {
                 Err(error) => {
                     failures += 1;
                     self.stats.connect_failed();
+                    // A publisher that broke the bounds during the handshake.
+                    self.stats.rejected("connect", &self.endpoint, &error);
                     if failures == 1 || failures.is_multiple_of(WARN_EVERY_FAILURES) {
                         tracing::warn!(%error, failures, "cannot reach publisher; retrying");
                     } else {
@@ -218,9 +220,7 @@ impl Endpoint {
     async fn dial(
         &self,
     ) -> Result<(SubSocket, futures::channel::mpsc::Receiver<SocketEvent>), zeromq::ZmqError> {
-        let mut opts = SocketOptions::default();
-        opts.connect_timeout(self.options.connect_timeout);
-        let mut socket = SubSocket::with_options(opts);
+        let mut socket = SubSocket::with_options(self.options.zmq_options());
         let monitor = socket.monitor();
         socket.subscribe(&self.options.topic_filter).await?;
         socket.connect(&self.endpoint).await?;
@@ -249,7 +249,10 @@ impl Endpoint {
                             return Lost::Stop(stop);
                         }
                     }
-                    Err(error) => return Lost::Peer(format!("receive failed: {error}")),
+                    Err(error) => {
+                        self.stats.rejected("connect", &self.endpoint, &error);
+                        return Lost::Peer(format!("receive failed: {error}"));
+                    }
                 },
             }
         }

@@ -7,7 +7,15 @@
 //! | `bind.rs` | [`BoundSub`]: one SUB bound to every `--zmq-bind` address; pods connect |
 //! | `connect.rs` | [`run_connect`]: one supervised SUB per publisher endpoint |
 //! | `intake.rs` | frames -> [`RawBatch`], the topic check, backpressure |
-//! | `stats.rs` | [`SocketStats`]: counters the metrics module exports |
+//! | `stats.rs` | [`SocketStats`]: counters the metrics module exports; [`Rejected`] peers |
+//!
+//! Hostile or broken peers: every socket (and the replay client) runs with
+//! the bounds of the patched `zeromq` crate (`vendor/zeromq`): a frame
+//! header declaring more than `--zmq-max-message-size` is refused before
+//! any allocation, and in bind mode a handshake must end within
+//! `--zmq-handshake-timeout` and at most `--zmq-max-connections` are open
+//! per address. The peer is disconnected, counted ([`Rejected`]) and logged;
+//! the other peers are not affected.
 //!
 //! Why two modes: vLLM's publisher binds (`tcp://*:5557`) or connects,
 //! depending on its endpoint. When the ingester binds, pods reconnect on
@@ -30,7 +38,7 @@ mod stats;
 
 pub use bind::{BoundSub, bind_endpoint};
 pub use connect::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_REDIAL_DELAY, run_connect};
-pub use stats::{Malformed, SocketStats, SocketStatsSnapshot};
+pub use stats::{Malformed, Rejected, SocketStats, SocketStatsSnapshot};
 
 use bytes::Bytes;
 use std::collections::BTreeSet;
@@ -93,7 +101,23 @@ pub struct SubOptions {
     /// dial. Fixed, not exponential: a restarted pod must be heard again
     /// within a second, and a dial to a closed loopback or LAN port is cheap.
     pub redial_delay: Duration,
+    /// Largest message a peer may send (`--zmq-max-message-size`): checked
+    /// against each frame header before anything is reserved for it.
+    pub max_message_size: usize,
+    /// Bind mode: the ZMTP handshake of an accepted connection must end
+    /// within this (`--zmq-handshake-timeout`).
+    pub handshake_timeout: Duration,
+    /// Bind mode: connections kept at once per bound address
+    /// (`--zmq-max-connections`).
+    pub max_connections: usize,
 }
+
+/// Default `--zmq-max-message-size` (`config.rs` says why this much).
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 << 20;
+/// Default `--zmq-handshake-timeout`.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default `--zmq-max-connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
 
 impl Default for SubOptions {
     fn default() -> Self {
@@ -101,7 +125,23 @@ impl Default for SubOptions {
             topic_filter: DEFAULT_TOPIC_FILTER.to_owned(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             redial_delay: DEFAULT_REDIAL_DELAY,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
+    }
+}
+
+impl SubOptions {
+    /// The `zeromq` socket options every socket of the ingester gets: the
+    /// bounds of the patched crate (`vendor/zeromq`, docs/dependencies.md).
+    pub fn zmq_options(&self) -> zeromq::SocketOptions {
+        let mut o = zeromq::SocketOptions::default();
+        o.connect_timeout(self.connect_timeout)
+            .max_message_size(self.max_message_size)
+            .handshake_timeout(self.handshake_timeout)
+            .max_accepted_peers(self.max_connections);
+        o
     }
 }
 

@@ -48,6 +48,65 @@ impl From<&FrameError> for Malformed {
     }
 }
 
+/// Why a peer's connection was refused or dropped by the transport bounds;
+/// a metric label (`kvroute_ingester_zmq_rejected_total{mode, reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Rejected {
+    /// A frame header declared more than `--zmq-max-message-size`.
+    TooLarge,
+    /// Bind mode: no complete handshake within `--zmq-handshake-timeout`.
+    HandshakeTimeout,
+    /// Bind mode: `--zmq-max-connections` were already open.
+    TooManyConnections,
+    /// Anything else that broke the ZMTP protocol (bad greeting, wrong
+    /// socket type, a malformed command).
+    Protocol,
+}
+
+impl Rejected {
+    pub const ALL: [Rejected; 4] = [
+        Rejected::TooLarge,
+        Rejected::HandshakeTimeout,
+        Rejected::TooManyConnections,
+        Rejected::Protocol,
+    ];
+
+    pub fn as_label(self) -> &'static str {
+        match self {
+            Rejected::TooLarge => "too_large",
+            Rejected::HandshakeTimeout => "handshake_timeout",
+            Rejected::TooManyConnections => "too_many_connections",
+            Rejected::Protocol => "protocol",
+        }
+    }
+
+    /// What a `zeromq` error says of the peer: `None` when it is no
+    /// rejection (the peer went away, a network error).
+    pub fn of(error: &zeromq::ZmqError) -> Option<Rejected> {
+        use zeromq::{CodecError, ZmqError};
+        match error {
+            ZmqError::Codec(CodecError::MessageTooLarge { .. }) => Some(Rejected::TooLarge),
+            ZmqError::Codec(CodecError::Io(_)) => None,
+            ZmqError::Codec(_) => Some(Rejected::Protocol),
+            ZmqError::HandshakeTimeout(_) => Some(Rejected::HandshakeTimeout),
+            ZmqError::TooManyPeers(_) => Some(Rejected::TooManyConnections),
+            ZmqError::UnsupportedVersion(_) | ZmqError::PeerIdentity | ZmqError::Other(_) => {
+                Some(Rejected::Protocol)
+            }
+            _ => None,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Rejections logged at warn: the first of each mode and reason, then every
+/// this many (a peer that reconnects and misbehaves in a loop must not
+/// flood the log); the rest at debug. The counter counts all.
+const WARN_EVERY_REJECTION: u64 = 100;
+
 /// Counters and gauges of all SUB sockets of one ingester.
 #[derive(Debug, Default)]
 pub struct SocketStats {
@@ -67,6 +126,8 @@ pub struct SocketStats {
     /// because an endpoint that leaves and re-enters the set may briefly
     /// have an old and a new connection.
     connected: Mutex<HashMap<String, usize>>,
+    /// Peers rejected, by mode (0 bind, 1 connect) and [`Rejected`] reason.
+    rejected: [[AtomicU64; 4]; 2],
 }
 
 /// A point-in-time copy of [`SocketStats`].
@@ -92,11 +153,23 @@ pub struct SocketStatsSnapshot {
     pub connect_peers: u64,
     /// Connect-mode endpoints currently supervised (connected or not).
     pub connect_endpoints: u64,
+    /// Peers rejected in bind mode, by reason in [`Rejected::ALL`] order.
+    pub rejected_bind: [u64; 4],
+    /// Publishers rejected in connect mode, by reason.
+    pub rejected_connect: [u64; 4],
 }
 
 impl SocketStatsSnapshot {
     pub fn malformed(&self, reason: Malformed) -> u64 {
         self.malformed[reason.index()]
+    }
+
+    /// Rejections of `reason` in `mode` (`"bind"` or `"connect"`).
+    pub fn rejected(&self, mode: &str, reason: Rejected) -> u64 {
+        match mode {
+            "bind" => self.rejected_bind[reason.index()],
+            _ => self.rejected_connect[reason.index()],
+        }
     }
 
     pub fn malformed_total(&self) -> u64 {
@@ -116,7 +189,31 @@ impl SocketStats {
             bind_peers: self.bind_peers.load(Relaxed),
             connect_peers: self.connect_peers.load(Relaxed),
             connect_endpoints: self.connect_endpoints.load(Relaxed),
+            rejected_bind: [0, 1, 2, 3].map(|i| self.rejected[0][i].load(Relaxed)),
+            rejected_connect: [0, 1, 2, 3].map(|i| self.rejected[1][i].load(Relaxed)),
         }
+    }
+
+    /// Counts and logs a peer that `error` shows was rejected by the
+    /// transport bounds (or broke the protocol); returns whether it was
+    /// one. `mode` is `"bind"` or `"connect"`, `peer` names it in the log.
+    pub(super) fn rejected(
+        &self,
+        mode: &'static str,
+        peer: &str,
+        error: &zeromq::ZmqError,
+    ) -> bool {
+        let Some(reason) = Rejected::of(error) else {
+            return false;
+        };
+        let m = usize::from(mode != "bind");
+        let n = self.rejected[m][reason.index()].fetch_add(1, Relaxed) + 1;
+        if n == 1 || n.is_multiple_of(WARN_EVERY_REJECTION) {
+            tracing::warn!(mode, reason = reason.as_label(), peer, %error, rejected = n, "ZeroMQ peer rejected and disconnected");
+        } else {
+            tracing::debug!(mode, reason = reason.as_label(), peer, %error, rejected = n, "ZeroMQ peer rejected and disconnected");
+        }
+        true
     }
 
     pub(super) fn received(&self) {

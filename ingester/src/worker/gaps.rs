@@ -88,6 +88,10 @@ pub(crate) struct Incoming {
     pub stream: String,
     pub seq: u64,
     pub batch: DecodedBatch,
+    /// Where the topic's batches dropped before reaching the worker began
+    /// (startup buffer full; `Command::Missed`), when this is the topic's
+    /// first batch since.
+    pub missed_from: Option<u64>,
 }
 
 /// A stream whose gap is being replayed.

@@ -95,6 +95,8 @@ impl<I: Index + 'static, R: Replayer + 'static> Worker<I, R> {
     }
 
     async fn rebuild_pod(&mut self, pod: &PodId) -> u64 {
+        self.rebuilt_at
+            .insert(pod.clone(), std::time::Instant::now());
         let streams = self.streams.get(pod).cloned().unwrap_or_default();
         let mut applied = 0u64;
         for s in streams {
@@ -138,6 +140,46 @@ impl<I: Index + 'static, R: Replayer + 'static> Worker<I, R> {
         }
         metrics::counter!(m::REBUILT_BATCHES).increment(applied);
         applied
+    }
+
+    /// Redis lost or rewound data (`crate::bookkeeping`): what it holds of
+    /// this worker's pods may be missing blocks or hold removed ones. Every
+    /// pod heard is cleared; with a replay endpoint its pending operations
+    /// are dropped and it is rebuilt from its replay buffer once the clear
+    /// is written (the outage machinery above); without one, the clear goes
+    /// in front of its pending operations and live events re-index it.
+    ///
+    /// Coordinated with the outage path: a pod rebuilt since `r.since` (the
+    /// last check that still found the data intact; every check after it
+    /// failed, so Redis was not taking writes, and a rebuild's writes since
+    /// then went to the Redis as it is now) is not rebuilt twice, and a pod
+    /// already waiting for its rebuild is rebuilt once, behind a new clear.
+    /// Without a replay endpoint, a Redis that only came back empty is not
+    /// cleared (it holds nothing older than the restart: clearing would only
+    /// drop what live events wrote since).
+    pub fn resync(&mut self, r: super::Resync) {
+        let replay = self.replayer.can_replay();
+        let pods: Vec<PodId> = self
+            .streams
+            .keys()
+            .filter(|p| self.rebuilt_at.get(*p).is_none_or(|at| *at < r.since))
+            .cloned()
+            .collect();
+        for pod in &pods {
+            if replay {
+                self.writes.drop_pod(pod);
+                self.rebuild.insert(pod.clone());
+            } else if r.stale_possible {
+                self.writes.clear_first(pod);
+            }
+        }
+        let cleared = replay || r.stale_possible;
+        tracing::info!(
+            pods = pods.len(),
+            cleared,
+            rebuild = replay,
+            "pods resynced after a Redis data loss"
+        );
     }
 
     /// A write failed midway through a rebuild: drop the pod's replayed

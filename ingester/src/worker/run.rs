@@ -22,6 +22,15 @@ pub enum Command {
     Batch(RawBatch),
     /// Forget everything of a pod (admin purge, pod gone).
     Purge(PodId),
+    /// Batches of `topic` from sequence `from` on were dropped before they
+    /// reached the worker (the startup buffer was full): a gap.
+    Missed {
+        topic: String,
+        from: u64,
+    },
+    /// Redis lost or rewound data: clear every pod heard and rebuild it
+    /// (see `Worker::resync`).
+    Resync(super::Resync),
 }
 
 /// Commands drained from the queue before the next writes start: whatever
@@ -94,6 +103,8 @@ impl<I: Index + 'static, R: Replayer + 'static> Worker<I, R> {
         match cmd {
             Command::Batch(msg) => self.handle(msg).await,
             Command::Purge(pod) => self.purge(&pod),
+            Command::Missed { topic, from } => self.note_missed(topic, from),
+            Command::Resync(r) => self.resync(r),
         }
     }
 

@@ -247,10 +247,17 @@ impl Ingester {
     /// [`Ingester::start_raw`] without waiting for readiness. The admin
     /// server binds port 0 and the address comes back in the process's
     /// "admin HTTP listening" log line: no free-port probe to race.
+    /// `--hash-seed` is [`SEED`] unless `args` give one.
     pub async fn spawn(redis_url: &str, args: &[&str], zmq: String) -> Ingester {
+        let seed = if args.contains(&"--hash-seed") {
+            &[][..]
+        } else {
+            &["--hash-seed", SEED][..]
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_kvroute-ingester"))
             .args(["--redis-url", redis_url, "--http-addr", "127.0.0.1:0"])
-            .args(["--hash-seed", SEED, "--block-size", &BLOCK_SIZE.to_string()])
+            .args(seed)
+            .args(["--block-size", &BLOCK_SIZE.to_string()])
             .args(args)
             .env("KVROUTE_LOG", "info,ingester=debug")
             .stdin(Stdio::null())
@@ -333,6 +340,11 @@ impl Ingester {
             }
         })
         .await
+    }
+
+    /// Whether the process is still running (a crash shows here).
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Sends SIGTERM (through `kill`: the crate forbids unsafe, so no libc).
