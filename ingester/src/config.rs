@@ -173,6 +173,14 @@ pub struct RunArgs {
     /// Queue length per worker, in batches.
     #[arg(long, env = "KVROUTE_QUEUE", default_value_t = 1024)]
     pub queue: usize,
+    /// Payload bytes all worker queues may hold together (suffixes KiB, MiB,
+    /// GiB); past it the sockets wait. The queues bound batches by count and
+    /// one batch may reach --zmq-max-message-size, so without this bound
+    /// --queue x --workers x 16 MiB (64 GiB at the defaults) could queue. At
+    /// vLLM's ~70 KB per default engine step, 256 MiB is several thousand
+    /// batches, more than the queues hold.
+    #[arg(long, env = "KVROUTE_MAX_QUEUED_BYTES", default_value = "256MiB", value_parser = parse_size)]
+    pub max_queued_bytes: usize,
     /// Operations a worker holds while the index is unreachable; past this
     /// the oldest pod's operations are dropped and the pod is rebuilt later.
     #[arg(long, env = "KVROUTE_MAX_PENDING_OPS", default_value_t = 100_000)]
@@ -256,6 +264,9 @@ impl RunArgs {
             return Err(
                 "--replay-concurrency, --stall-after and --max-topics must be above zero".into(),
             );
+        }
+        if self.max_queued_bytes == 0 {
+            return Err("--max-queued-bytes must be above zero".into());
         }
         if self.zmq_max_connections == 0 || self.zmq_max_message_size == 0 {
             return Err(

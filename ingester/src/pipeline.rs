@@ -161,6 +161,8 @@ pub struct Workers {
     senders: Vec<mpsc::Sender<Command>>,
     tasks: JoinSet<()>,
     stats: Arc<PipelineStats>,
+    /// Payload bytes the queues may hold together ([`Workers::limit_queued_bytes`]).
+    budget: Option<(Arc<tokio::sync::Semaphore>, usize)>,
 }
 
 impl Workers {
@@ -183,7 +185,27 @@ impl Workers {
             senders,
             tasks,
             stats,
+            budget: None,
         }
+    }
+
+    /// Bounds the payload bytes queued over all workers: the queues bound
+    /// batches by count (`--queue` each), and a batch may be as large as
+    /// `--zmq-max-message-size`, so without this a burst of large batches
+    /// could hold queue x workers x max-message bytes. Past the budget the
+    /// dispatcher waits (counted as waiting on a full queue, so `/readyz`
+    /// sees a stall), which pushes back on the sockets.
+    pub fn limit_queued_bytes(mut self, bytes: usize) -> Self {
+        let bytes = bytes.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        self.budget = Some((Arc::new(tokio::sync::Semaphore::new(bytes)), bytes));
+        self
+    }
+
+    /// Payload bytes queued now (0 without a budget).
+    pub fn queued_bytes(&self) -> usize {
+        self.budget
+            .as_ref()
+            .map_or(0, |(s, total)| total - s.available_permits())
     }
 
     /// The counters the monitor reads ([`spawn_monitor`]).
@@ -196,7 +218,36 @@ impl Workers {
     /// Returns false once the workers are gone.
     pub async fn dispatch(&self, msg: RawBatch) -> bool {
         let i = shard(&msg.topic, self.senders.len());
-        send(&self.senders[i], &self.stats, i, Command::Batch(msg), true).await
+        let permit = match &self.budget {
+            None => None,
+            Some((budget, total)) => {
+                // A batch larger than the whole budget takes all of it.
+                let want = msg.payload.len().clamp(1, *total) as u32;
+                match budget.clone().try_acquire_many_owned(want) {
+                    Ok(p) => Some(p),
+                    Err(_) => {
+                        self.stats.blocked_on.store(i as u64, Relaxed);
+                        self.stats
+                            .blocked_since
+                            .store(self.stats.now_ms() + 1, Relaxed);
+                        let p = budget.clone().acquire_many_owned(want).await;
+                        self.stats.blocked_since.store(0, Relaxed);
+                        match p {
+                            Ok(p) => Some(p),
+                            Err(_) => return false,
+                        }
+                    }
+                }
+            }
+        };
+        send(
+            &self.senders[i],
+            &self.stats,
+            i,
+            Command::Batch(msg, permit),
+            true,
+        )
+        .await
     }
 
     /// Tells the topic's worker that its batches from `from` on were dropped
@@ -465,6 +516,85 @@ mod tests {
         drop(tx);
         dispatcher.await.expect("dispatcher");
         shutdown.cancel();
+    }
+
+    /// The queues bound batches by count; the byte budget bounds what they
+    /// hold when batches are large: with a worker that takes nothing (its
+    /// write hangs), the dispatcher stops at the budget although the queue
+    /// has room for 1,000 batches, and goes on once the worker drains.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_bytes_stay_within_the_budget() {
+        let index = Arc::new(Gate {
+            open: AtomicBool::new(false),
+            started: std::sync::atomic::AtomicUsize::new(0),
+            opened: tokio::sync::Notify::new(),
+            inner: MemoryIndex::new(100_000),
+        });
+        let w = Worker::new(
+            index.clone(),
+            Keyer::new(scheme(), 100_000),
+            NoReplay,
+            WorkerConfig::default(),
+        );
+        let n = BACKLOG_OPS as u32 + 10;
+        let batch = |seq: u64, n: u32| {
+            let base = seq as u32 * 100_000;
+            let events = (0..n)
+                .map(|i| {
+                    let t = base + i * 4;
+                    stored(&[t, t + 1, t + 2, t + 3])
+                })
+                .collect();
+            let payload = encode_batch(
+                &EventBatch {
+                    ts: 0.0,
+                    events,
+                    data_parallel_rank: None,
+                },
+                Encoding::Map,
+            );
+            RawBatch::new("kv@127.0.0.11:8000@m", seq, payload, "test")
+        };
+        let small = batch(2, 50).payload.len();
+        let budget = small * 3;
+        let workers = Arc::new(
+            Workers::start(vec![w], 1_000, Duration::from_secs(1)).limit_queued_bytes(budget),
+        );
+        // Batch 0 goes into a write that hangs; batch 1 (over the backlog)
+        // then parks the worker.
+        assert!(workers.dispatch(batch(0, n)).await);
+        until("the first write", || index.started.load(Relaxed) == 1).await;
+        assert!(workers.dispatch(batch(1, n)).await);
+        until("batch 1 taken", || workers.stats.depth() == 0).await;
+        let feeder = {
+            let workers = workers.clone();
+            let batches: Vec<RawBatch> = (2..40).map(|seq| batch(seq, 50)).collect();
+            tokio::spawn(async move {
+                for b in batches {
+                    assert!(workers.dispatch(b).await);
+                }
+            })
+        };
+        until("the dispatcher to wait on the budget", || {
+            workers.stats.blocked_since.load(Relaxed) > 0
+        })
+        .await;
+        assert!(
+            workers.queued_bytes() <= budget,
+            "{} > {budget}",
+            workers.queued_bytes()
+        );
+        assert!(
+            workers.stats.depth() <= 3,
+            "queued {}",
+            workers.stats.depth()
+        );
+        assert!(!feeder.is_finished());
+        index.open.store(true, Relaxed);
+        index.opened.notify_waiters();
+        feeder.await.expect("feeder");
+        until("the worker to drain", || workers.stats.depth() == 0).await;
+        assert_eq!(workers.queued_bytes(), 0);
     }
 
     #[test]

@@ -303,7 +303,8 @@ pub async fn run_with_targets(
             )
         })
         .collect();
-    let workers = Workers::start(workers, args.queue, args.drain_timeout);
+    let workers = Workers::start(workers, args.queue, args.drain_timeout)
+        .limit_queued_bytes(args.max_queued_bytes);
     pipeline::spawn_monitor(
         workers.stats(),
         pipeline_ok,

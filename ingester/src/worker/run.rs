@@ -19,15 +19,14 @@ use tokio::time::Instant;
 /// What a worker is asked to do, in order with the batches.
 #[derive(Debug)]
 pub enum Command {
-    Batch(RawBatch),
+    /// A batch, with its share of the pipeline's queued-bytes budget
+    /// (released once the worker has decoded it).
+    Batch(RawBatch, Option<tokio::sync::OwnedSemaphorePermit>),
     /// Forget everything of a pod (admin purge, pod gone).
     Purge(PodId),
     /// Batches of `topic` from sequence `from` on were dropped before they
     /// reached the worker (the startup buffer was full): a gap.
-    Missed {
-        topic: String,
-        from: u64,
-    },
+    Missed { topic: String, from: u64 },
     /// Redis lost or rewound data: clear every pod heard and rebuild it
     /// (see `Worker::resync`).
     Resync(super::Resync),
@@ -101,7 +100,7 @@ impl<I: Index + 'static, R: Replayer + 'static> Worker<I, R> {
 
     async fn apply(&mut self, cmd: Command) {
         match cmd {
-            Command::Batch(msg) => self.handle(msg).await,
+            Command::Batch(msg, _budget) => self.handle(msg).await,
             Command::Purge(pod) => self.purge(&pod),
             Command::Missed { topic, from } => self.note_missed(topic, from),
             Command::Resync(r) => self.resync(r),
