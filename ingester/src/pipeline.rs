@@ -411,6 +411,36 @@ mod tests {
         }
     }
 
+    /// A gate whose writes wait until it is opened.
+    fn closed_gate() -> Arc<Gate> {
+        Arc::new(Gate {
+            open: AtomicBool::new(false),
+            started: std::sync::atomic::AtomicUsize::new(0),
+            opened: tokio::sync::Notify::new(),
+            inner: MemoryIndex::new(100_000),
+        })
+    }
+
+    /// Batch `seq` of one pod: `n` stores of one 4-token block each.
+    fn stored_batch(seq: u64, n: u32) -> RawBatch {
+        let base = seq as u32 * 100_000;
+        let events = (0..n)
+            .map(|i| {
+                let t = base + i * 4;
+                stored(&[t, t + 1, t + 2, t + 3])
+            })
+            .collect();
+        let payload = encode_batch(
+            &EventBatch {
+                ts: 0.0,
+                events,
+                data_parallel_rank: None,
+            },
+            Encoding::Map,
+        );
+        RawBatch::new("kv@127.0.0.11:8000@m", seq, payload, "test")
+    }
+
     async fn until(what: &str, mut ok: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !ok() {
@@ -427,12 +457,7 @@ mod tests {
     /// set).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stalled_worker_fails_readiness_and_depth_follows_the_drain() {
-        let index = Arc::new(Gate {
-            open: AtomicBool::new(false),
-            started: std::sync::atomic::AtomicUsize::new(0),
-            opened: tokio::sync::Notify::new(),
-            inner: MemoryIndex::new(100_000),
-        });
+        let index = closed_gate();
         let w = Worker::new(
             index.clone(),
             Keyer::new(scheme(), 100_000),
@@ -453,24 +478,7 @@ mod tests {
         let dispatcher = tokio::spawn(async move { run_dispatcher(rx, &workers).await });
         // Each batch carries more operations than the write backlog.
         let n = BACKLOG_OPS as u32 + 10;
-        let batch = |seq: u64, n: u32| {
-            let base = seq as u32 * 100_000;
-            let events = (0..n)
-                .map(|i| {
-                    let t = base + i * 4;
-                    stored(&[t, t + 1, t + 2, t + 3])
-                })
-                .collect();
-            let payload = encode_batch(
-                &EventBatch {
-                    ts: 0.0,
-                    events,
-                    data_parallel_rank: None,
-                },
-                Encoding::Map,
-            );
-            RawBatch::new("kv@127.0.0.11:8000@m", seq, payload, "test")
-        };
+        let batch = stored_batch;
         // Batch 0 goes into a write that hangs; batch 1 then waits behind it
         // with more than the backlog, so the worker takes nothing more.
         tx.send(batch(0, n)).await.expect("send");
@@ -524,12 +532,7 @@ mod tests {
     /// has room for 1,000 batches, and goes on once the worker drains.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn queued_bytes_stay_within_the_budget() {
-        let index = Arc::new(Gate {
-            open: AtomicBool::new(false),
-            started: std::sync::atomic::AtomicUsize::new(0),
-            opened: tokio::sync::Notify::new(),
-            inner: MemoryIndex::new(100_000),
-        });
+        let index = closed_gate();
         let w = Worker::new(
             index.clone(),
             Keyer::new(scheme(), 100_000),
@@ -537,24 +540,7 @@ mod tests {
             WorkerConfig::default(),
         );
         let n = BACKLOG_OPS as u32 + 10;
-        let batch = |seq: u64, n: u32| {
-            let base = seq as u32 * 100_000;
-            let events = (0..n)
-                .map(|i| {
-                    let t = base + i * 4;
-                    stored(&[t, t + 1, t + 2, t + 3])
-                })
-                .collect();
-            let payload = encode_batch(
-                &EventBatch {
-                    ts: 0.0,
-                    events,
-                    data_parallel_rank: None,
-                },
-                Encoding::Map,
-            );
-            RawBatch::new("kv@127.0.0.11:8000@m", seq, payload, "test")
-        };
+        let batch = stored_batch;
         let small = batch(2, 50).payload.len();
         let budget = small * 3;
         let workers = Arc::new(

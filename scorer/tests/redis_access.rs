@@ -6,8 +6,8 @@
 
 mod support;
 
-use kvroute_testkit::process::{assert_exits_with, assert_help_hides};
-use kvroute_testkit::redis_server::{RedisServer, documented_acl};
+use kvroute_testkit::process::{assert_help_hides, assert_redis_config_errors_stop};
+use kvroute_testkit::redis_server::documented_acl;
 use serde_json::json;
 use std::time::{Duration, Instant};
 use support::e2e::{prose, scorer_args, start_redis};
@@ -76,39 +76,8 @@ async fn the_documented_acl_user_routes_by_prefix_and_shares_load() {
 
 #[test]
 fn configuration_errors_stop_the_scorer() {
-    let redis = RedisServer::start().expect("redis-server");
-    assert_eq!(
-        redis
-            .command(&["ACL", "SETUSER", "u", "on", ">right", "~*", "+@all"])
-            .expect("ACL SETUSER"),
-        "OK"
-    );
-    let wrong = format!("redis://u:wrong@127.0.0.1:{}/", redis.port());
-    let missing_ca = format!("rediss://127.0.0.1:{}/", redis.port());
-    let cases: [(&str, Vec<&str>, &str); 3] = [
-        (
-            "wrong password",
-            vec!["--redis-url", &wrong],
-            "Redis configuration",
-        ),
-        (
-            "unreadable TLS file",
-            vec![
-                "--redis-url",
-                &missing_ca,
-                "--redis-tls-ca",
-                "/nonexistent/ca.pem",
-            ],
-            "/nonexistent/ca.pem",
-        ),
-        (
-            "bad URL",
-            vec!["--redis-url", "redis://127.0.0.1:notaport/"],
-            "invalid Redis URL",
-        ),
-    ];
     let base = ["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"];
-    assert_exits_with(bin(), &base, &cases, "wrong@");
+    assert_redis_config_errors_stop(bin(), &base);
 }
 
 #[test]

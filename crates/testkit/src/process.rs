@@ -245,3 +245,37 @@ pub fn assert_exits_with(
         );
     }
 }
+
+/// Asserts that `binary base...` exits with the reason for each Redis
+/// configuration error both services must stop on (a wrong password, an
+/// unreadable TLS file, an unparseable URL), against a real `redis-server`,
+/// never printing the password.
+pub fn assert_redis_config_errors_stop(binary: &str, base: &[&str]) {
+    let redis = crate::redis_server::RedisServer::start().expect("redis-server");
+    assert_eq!(
+        redis
+            .command(&["ACL", "SETUSER", "u", "on", ">right", "~*", "+@all"])
+            .expect("ACL SETUSER"),
+        "OK"
+    );
+    let wrong = format!("redis://u:wrong@127.0.0.1:{}/", redis.port());
+    let tls = format!("rediss://127.0.0.1:{}/", redis.port());
+    let cases: [(&str, Vec<&str>, &str); 3] = [
+        (
+            "wrong password",
+            vec!["--redis-url", &wrong],
+            "Redis configuration",
+        ),
+        (
+            "unreadable TLS file",
+            vec!["--redis-url", &tls, "--redis-tls-ca", "/nonexistent/ca.pem"],
+            "/nonexistent/ca.pem",
+        ),
+        (
+            "bad URL",
+            vec!["--redis-url", "redis://127.0.0.1:notaport/"],
+            "invalid Redis URL",
+        ),
+    ];
+    assert_exits_with(binary, base, &cases, "wrong@");
+}
