@@ -26,29 +26,7 @@ pub(super) async fn clear_pod(
     pod: &PodId,
     stats: &mut ApplyStats,
 ) -> Result<(), Error> {
-    let registry = layout::pod_slots_key(pod);
-    let wave = index
-        .conns
-        .run(vec![Call {
-            slot: slots::key_slot(registry.as_bytes()),
-            cmd: redis::cmd("SMEMBERS").arg(&registry).clone(),
-        }])
-        .await?;
-    stats.add_wave(1, 0, &wave);
-    let tags: Vec<String> = match wave.replies.into_iter().next() {
-        Some(Value::Array(items)) => items
-            .into_iter()
-            .filter_map(|v| match v {
-                Value::BulkString(b) => String::from_utf8(b).ok(),
-                _ => None,
-            })
-            .collect(),
-        other => {
-            return Err(Error::Reply(format!(
-                "SMEMBERS {registry} returned {other:?}"
-            )));
-        }
-    };
+    let tags = registered_tags(index, pod, Some(stats)).await?;
     if tags.is_empty() {
         return Ok(());
     }
@@ -131,34 +109,45 @@ pub(super) async fn clear_pod(
     Ok(())
 }
 
+/// The slot tags `pod`'s registry (`kvroute:pod:<pod>:slots`) names: one
+/// SMEMBERS, counted in `stats` when given.
+async fn registered_tags(
+    index: &RedisIndex,
+    pod: &PodId,
+    stats: Option<&mut ApplyStats>,
+) -> Result<Vec<String>, Error> {
+    let registry = layout::pod_slots_key(pod);
+    let wave = index
+        .conns
+        .run(vec![Call {
+            slot: slots::key_slot(registry.as_bytes()),
+            cmd: redis::cmd("SMEMBERS").arg(&registry).clone(),
+        }])
+        .await?;
+    if let Some(stats) = stats {
+        stats.add_wave(1, 0, &wave);
+    }
+    match wave.replies.into_iter().next() {
+        Some(Value::Array(items) | Value::Set(items)) => Ok(items
+            .into_iter()
+            .filter_map(|v| match v {
+                Value::BulkString(b) => String::from_utf8(b).ok(),
+                _ => None,
+            })
+            .collect()),
+        other => Err(Error::Reply(format!(
+            "SMEMBERS {registry} returned {other:?}"
+        ))),
+    }
+}
+
 impl RedisIndex {
     /// The entries (`<tier>|<model>@<key>`) `pod` holds, over every slot its
     /// registry names: what a ClearPod of it would remove now. Two waves
     /// (SMEMBERS, then one HLEN per slot). The operator's purge reports it,
     /// and tells a typo (no entries, not registered) from a pod.
     pub async fn pod_entries(&self, pod: &PodId) -> Result<u64, Error> {
-        let registry = layout::pod_slots_key(pod);
-        let wave = self
-            .conns
-            .run(vec![Call {
-                slot: slots::key_slot(registry.as_bytes()),
-                cmd: redis::cmd("SMEMBERS").arg(&registry).clone(),
-            }])
-            .await?;
-        let tags: Vec<String> = match wave.replies.into_iter().next() {
-            Some(Value::Array(items) | Value::Set(items)) => items
-                .into_iter()
-                .filter_map(|v| match v {
-                    Value::BulkString(b) => String::from_utf8(b).ok(),
-                    _ => None,
-                })
-                .collect(),
-            other => {
-                return Err(Error::Reply(format!(
-                    "SMEMBERS {registry} returned {other:?}"
-                )));
-            }
-        };
+        let tags = registered_tags(self, pod, None).await?;
         if tags.is_empty() {
             return Ok(0);
         }
