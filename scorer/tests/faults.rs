@@ -292,8 +292,11 @@ async fn a_keying_that_disagrees_with_the_ingesters_is_refused_or_flagged() {
     let redis = start_redis().await;
     let fleet = Fleet::start(1).await;
     let client = redis::Client::open(redis.url()).expect("client");
+    // Past redis-rs's 500 ms default on a loaded CI machine.
+    let config =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(10)));
     let mut conn = client
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&config)
         .await
         .expect("connect");
     let _: () = redis::cmd("HSET")

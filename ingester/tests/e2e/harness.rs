@@ -145,8 +145,13 @@ pub struct Index {
 impl Index {
     async fn conn(&self) -> Result<redis::aio::MultiplexedConnection, String> {
         let client = redis::Client::open(self.url.as_str()).map_err(|e| e.to_string())?;
+        // redis-rs answers "timed out" after 500 ms by default; a SAVE (or
+        // any command) on a loaded 2-core CI machine can take longer, and
+        // the test's own reads must not fail for that.
+        let config = redis::AsyncConnectionConfig::new()
+            .set_response_timeout(Some(std::time::Duration::from_secs(10)));
         client
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(|e| e.to_string())
     }
