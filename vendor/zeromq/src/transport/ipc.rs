@@ -88,7 +88,11 @@ where
 {
     let wildcard: &Path = "*".as_ref();
     if path == wildcard {
-        todo!("Need to implement support for wildcard paths!");
+        // kvroute patch: an error, not upstream's todo!() panic (IPC is not
+        // compiled into kvroute; see KVROUTE-PATCH.md).
+        return Err(crate::ZmqError::Socket(
+            "wildcard ipc paths are not supported",
+        ));
     }
 
     #[cfg(all(feature = "tokio-runtime", target_family = "unix"))]
