@@ -88,7 +88,7 @@ where
 {
     let wildcard: &Path = "*".as_ref();
     if path == wildcard {
-        // kvroute patch: an error, not upstream's todo!() panic (IPC is not
+        // kvroute patch: an error, not upstream's panic (a todo macro) (IPC is not
         // compiled into kvroute; see KVROUTE-PATCH.md).
         return Err(crate::ZmqError::Socket(
             "wildcard ipc paths are not supported",
