@@ -6,9 +6,15 @@
 //! |---|---|
 //! | `cache` | the paged prefix cache with vLLM v1's block-pool semantics and its KV events |
 //! | `hashing` | vLLM's chained block hashes of a request, extended as it decodes |
+//! | `request` | a request as simulated: arrival, tokens, output length, session, hashes |
+//! | `policy` | the routing-policy interface and the policies (baselines, oracle, peers) |
+//! | `report` | what a run measured and its renderings (table, CSV, Markdown, PNG) |
 //! | `trace` | Mooncake-format traces and their deterministic token ids |
 #![forbid(unsafe_code)]
 
 pub mod cache;
 pub mod hashing;
+pub mod policy;
+pub mod report;
+pub mod request;
 pub mod trace;
