@@ -8,6 +8,7 @@ mod bench_ingest;
 mod bench_keys;
 mod demo;
 mod machine;
+mod sim;
 
 #[derive(Parser)]
 #[command(name = "kvroute-loadtest", version, about)]
@@ -24,6 +25,9 @@ enum Command {
     /// The index at work: simulated vLLM pods' KV events decoded, keyed and
     /// written to Redis, inspected with redis-cli, looked up, a pod cleared.
     Demo(demo::Args),
+    /// The fleet simulator: every routing policy over the same workload on
+    /// simulated vLLM engines, in virtual time.
+    Sim(sim::Args),
 }
 
 #[derive(Subcommand)]
@@ -47,5 +51,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(Bench::Ingest(args)) => bench_ingest::run(args).await,
         Command::Bench(Bench::Decision(args)) => bench_decision::run(args).await,
         Command::Demo(args) => demo::run(args).await,
+        // Runs on its own threads (one per job); kvroute's policy makes its
+        // own current-thread runtime inside each.
+        Command::Sim(args) => tokio::task::block_in_place(|| sim::run(args)),
     }
 }

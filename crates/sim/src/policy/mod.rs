@@ -15,6 +15,8 @@
 use crate::request::SimRequest;
 use kvroute_core::events::KvEvent;
 
+pub mod basic;
+
 /// Index of a pod in the fleet (`0..pods`).
 pub type PodIndex = usize;
 
@@ -47,6 +49,8 @@ pub trait Truth {
     fn requests(&self, pod: PodIndex) -> (u32, u32);
     /// The pod's prefill rate in tokens per second (its cost model).
     fn prefill_tokens_per_s(&self, pod: PodIndex) -> f64;
+    /// Tokens per KV block.
+    fn block_size(&self) -> usize;
 }
 
 /// What the driver hands a policy at a decision.

@@ -1,0 +1,285 @@
+//! `kvroute-loadtest sim`: the fleet simulator's command line. Builds a
+//! workload once (token ids and the engines' block hashes), replays it
+//! through a fresh simulated fleet per (pod count, policy) — two runs at a
+//! time, one per core — and reports every run side by side.
+
+pub mod kvroute;
+
+use anyhow::{Context, bail};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use kvroute_core::keys::{HashScheme, KeyScheme};
+use kvroute_sim::engine::EngineConfig;
+use kvroute_sim::fleet::{self, DEFAULT_EVENT_DELAY_S, DEFAULT_SCRAPE_INTERVAL_S, FleetConfig};
+use kvroute_sim::policy::Policy;
+use kvroute_sim::policy::basic::{LeastLoaded, Oracle, Random, RoundRobin, SessionAffinity};
+use kvroute_sim::report::{self, RunResult};
+use kvroute_sim::request::SimRequest;
+use kvroute_sim::trace;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Workload: `mooncake` (the vendored synthetic Mooncake trace) or
+    /// `trace:FILE.jsonl` (any Mooncake-format trace).
+    #[arg(long, default_value = "mooncake")]
+    workload: String,
+    /// Pod counts to simulate (each gets every policy).
+    #[arg(long, value_delimiter = ',', default_value = "8,16")]
+    pods: Vec<usize>,
+    /// Policies (comma list) or `all`.
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    policies: Vec<String>,
+    /// Seed of every policy's tie-breaks and the workload generators.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// KV event -> router propagation delay.
+    #[arg(long, default_value_t = DEFAULT_EVENT_DELAY_S * 1e3)]
+    event_delay_ms: f64,
+    /// Engine metric scrape interval.
+    #[arg(long, default_value_t = DEFAULT_SCRAPE_INTERVAL_S * 1e3)]
+    scrape_interval_ms: f64,
+    /// vLLM `--gpu-memory-utilization` (sets each engine's KV capacity).
+    #[arg(long, default_value_t = 0.9)]
+    gpu_memory_utilization: f64,
+    /// Override the KV capacity in blocks per engine.
+    #[arg(long)]
+    num_gpu_blocks: Option<usize>,
+    /// Arrival-time scale for traces (0.5: twice as fast).
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// Replay only the first N requests.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Engines publish `sha256_cbor_64bit` hashes while kvroute keys with
+    /// `sha256_cbor`, so the ingester must map every block.
+    #[arg(long)]
+    engine_hash_differs: bool,
+    /// Runs at a time.
+    #[arg(long, default_value_t = 2)]
+    jobs: usize,
+    /// Where the CSV, Markdown and PNG files go.
+    #[arg(long, default_value = "kvroute-report")]
+    out_dir: PathBuf,
+}
+
+/// Every policy, in report order.
+pub const ALL_POLICIES: &[&str] = &[
+    "kvroute",
+    "oracle",
+    "random",
+    "round-robin",
+    "session-affinity",
+    "least-loaded",
+];
+
+/// The seed of block hashes (vLLM's `PYTHONHASHSEED`).
+const HASH_SEED: &str = "0";
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let router = KeyScheme::new(HashScheme::Sha256Cbor, HASH_SEED, 16)?;
+    let engine_scheme = if args.engine_hash_differs {
+        KeyScheme::new(HashScheme::Sha256Cbor64, HASH_SEED, 16)?
+    } else {
+        router.clone()
+    };
+    let policies: Vec<String> = if args.policies.iter().any(|p| p == "all") {
+        ALL_POLICIES.iter().map(|p| p.to_string()).collect()
+    } else {
+        args.policies.clone()
+    };
+    for p in &policies {
+        if !ALL_POLICIES.contains(&p.as_str()) {
+            bail!("unknown policy {p:?}; known: {}", ALL_POLICIES.join(", "));
+        }
+    }
+
+    let t0 = Instant::now();
+    let (name, requests) = load_workload(&args, &engine_scheme)?;
+    let tokens: usize = requests.iter().map(SimRequest::prompt_len).sum();
+    println!(
+        "workload {name}: {} requests, {:.1}M prompt tokens, {:.0} s of arrivals (built in {:.1} s)",
+        requests.len(),
+        tokens as f64 / 1e6,
+        requests.last().map_or(0.0, |r| r.arrival),
+        t0.elapsed().as_secs_f64()
+    );
+
+    let mut engine = EngineConfig::llama31_8b_h100(args.gpu_memory_utilization);
+    engine.scheme = engine_scheme.clone();
+    if let Some(n) = args.num_gpu_blocks {
+        engine.num_gpu_blocks = n;
+    }
+    println!(
+        "engine: {} on {}, {} KV blocks of {} tokens, max_num_seqs {}, max_num_batched_tokens {}, chunked prefill {}; event delay {} ms, scrape every {} ms",
+        engine.model_name,
+        "H100",
+        engine.num_gpu_blocks,
+        engine.block_size,
+        engine.max_num_seqs,
+        engine.max_num_batched_tokens,
+        engine.chunked_prefill,
+        args.event_delay_ms,
+        args.scrape_interval_ms
+    );
+
+    let jobs: Vec<(usize, String)> = args
+        .pods
+        .iter()
+        .flat_map(|&n| policies.iter().map(move |p| (n, p.clone())))
+        .collect();
+    let bars = MultiProgress::new();
+    let style = ProgressStyle::with_template(
+        "{prefix:>28} [{bar:30}] {pos}/{len} requests {elapsed_precise} (eta {eta})",
+    )?
+    .progress_chars("=> ");
+    let next = Mutex::new(0usize);
+    let results: Mutex<Vec<Option<RunResult>>> = Mutex::new(vec![None; jobs.len()]);
+    let failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..args.jobs.max(1) {
+            s.spawn(|| {
+                loop {
+                    let i = {
+                        let mut n = next.lock().unwrap_or_else(|e| e.into_inner());
+                        let i = *n;
+                        *n += 1;
+                        i
+                    };
+                    let Some((pods, policy)) = jobs.get(i) else {
+                        break;
+                    };
+                    let bar = bars.add(ProgressBar::new(requests.len() as u64));
+                    bar.set_style(style.clone());
+                    bar.set_prefix(format!("{policy} x{pods}"));
+                    let config = FleetConfig {
+                        pods: *pods,
+                        engine: engine.clone(),
+                        event_delay_s: args.event_delay_ms / 1e3,
+                        scrape_interval_s: args.scrape_interval_ms / 1e3,
+                    };
+                    match make_policy(policy, *pods, args.seed, &router, &engine_scheme, &engine) {
+                        Ok(mut p) => {
+                            let r = fleet::run(&config, &name, &requests, p.as_mut(), &mut |done| {
+                                if done % 64 == 0 {
+                                    bar.set_position(done);
+                                }
+                            });
+                            bar.finish();
+                            results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
+                        }
+                        Err(e) => failures
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(format!("{policy}: {e:#}")),
+                    }
+                }
+            });
+        }
+    });
+    let failures = failures.into_inner().unwrap_or_else(|e| e.into_inner());
+    if !failures.is_empty() {
+        bail!("policies failed to start: {}", failures.join("; "));
+    }
+    let results: Vec<RunResult> = results
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .into_iter()
+        .flatten()
+        .collect();
+    print!("{}", report::terminal_table(&results));
+    let written = report::write_all(&results, &args.out_dir, &format!("sim-{name}"))
+        .with_context(|| format!("writing the report under {}", args.out_dir.display()))?;
+    println!("{written}");
+    println!("total {:.1} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Builds the workload's requests (in parallel: hashing ~4M blocks of the
+/// Mooncake trace is the slow part).
+fn load_workload(args: &Args, scheme: &KeyScheme) -> anyhow::Result<(String, Vec<SimRequest>)> {
+    let (name, path) = match args.workload.as_str() {
+        "mooncake" => (
+            "mooncake".to_string(),
+            kvroute_testkit::test_env::testdata("traces/mooncake_synthetic_trace.jsonl"),
+        ),
+        w => match w.strip_prefix("trace:") {
+            Some(p) => (
+                PathBuf::from(p)
+                    .file_stem()
+                    .map_or("trace".into(), |s| s.to_string_lossy().into_owned()),
+                PathBuf::from(p),
+            ),
+            None => bail!("unknown workload {w:?}: expected mooncake or trace:FILE.jsonl"),
+        },
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading trace {}", path.display()))?;
+    let mut trace = trace::parse(&text).with_context(|| format!("trace {}", path.display()))?;
+    if let Some(n) = args.limit {
+        trace.truncate(n);
+    }
+    let scale = args.time_scale;
+    let chunks: Vec<&[trace::TraceRequest]> = trace.chunks(trace.len().div_ceil(2).max(1)).collect();
+    let mut out = Vec::with_capacity(trace.len());
+    std::thread::scope(|s| {
+        let handles: Vec<_> = chunks
+            .iter()
+            .enumerate()
+            .map(|(c, chunk)| {
+                let base = c * trace.len().div_ceil(2).max(1);
+                s.spawn(move || {
+                    chunk
+                        .iter()
+                        .enumerate()
+                        .map(|(i, r)| {
+                            SimRequest::new(
+                                (base + i) as u64,
+                                r.timestamp / 1e3 * scale,
+                                r.tokens(),
+                                r.output_length as u32,
+                                r.hash_ids.first().copied(),
+                                scheme,
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for h in handles {
+            if let Ok(v) = h.join() {
+                out.extend(v);
+            }
+        }
+    });
+    if out.len() != trace.len() {
+        bail!("building the workload's requests failed");
+    }
+    Ok((name, out))
+}
+
+fn make_policy(
+    name: &str,
+    pods: usize,
+    seed: u64,
+    router: &KeyScheme,
+    engine_scheme: &KeyScheme,
+    _engine: &EngineConfig,
+) -> anyhow::Result<Box<dyn Policy>> {
+    Ok(match name {
+        "kvroute" => Box::new(kvroute::Kvroute::new(
+            pods,
+            router.clone(),
+            engine_scheme,
+            scorer::route::RouteConfig::default(),
+            seed,
+        )?),
+        "oracle" => Box::new(Oracle::new(seed)),
+        "random" => Box::new(Random::new(seed)),
+        "round-robin" => Box::new(RoundRobin::default()),
+        "session-affinity" => Box::new(SessionAffinity::new(seed)),
+        "least-loaded" => Box::new(LeastLoaded::new(seed)),
+        other => bail!("unknown policy {other:?}"),
+    })
+}
