@@ -137,8 +137,9 @@ impl Seq {
     }
 }
 
-/// Lookups of resumed (once preempted) requests, which vLLM keeps out of
-/// `vllm:prefix_cache_*_total`.
+/// The engine's cumulative counters (the cache keeps the lookup ones for
+/// new requests); resumed (once preempted) requests' lookups are kept
+/// here, apart, as vLLM keeps them out of `vllm:prefix_cache_*_total`.
 #[derive(Debug, Default, Clone, Copy)]
 struct Counters {
     prompt_tokens: u64,
@@ -876,6 +877,26 @@ mod tests {
         assert_eq!((m.running, m.waiting), (2, 0));
         assert_eq!((m.prefix_cache_queries, m.prefix_cache_hits), (300, 192));
         assert!(m.kv_usage > 0.0);
+    }
+
+    #[test]
+    fn degenerate_configs_neither_panic_nor_stall() {
+        // No usable block: everything is refused.
+        let c = config(1, 0, 0, false);
+        let mut e = Engine::new(c.clone());
+        e.submit(0.0, &req(&c, 0, 0.0, prompt(1, 20), 3));
+        assert_eq!(e.step(0.0).rejected, vec![0]);
+        assert!(!e.has_work());
+        // Zero seqs and zero budget act as one of each: one token a step.
+        let c = config(64, 0, 0, true);
+        let mut e = Engine::new(c.clone());
+        let r = run(&mut e, &[req(&c, 0, 0.0, prompt(2, 5), 2)]);
+        assert_eq!(
+            r.steps.len(),
+            6,
+            "5 prompt tokens one by one, then 1 decode"
+        );
+        assert_eq!(r.finish.len(), 1);
     }
 
     #[test]
