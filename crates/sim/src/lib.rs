@@ -5,6 +5,7 @@
 //! | module | what it owns |
 //! |---|---|
 //! | `cache` | the paged prefix cache with vLLM v1's block-pool semantics and its KV events |
+//! | `engine` | the simulated vLLM engine: v1 scheduler, step-cost model, vLLM's metrics |
 //! | `hashing` | vLLM's chained block hashes of a request, extended as it decodes |
 //! | `request` | a request as simulated: arrival, tokens, output length, session, hashes |
 //! | `policy` | the routing-policy interface and the policies (baselines, oracle, peers) |
@@ -13,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cache;
+pub mod engine;
 pub mod hashing;
 pub mod policy;
 pub mod report;
