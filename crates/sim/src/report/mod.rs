@@ -138,3 +138,18 @@ mod tests {
         assert_eq!(r.max_mean_share(), 3.0);
     }
 }
+
+pub mod chart;
+pub mod csv;
+pub mod error;
+pub mod group;
+pub mod headline;
+pub mod table;
+pub mod write;
+
+pub use chart::write_charts;
+pub use csv::{CSV_COLUMNS, csv_string, write_csv};
+pub use error::ReportError;
+pub use headline::headline;
+pub use table::{markdown, terminal_table};
+pub use write::{Written, write_all};
