@@ -143,8 +143,11 @@ pub fn run(
     let mut timeline = vec![Timeline::default(); requests.len()];
     let mut per_pod = vec![0u64; pods];
     let mut decisions = Vec::with_capacity(requests.len());
-    let by_id: std::collections::HashMap<u64, usize> =
-        requests.iter().enumerate().map(|(i, r)| (r.id, i)).collect();
+    let by_id: std::collections::HashMap<u64, usize> = requests
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.id, i))
+        .collect();
     let delay = nanos(config.event_delay_s);
     let scrape_every = nanos(config.scrape_interval_s).max(1);
     let wants_events = policy.wants_events();
@@ -186,6 +189,19 @@ pub fn run(
                     if let Some(&i) = by_id.get(id) {
                         timeline[i].first_token.get_or_insert(now);
                         policy.on_first_token(secs(now), &requests[i], pod);
+                    }
+                }
+                for id in &outcome.rejected {
+                    if let Some(&i) = by_id.get(id) {
+                        tracing::warn!(
+                            request = id,
+                            tokens = requests[i].prompt_len(),
+                            pod,
+                            "the engine refused a request larger than its KV cache"
+                        );
+                        policy.on_finish(secs(now), &requests[i], pod);
+                        finished += 1;
+                        progress(finished);
                     }
                 }
                 for id in &outcome.finished {
@@ -267,13 +283,117 @@ pub fn run(
 /// kept until then. An engine that cannot make progress (a request larger
 /// than its whole cache) stays idle until the next arrival instead of
 /// spinning.
-fn start_step(engine: &mut Engine, pod: PodIndex, now: Nanos, q: &mut Queue) -> Option<StepOutcome> {
+fn start_step(
+    engine: &mut Engine,
+    pod: PodIndex,
+    now: Nanos,
+    q: &mut Queue,
+) -> Option<StepOutcome> {
     let outcome = engine.step(secs(now));
     let dur = nanos(outcome.duration_s);
-    let progressed = dur > 0 || !outcome.first_tokens.is_empty() || !outcome.finished.is_empty();
+    let progressed = dur > 0
+        || !outcome.first_tokens.is_empty()
+        || !outcome.finished.is_empty()
+        || !outcome.rejected.is_empty();
     if !progressed {
         return None;
     }
     q.push(now + dur.max(1), Ev::StepDone(pod));
     Some(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::basic::{Random, RoundRobin};
+    use kvroute_core::keys::{HashScheme, KeyScheme};
+
+    fn config(pods: usize) -> FleetConfig {
+        let mut engine = EngineConfig::llama31_8b_h100(0.9);
+        engine.scheme = KeyScheme::new(HashScheme::Sha256Cbor, "0", 16).expect("scheme");
+        FleetConfig {
+            pods,
+            engine,
+            event_delay_s: 0.02,
+            scrape_interval_s: 0.05,
+        }
+    }
+
+    fn requests(n: u64, spacing: f64, len: u32) -> Vec<SimRequest> {
+        let scheme = config(1).engine.scheme;
+        (0..n)
+            .map(|i| SimRequest::new(i, i as f64 * spacing, (0..len).collect(), 8, None, &scheme))
+            .collect()
+    }
+
+    #[test]
+    fn round_robin_over_two_pods_hits_from_the_second_round() {
+        // Four copies of one 160-token prompt, 1 s apart: pods 0 and 1 miss,
+        // then each hits its 9 full blocks (capped one token short: 159/16).
+        let reqs = requests(4, 1.0, 160);
+        let r = run(&config(2), "t", &reqs, &mut RoundRobin::default(), &mut |_| {});
+        assert_eq!(r.requests, 4);
+        assert_eq!(r.query_tokens, 640);
+        assert_eq!(r.hit_tokens, 2 * 9 * 16);
+        assert_eq!(r.per_pod_requests, [2, 2]);
+        assert_eq!(r.output_tokens, 32);
+        // A cold request's TTFT is one step of its whole prompt; a warm
+        // one's a step of the 16 uncached tokens.
+        let cost = &config(1).engine.cost;
+        let cold = cost.step_time(160, 0, 0);
+        let warm = cost.step_time(16, 0, 0);
+        assert!((r.ttft.p99 - cold).abs() < 1e-6, "{:?} vs {cold}", r.ttft);
+        assert!((r.ttft.p50 - warm).abs() < 1e-6, "{:?} vs {warm}", r.ttft);
+        assert_eq!(r.mode, "sim");
+        assert_eq!(r.policy, "round-robin");
+    }
+
+    /// Records when events arrive relative to the steps that made them.
+    #[derive(Default)]
+    struct Recorder {
+        first_tokens: Vec<f64>,
+        deliveries: Vec<(f64, usize)>,
+    }
+
+    impl Policy for Recorder {
+        fn name(&self) -> &str {
+            "recorder"
+        }
+        fn wants_events(&self) -> bool {
+            true
+        }
+        fn route(&mut self, _req: &SimRequest, _signals: &Signals<'_>) -> PodIndex {
+            0
+        }
+        fn on_first_token(&mut self, now: f64, _req: &SimRequest, _pod: PodIndex) {
+            self.first_tokens.push(now);
+        }
+        fn on_events(&mut self, now: f64, _pod: PodIndex, events: &[KvEvent]) {
+            self.deliveries.push((now, events.len()));
+        }
+    }
+
+    #[test]
+    fn events_reach_the_router_after_the_delay() {
+        let reqs = requests(1, 0.0, 160);
+        let mut rec = Recorder::default();
+        run(&config(1), "t", &reqs, &mut rec, &mut |_| {});
+        // The prefill step stores 10 blocks in one batch, delivered 20 ms
+        // after that step ends (when the first token appears).
+        let first = rec.first_tokens[0];
+        let (at, n) = rec.deliveries[0];
+        assert_eq!(n, 1);
+        assert!((at - (first + 0.02)).abs() < 1e-9, "{at} vs {first}");
+    }
+
+    #[test]
+    fn a_seed_replays_the_same_run() {
+        let reqs = requests(40, 0.01, 400);
+        let a = run(&config(4), "t", &reqs, &mut Random::new(7), &mut |_| {});
+        let b = run(&config(4), "t", &reqs, &mut Random::new(7), &mut |_| {});
+        let c = run(&config(4), "t", &reqs, &mut Random::new(8), &mut |_| {});
+        assert_eq!(a.per_pod_requests, b.per_pod_requests);
+        assert_eq!((a.hit_tokens, a.ttft), (b.hit_tokens, b.ttft));
+        assert_ne!(a.per_pod_requests, c.per_pod_requests);
+    }
 }

@@ -15,6 +15,7 @@
 
 pub mod cache;
 pub mod engine;
+pub mod fleet;
 pub mod hashing;
 pub mod policy;
 pub mod report;

@@ -8,16 +8,16 @@
 //! and router-counted in-flight requests -> pick), and completions release
 //! the in-flight slot as Envoy's stream end does.
 
+use ingester::keys::Keyer;
 use kvroute_core::events::KvEvent;
 use kvroute_core::ids::{ModelName, PodId};
 use kvroute_core::index::IndexOp;
 use kvroute_core::index::memory::MemoryIndex;
 use kvroute_core::keys::KeyScheme;
-use ingester::keys::Keyer;
 use kvroute_sim::policy::{PodIndex, Policy, Signals};
 use kvroute_sim::request::SimRequest;
+use kvroute_tokens::TokenizerOptions;
 use kvroute_tokens::TokenizerRegistry;
-use kvroute_tokens::tokenizer::TokenizerOptions;
 use scorer::candidates::Candidates;
 use scorer::decide::{Decide, Prompt, RouteRequest};
 use scorer::load::{EngineLoad, Load};
@@ -98,11 +98,6 @@ impl Kvroute {
             recorded: vec![f64::NEG_INFINITY; pods],
             ops: Vec::new(),
         })
-    }
-
-    /// Entries in the index (for the run's log line).
-    pub fn index_len(&self) -> usize {
-        self.index.len()
     }
 }
 

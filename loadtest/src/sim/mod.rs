@@ -161,11 +161,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     };
                     match make_policy(policy, *pods, args.seed, &router, &engine_scheme, &engine) {
                         Ok(mut p) => {
-                            let r = fleet::run(&config, &name, &requests, p.as_mut(), &mut |done| {
-                                if done % 64 == 0 {
-                                    bar.set_position(done);
-                                }
-                            });
+                            let r =
+                                fleet::run(&config, &name, &requests, p.as_mut(), &mut |done| {
+                                    if done % 64 == 0 {
+                                        bar.set_position(done);
+                                    }
+                                });
                             bar.finish();
                             results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
                         }
@@ -191,7 +192,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     print!("{}", report::terminal_table(&results));
     let written = report::write_all(&results, &args.out_dir, &format!("sim-{name}"))
         .with_context(|| format!("writing the report under {}", args.out_dir.display()))?;
-    println!("{written}");
+    println!("CSV {}", written.csv.display());
+    println!("Markdown {}", written.markdown.display());
+    for c in &written.charts {
+        println!("chart {}", c.display());
+    }
     println!("total {:.1} s", t0.elapsed().as_secs_f64());
     Ok(())
 }
@@ -221,7 +226,8 @@ fn load_workload(args: &Args, scheme: &KeyScheme) -> anyhow::Result<(String, Vec
         trace.truncate(n);
     }
     let scale = args.time_scale;
-    let chunks: Vec<&[trace::TraceRequest]> = trace.chunks(trace.len().div_ceil(2).max(1)).collect();
+    let chunks: Vec<&[trace::TraceRequest]> =
+        trace.chunks(trace.len().div_ceil(2).max(1)).collect();
     let mut out = Vec::with_capacity(trace.len());
     std::thread::scope(|s| {
         let handles: Vec<_> = chunks

@@ -138,7 +138,8 @@ impl Policy for LeastLoaded {
                     *at = scrape_at;
                     *sent = 0;
                 }
-                scraped.map_or(0, |s| u64::from(s.waiting) + u64::from(s.running)) + u64::from(*sent)
+                scraped.map_or(0, |s| u64::from(s.waiting) + u64::from(s.running))
+                    + u64::from(*sent)
             })
             .collect();
         let pod = argmin_random(&loads, &mut self.rng);
@@ -234,14 +235,19 @@ mod tests {
     fn round_robin_cycles_and_random_covers_every_pod() {
         let s = [None; 3];
         let mut rr = RoundRobin::default();
-        let picks: Vec<_> = (0..7).map(|i| rr.route(&req(i, None, 8), &signals(&s))).collect();
+        let picks: Vec<_> = (0..7)
+            .map(|i| rr.route(&req(i, None, 8), &signals(&s)))
+            .collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2, 0]);
         let mut r = Random::new(9);
         let mut counts = [0u32; 3];
         for i in 0..3000 {
             counts[r.route(&req(i, None, 8), &signals(&s))] += 1;
         }
-        assert!(counts.iter().all(|&c| (850..1150).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (850..1150).contains(&c)),
+            "{counts:?}"
+        );
     }
 
     #[test]
@@ -273,7 +279,9 @@ mod tests {
         let mut l = LeastLoaded::new(3);
         // Loads 4, 1, 2: pod 1, then pod 1 again (2 vs 2: a tie with pod 2),
         // and never pod 0 until the others pass 4.
-        let picks: Vec<_> = (0..5).map(|i| l.route(&req(i, None, 8), &signals(&s))).collect();
+        let picks: Vec<_> = (0..5)
+            .map(|i| l.route(&req(i, None, 8), &signals(&s)))
+            .collect();
         assert_eq!(picks[0], 1);
         assert_eq!(picks.iter().filter(|&&p| p == 0).count(), 0, "{picks:?}");
         assert_eq!(picks.iter().filter(|&&p| p == 1).count(), 3, "{picks:?}");
