@@ -104,3 +104,18 @@ pub trait Policy {
     /// One engine step's KV events from `pod`, as vLLM publishes them.
     fn on_events(&mut self, _now: f64, _pod: PodIndex, _events: &[KvEvent]) {}
 }
+
+pub mod aibrix;
+pub mod blockhash;
+pub mod config_error;
+pub mod dynamo;
+pub mod event_index;
+pub mod gie;
+pub mod llmd;
+pub mod lru;
+pub mod podset;
+pub mod radix;
+pub mod rng;
+pub mod sglang;
+#[cfg(test)]
+mod testutil;
