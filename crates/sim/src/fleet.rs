@@ -331,7 +331,13 @@ mod tests {
         // Four copies of one 160-token prompt, 1 s apart: pods 0 and 1 miss,
         // then each hits its 9 full blocks (capped one token short: 159/16).
         let reqs = requests(4, 1.0, 160);
-        let r = run(&config(2), "t", &reqs, &mut RoundRobin::default(), &mut |_| {});
+        let r = run(
+            &config(2),
+            "t",
+            &reqs,
+            &mut RoundRobin::default(),
+            &mut |_| {},
+        );
         assert_eq!(r.requests, 4);
         assert_eq!(r.query_tokens, 640);
         assert_eq!(r.hit_tokens, 2 * 9 * 16);

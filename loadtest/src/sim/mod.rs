@@ -68,10 +68,16 @@ pub struct Args {
 pub const ALL_POLICIES: &[&str] = &[
     "kvroute",
     "oracle",
-    "random",
-    "round-robin",
-    "session-affinity",
+    "llm-d-precise",
+    "llm-d-precise-2:1:1",
+    "gie-approx",
+    "dynamo",
+    "sglang",
+    "aibrix",
     "least-loaded",
+    "session-affinity",
+    "round-robin",
+    "random",
 ];
 
 /// The seed of block hashes (vLLM's `PYTHONHASHSEED`).
@@ -271,8 +277,10 @@ fn make_policy(
     seed: u64,
     router: &KeyScheme,
     engine_scheme: &KeyScheme,
-    _engine: &EngineConfig,
+    engine: &EngineConfig,
 ) -> anyhow::Result<Box<dyn Policy>> {
+    use kvroute_sim::policy::{aibrix, dynamo, gie, llmd, sglang};
+    let bs = engine.block_size;
     Ok(match name {
         "kvroute" => Box::new(kvroute::Kvroute::new(
             pods,
@@ -282,6 +290,47 @@ fn make_policy(
             seed,
         )?),
         "oracle" => Box::new(Oracle::new(seed)),
+        // R: the engines' own single-chunk prefill rate, the calibration
+        // recipe's definition (peer notes 1.11 sim 4).
+        "llm-d-precise" => Box::new(llmd::LlmdPrecise::new(
+            pods,
+            seed,
+            llmd::LlmdPreciseConfig {
+                peak_prefill_throughput: engine
+                    .cost
+                    .prefill_tokens_per_s(u64::from(engine.max_num_batched_tokens)),
+                block_size: bs,
+                ..Default::default()
+            },
+        )?),
+        "llm-d-precise-2:1:1" => Box::new(llmd::LlmdPreciseClassic::new(
+            pods,
+            seed,
+            llmd::LlmdPreciseClassicConfig::default(),
+        )?),
+        "gie-approx" => Box::new(gie::LlmdApprox::new(
+            pods,
+            seed,
+            gie::LlmdApproxConfig::default(),
+        )?),
+        "dynamo" => Box::new(dynamo::Dynamo::new(
+            pods,
+            seed,
+            dynamo::DynamoConfig {
+                block_size: bs,
+                ..Default::default()
+            },
+        )?),
+        "sglang" => Box::new(sglang::SglangCacheAware::new(
+            pods,
+            seed,
+            sglang::SglangConfig::default(),
+        )?),
+        "aibrix" => Box::new(aibrix::AibrixPrefix::new(
+            pods,
+            seed,
+            aibrix::AibrixConfig::default(),
+        )?),
         "random" => Box::new(Random::new(seed)),
         "round-robin" => Box::new(RoundRobin::default()),
         "session-affinity" => Box::new(SessionAffinity::new(seed)),
