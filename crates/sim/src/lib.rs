@@ -10,6 +10,7 @@
 //! | `policy` | the routing-policy interface and the policies (baselines, oracle, peers) |
 //! | `report` | what a run measured and its renderings (table, CSV, Markdown, PNG) |
 //! | `trace` | Mooncake-format traces and their deterministic token ids |
+//! | `workload` | the seeded workloads (texts and token ids), the simulator's word-level tokenizer |
 #![forbid(unsafe_code)]
 
 pub mod cache;
@@ -18,3 +19,4 @@ pub mod policy;
 pub mod report;
 pub mod request;
 pub mod trace;
+pub mod workload;
