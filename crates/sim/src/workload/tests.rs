@@ -202,6 +202,7 @@ fn same_spec_same_workload_other_seed_other_texts_rate_only_moves_arrivals() {
 fn repeated_is_the_seeds_run() {
     let w = make(WorkloadKind::Repeated, None);
     assert_eq!(w.requests.len(), 4_776);
+    assert_eq!(w.prompt_tokens(), 4_776_000);
     let first = &w.requests[0];
     assert_eq!(first.tokens.len(), 1_000);
     assert!(
