@@ -11,6 +11,7 @@
 //! | `policy` | the routing-policy interface and the policies (baselines, oracle, peers) |
 //! | `report` | what a run measured and its renderings (table, CSV, Markdown, PNG) |
 //! | `trace` | Mooncake-format traces and their deterministic token ids |
+//! | `workload` | the seeded workloads (texts and token ids), the simulator's word-level tokenizer |
 #![forbid(unsafe_code)]
 
 pub mod cache;
@@ -21,3 +22,4 @@ pub mod policy;
 pub mod report;
 pub mod request;
 pub mod trace;
+pub mod workload;
