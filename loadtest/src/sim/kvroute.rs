@@ -92,7 +92,7 @@ impl Kvroute {
             keyer: Keyer::new(router, 500_000),
             trust_engine_hashes,
             model: ModelName::new(MODEL),
-            pods: endpoints.iter().map(|e| PodId::new(e)).collect(),
+            pods: endpoints.iter().map(PodId::new).collect(),
             by_endpoint: endpoints.iter().cloned().zip(0..).collect(),
             endpoints,
             recorded: vec![f64::NEG_INFINITY; pods],

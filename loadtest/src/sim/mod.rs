@@ -14,17 +14,26 @@ use kvroute_sim::policy::Policy;
 use kvroute_sim::policy::basic::{LeastLoaded, Oracle, Random, RoundRobin, SessionAffinity};
 use kvroute_sim::report::{self, RunResult};
 use kvroute_sim::request::SimRequest;
-use kvroute_sim::trace;
+use kvroute_sim::workload::{self, SimTokenizer, WorkloadKind, WorkloadSpec};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Workload: `mooncake` (the vendored synthetic Mooncake trace) or
-    /// `trace:FILE.jsonl` (any Mooncake-format trace).
-    #[arg(long, default_value = "mooncake")]
-    workload: String,
+    /// Workloads (comma list): `mooncake` (the vendored synthetic Mooncake
+    /// trace), `repeated`, `tenants`, `multi-turn`, `rag`, `llmd-precise`,
+    /// `unique`, or `trace:FILE.jsonl` (any Mooncake-format trace).
+    #[arg(long, value_delimiter = ',', default_value = "mooncake")]
+    workload: Vec<String>,
+    /// Requests per workload (default: the workload's own size; a trace's
+    /// first N lines).
+    #[arg(long)]
+    requests: Option<usize>,
+    /// Mean arrival rate in requests/s of generated workloads (default:
+    /// the workload's own).
+    #[arg(long)]
+    rate: Option<f64>,
     /// Pod counts to simulate (each gets every policy).
     #[arg(long, value_delimiter = ',', default_value = "8,16")]
     pods: Vec<usize>,
@@ -49,9 +58,6 @@ pub struct Args {
     /// Arrival-time scale for traces (0.5: twice as fast).
     #[arg(long, default_value_t = 1.0)]
     time_scale: f64,
-    /// Replay only the first N requests.
-    #[arg(long)]
-    limit: Option<usize>,
     /// Engines publish `sha256_cbor_64bit` hashes while kvroute keys with
     /// `sha256_cbor`, so the ingester must map every block.
     #[arg(long)]
@@ -102,34 +108,62 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let t0 = Instant::now();
-    let (name, requests) = load_workload(&args, &engine_scheme)?;
-    let tokens: usize = requests.iter().map(SimRequest::prompt_len).sum();
-    println!(
-        "workload {name}: {} requests, {:.1}M prompt tokens, {:.0} s of arrivals (built in {:.1} s)",
-        requests.len(),
-        tokens as f64 / 1e6,
-        requests.last().map_or(0.0, |r| r.arrival),
-        t0.elapsed().as_secs_f64()
-    );
-
     let mut engine = EngineConfig::llama31_8b_h100(args.gpu_memory_utilization);
     engine.scheme = engine_scheme.clone();
     if let Some(n) = args.num_gpu_blocks {
         engine.num_gpu_blocks = n;
     }
     println!(
-        "engine: {} on {}, {} KV blocks of {} tokens, max_num_seqs {}, max_num_batched_tokens {}, chunked prefill {}; event delay {} ms, scrape every {} ms",
+        "engine: {}, {} KV blocks of {} tokens, max_num_seqs {}, max_num_batched_tokens {}, chunked prefill {}, prefill {:.0} tok/s per {}-token step; event delay {} ms, scrape every {} ms",
         engine.model_name,
-        "H100",
         engine.num_gpu_blocks,
         engine.block_size,
         engine.max_num_seqs,
         engine.max_num_batched_tokens,
         engine.chunked_prefill,
+        engine
+            .cost
+            .prefill_tokens_per_s(u64::from(engine.max_num_batched_tokens)),
+        engine.max_num_batched_tokens,
         args.event_delay_ms,
         args.scrape_interval_ms
     );
+    let tokenizer = SimTokenizer::build();
+    let mut all = Vec::new();
+    for w in &args.workload {
+        let t = Instant::now();
+        let (name, requests) = load_workload(&args, w, &tokenizer, &engine_scheme)?;
+        let tokens: usize = requests.iter().map(SimRequest::prompt_len).sum();
+        println!(
+            "workload {name}: {} requests, {:.2}M prompt tokens, {:.0} s of arrivals (built in {:.1} s)",
+            requests.len(),
+            tokens as f64 / 1e6,
+            requests.last().map_or(0.0, |r| r.arrival),
+            t.elapsed().as_secs_f64()
+        );
+        all.extend(run_workload(&args, &name, &requests, &policies, &engine, &router)?);
+    }
+    print!("{}", report::terminal_table(&all));
+    let written = report::write_all(&all, &args.out_dir, "sim")
+        .with_context(|| format!("writing the report under {}", args.out_dir.display()))?;
+    println!("CSV {}", written.csv.display());
+    println!("Markdown {}", written.markdown.display());
+    for c in &written.charts {
+        println!("chart {}", c.display());
+    }
+    println!("total {:.1} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
 
+/// Every (pod count, policy) run of one workload, `--jobs` at a time.
+fn run_workload(
+    args: &Args,
+    name: &str,
+    requests: &[SimRequest],
+    policies: &[String],
+    engine: &EngineConfig,
+    router: &KeyScheme,
+) -> anyhow::Result<Vec<RunResult>> {
     let jobs: Vec<(usize, String)> = args
         .pods
         .iter()
@@ -137,7 +171,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .collect();
     let bars = MultiProgress::new();
     let style = ProgressStyle::with_template(
-        "{prefix:>28} [{bar:30}] {pos}/{len} requests {elapsed_precise} (eta {eta})",
+        "{prefix:>32} [{bar:30}] {pos}/{len} requests {elapsed_precise} (eta {eta})",
     )?
     .progress_chars("=> ");
     let next = Mutex::new(0usize);
@@ -158,21 +192,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     };
                     let bar = bars.add(ProgressBar::new(requests.len() as u64));
                     bar.set_style(style.clone());
-                    bar.set_prefix(format!("{policy} x{pods}"));
+                    bar.set_prefix(format!("{name} {policy} x{pods}"));
                     let config = FleetConfig {
                         pods: *pods,
                         engine: engine.clone(),
                         event_delay_s: args.event_delay_ms / 1e3,
                         scrape_interval_s: args.scrape_interval_ms / 1e3,
                     };
-                    match make_policy(policy, *pods, args.seed, &router, &engine_scheme, &engine) {
+                    let scheme = &engine.scheme;
+                    match make_policy(policy, *pods, args.seed, router, scheme, engine) {
                         Ok(mut p) => {
-                            let r =
-                                fleet::run(&config, &name, &requests, p.as_mut(), &mut |done| {
-                                    if done % 64 == 0 {
-                                        bar.set_position(done);
-                                    }
-                                });
+                            let r = fleet::run(&config, name, requests, p.as_mut(), &mut |done| {
+                                if done % 32 == 0 {
+                                    bar.set_position(done);
+                                }
+                            });
                             bar.finish();
                             results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
                         }
@@ -189,86 +223,49 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !failures.is_empty() {
         bail!("policies failed to start: {}", failures.join("; "));
     }
-    let results: Vec<RunResult> = results
+    Ok(results
         .into_inner()
         .unwrap_or_else(|e| e.into_inner())
         .into_iter()
         .flatten()
-        .collect();
-    print!("{}", report::terminal_table(&results));
-    let written = report::write_all(&results, &args.out_dir, &format!("sim-{name}"))
-        .with_context(|| format!("writing the report under {}", args.out_dir.display()))?;
-    println!("CSV {}", written.csv.display());
-    println!("Markdown {}", written.markdown.display());
-    for c in &written.charts {
-        println!("chart {}", c.display());
-    }
-    println!("total {:.1} s", t0.elapsed().as_secs_f64());
-    Ok(())
+        .collect())
 }
 
-/// Builds the workload's requests (in parallel: hashing ~4M blocks of the
-/// Mooncake trace is the slow part).
-fn load_workload(args: &Args, scheme: &KeyScheme) -> anyhow::Result<(String, Vec<SimRequest>)> {
-    let (name, path) = match args.workload.as_str() {
+/// Generates one workload (named as `WorkloadKind` parses it, or
+/// `mooncake` for the vendored synthetic Mooncake trace) and hashes it.
+fn load_workload(
+    args: &Args,
+    workload: &str,
+    tokenizer: &SimTokenizer,
+    scheme: &KeyScheme,
+) -> anyhow::Result<(String, Vec<SimRequest>)> {
+    let (name, kind) = match workload {
         "mooncake" => (
             "mooncake".to_string(),
-            kvroute_testkit::test_env::testdata("traces/mooncake_synthetic_trace.jsonl"),
+            WorkloadKind::Trace(kvroute_testkit::test_env::testdata(
+                "traces/mooncake_synthetic_trace.jsonl",
+            )),
         ),
-        w => match w.strip_prefix("trace:") {
-            Some(p) => (
-                PathBuf::from(p)
+        w => {
+            let kind: WorkloadKind = w.parse()?;
+            let name = match &kind {
+                WorkloadKind::Trace(p) => p
                     .file_stem()
                     .map_or("trace".into(), |s| s.to_string_lossy().into_owned()),
-                PathBuf::from(p),
-            ),
-            None => bail!("unknown workload {w:?}: expected mooncake or trace:FILE.jsonl"),
-        },
-    };
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading trace {}", path.display()))?;
-    let mut trace = trace::parse(&text).with_context(|| format!("trace {}", path.display()))?;
-    if let Some(n) = args.limit {
-        trace.truncate(n);
-    }
-    let scale = args.time_scale;
-    let chunks: Vec<&[trace::TraceRequest]> =
-        trace.chunks(trace.len().div_ceil(2).max(1)).collect();
-    let mut out = Vec::with_capacity(trace.len());
-    std::thread::scope(|s| {
-        let handles: Vec<_> = chunks
-            .iter()
-            .enumerate()
-            .map(|(c, chunk)| {
-                let base = c * trace.len().div_ceil(2).max(1);
-                s.spawn(move || {
-                    chunk
-                        .iter()
-                        .enumerate()
-                        .map(|(i, r)| {
-                            SimRequest::new(
-                                (base + i) as u64,
-                                r.timestamp / 1e3 * scale,
-                                r.tokens(),
-                                r.output_length as u32,
-                                r.hash_ids.first().copied(),
-                                scheme,
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        for h in handles {
-            if let Ok(v) = h.join() {
-                out.extend(v);
-            }
+                k => k.to_string(),
+            };
+            (name, kind)
         }
-    });
-    if out.len() != trace.len() {
-        bail!("building the workload's requests failed");
+    };
+    let mut spec = WorkloadSpec::new(kind);
+    spec.seed = args.seed;
+    spec.requests = args.requests;
+    spec.time_scale = args.time_scale;
+    if let Some(r) = args.rate {
+        spec.rate = r;
     }
-    Ok((name, out))
+    let w = workload::generate(&spec, tokenizer).with_context(|| format!("workload {name}"))?;
+    Ok((name, w.into_sim(scheme)))
 }
 
 fn make_policy(

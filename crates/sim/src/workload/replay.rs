@@ -35,7 +35,9 @@ pub(super) fn generate(
                 },
                 tokens,
                 output_len: u32::try_from(r.output_length).unwrap_or(u32::MAX).max(1),
-                session: None,
+                // Traces carry no session ids; a conversation's turns start
+                // with the same block, which is what a session header groups.
+                session: r.hash_ids.first().copied(),
             }
         })
         .collect())
