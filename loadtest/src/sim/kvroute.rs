@@ -28,6 +28,9 @@ use std::sync::Arc;
 /// The model name pods publish under (`kv@<pod>@<model>`).
 pub const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
 
+/// The scorer's default `--scrape-interval` (200 ms).
+pub const SCORER_SCRAPE_INTERVAL_S: f64 = 0.2;
+
 /// Index capacity: far above what a 16-pod fleet of 8B models holds
 /// (16 x ~27k blocks), so the index never evicts in a run.
 const INDEX_CAPACITY_BLOCKS: usize = 8_000_000;
@@ -44,6 +47,9 @@ pub struct Kvroute {
     by_endpoint: HashMap<String, PodIndex>,
     /// Scrape time last recorded per pod.
     recorded: Vec<f64>,
+    /// The scorer's `--scrape-interval`: it reads a pod's metrics this
+    /// often, whatever the simulator's scrape tick.
+    scrape_interval_s: f64,
     ops: Vec<IndexOp>,
 }
 
@@ -61,6 +67,7 @@ impl Kvroute {
         router: KeyScheme,
         engine: &KeyScheme,
         config: RouteConfig,
+        scrape_interval_s: f64,
         seed: u64,
     ) -> anyhow::Result<Kvroute> {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -96,6 +103,7 @@ impl Kvroute {
             by_endpoint: endpoints.iter().cloned().zip(0..).collect(),
             endpoints,
             recorded: vec![f64::NEG_INFINITY; pods],
+            scrape_interval_s,
             ops: Vec::new(),
         })
     }
@@ -114,7 +122,7 @@ impl Policy for Kvroute {
         // Scrapes reach the scorer's load table as its scraper writes them.
         for (p, s) in signals.scrapes.iter().enumerate() {
             if let Some(s) = s
-                && s.at > self.recorded[p]
+                && s.at >= self.recorded[p] + self.scrape_interval_s
             {
                 self.recorded[p] = s.at;
                 self.picker.load().engines.record(
@@ -213,8 +221,15 @@ mod tests {
             KeyScheme::new(HashScheme::Sha256Cbor64, "0", 16).expect("scheme"),
         ] {
             let reqs = tenants(n, &engine);
-            let mut kv = Kvroute::new(8, router.clone(), &engine, RouteConfig::default(), 1)
-                .expect("kvroute policy");
+            let mut kv = Kvroute::new(
+                8,
+                router.clone(),
+                &engine,
+                RouteConfig::default(),
+                SCORER_SCRAPE_INTERVAL_S,
+                1,
+            )
+            .expect("kvroute policy");
             let r = fleet::run(&fleet(&engine, 8), "tenants", &reqs, &mut kv, &mut |_| {});
             assert_eq!(r.requests, n);
             assert_eq!(r.query_tokens, n * per_request);

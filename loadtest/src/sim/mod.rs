@@ -62,6 +62,15 @@ pub struct Args {
     /// `sha256_cbor`, so the ingester must map every block.
     #[arg(long)]
     engine_hash_differs: bool,
+    /// kvroute's blend weights `prefix,queue,kv_usage,in_flight` (the
+    /// scorer's `--weight-*`; default its defaults).
+    #[arg(long, value_delimiter = ',')]
+    kvroute_weights: Option<Vec<f64>>,
+    /// kvroute's `--max-in-flight` / `--max-waiting` saturation limits.
+    #[arg(long)]
+    kvroute_max_in_flight: Option<u32>,
+    #[arg(long)]
+    kvroute_max_waiting: Option<u32>,
     /// Runs at a time.
     #[arg(long, default_value_t = 2)]
     jobs: usize,
@@ -141,7 +150,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             requests.last().map_or(0.0, |r| r.arrival),
             t.elapsed().as_secs_f64()
         );
-        all.extend(run_workload(&args, &name, &requests, &policies, &engine, &router)?);
+        all.extend(run_workload(
+            &args, &name, &requests, &policies, &engine, &router,
+        )?);
     }
     print!("{}", report::terminal_table(&all));
     let written = report::write_all(&all, &args.out_dir, "sim")
@@ -200,7 +211,7 @@ fn run_workload(
                         scrape_interval_s: args.scrape_interval_ms / 1e3,
                     };
                     let scheme = &engine.scheme;
-                    match make_policy(policy, *pods, args.seed, router, scheme, engine) {
+                    match make_policy(args, policy, *pods, args.seed, router, scheme, engine) {
                         Ok(mut p) => {
                             let r = fleet::run(&config, name, requests, p.as_mut(), &mut |done| {
                                 if done % 32 == 0 {
@@ -268,7 +279,31 @@ fn load_workload(
     Ok((name, w.into_sim(scheme)))
 }
 
+/// The scorer's routing configuration, with the command line's overrides.
+fn kvroute_config(args: &Args) -> anyhow::Result<scorer::route::RouteConfig> {
+    let mut c = scorer::route::RouteConfig::default();
+    if let Some(w) = &args.kvroute_weights {
+        let [prefix, queue, kv_usage, in_flight] = w[..] else {
+            bail!("--kvroute-weights takes 4 numbers: prefix,queue,kv_usage,in_flight");
+        };
+        c.weights = kvroute_core::scoring::pick::PickWeights {
+            prefix,
+            queue,
+            kv_usage,
+            in_flight,
+        };
+    }
+    if let Some(m) = args.kvroute_max_in_flight {
+        c.limits.max_in_flight = Some(m);
+    }
+    if let Some(m) = args.kvroute_max_waiting {
+        c.limits.max_waiting = Some(m);
+    }
+    Ok(c)
+}
+
 fn make_policy(
+    args: &Args,
     name: &str,
     pods: usize,
     seed: u64,
@@ -283,7 +318,8 @@ fn make_policy(
             pods,
             router.clone(),
             engine_scheme,
-            scorer::route::RouteConfig::default(),
+            kvroute_config(args)?,
+            kvroute::SCORER_SCRAPE_INTERVAL_S,
             seed,
         )?),
         "oracle" => Box::new(Oracle::new(seed)),
