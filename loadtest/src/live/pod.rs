@@ -104,9 +104,11 @@ impl Clock {
         self.start.elapsed().as_secs_f64()
     }
 
-    /// The instant of engine time `t`.
+    /// The instant of engine time `t` (the start for a negative or
+    /// non-finite `t`, so a bad step time never parks a pod forever).
     fn at(&self, t: f64) -> Instant {
-        self.start + Duration::try_from_secs_f64(t.max(0.0)).unwrap_or(Duration::MAX / 4)
+        let d = Duration::try_from_secs_f64(t).unwrap_or(Duration::ZERO);
+        self.start.checked_add(d).unwrap_or(self.start)
     }
 }
 

@@ -520,3 +520,77 @@ async fn a_client_leaving_mid_stream_does_not_stop_the_engine() {
     assert_eq!(fleet.with_engine(0, |e| e.metrics().generation_tokens), 201);
     fleet.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_pods_serve_at_once() {
+    // One random 127.a.b.0/24 for all pods, as live mode's 127.0.0.{11+i}.
+    let IpAddr::V4(base) = random_loopback() else {
+        unreachable!("random_loopback is IPv4")
+    };
+    let [_, a, b, _] = base.octets();
+    let specs = (0..64)
+        .map(|index| {
+            let ip = IpAddr::V4(Ipv4Addr::new(127, a, b, 11 + index as u8));
+            PodSpec {
+                index,
+                http: SocketAddr::new(ip, 0),
+                kv_pub: SocketAddr::new(ip, 0),
+                replay: SocketAddr::new(ip, 0),
+                model: MODEL.into(),
+                encoding: Encoding::Map,
+                engine: EngineConfig::llama31_8b_h100(0.9),
+                replay_buffer_steps: 16,
+            }
+        })
+        .collect();
+    let fleet = Fleet::start(specs, tokenizer())
+        .await
+        .expect("64 pods start");
+    assert_eq!(fleet.pods(), 64);
+    let requests: Vec<_> = (0..64)
+        .map(|i| {
+            let addr = fleet.addrs(i).http;
+            tokio::spawn(async move {
+                let body = json!({"prompt": format!("pod {i} says hello"), "max_tokens": 4});
+                post(addr, "/v1/completions", &body).await
+            })
+        })
+        .collect();
+    for (i, r) in requests.into_iter().enumerate() {
+        let r = r.await.expect("request task");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.pod, Some(fleet.addrs(i).http.to_string()));
+    }
+    for i in 0..64 {
+        let s = fleet.stats(i);
+        assert_eq!(s.steps, 4, "pod {i}: one prefill and three decode steps");
+        assert!(s.max_lag_s >= s.mean_lag_s);
+    }
+    let t = Instant::now();
+    fleet.shutdown().await;
+    assert!(t.elapsed() < Duration::from_secs(5), "shutdown is prompt");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_open_requests() {
+    let fleet = fleet().await;
+    let addr = fleet.addrs(0).http;
+    // ~7 ms a decode step: 100,000 tokens would take minutes.
+    let long = json!({"prompt": "long", "max_tokens": 100_000});
+    let waiting = tokio::spawn(async move { post(addr, "/v1/completions", &long).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fleet.stats(0).steps < 3 {
+        assert!(Instant::now() < deadline, "the engine never stepped");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    fleet.shutdown().await;
+    let r = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the request ends with the fleet")
+        .expect("request task");
+    assert_eq!(r.status, 503);
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "closed"
+    );
+}
