@@ -7,6 +7,9 @@ mod bench_index;
 mod bench_ingest;
 mod bench_keys;
 mod demo;
+// Live mode's parts; the `live` subcommand that uses them comes next.
+#[allow(dead_code)]
+mod live;
 mod machine;
 mod sim;
 
