@@ -7,8 +7,6 @@ mod bench_index;
 mod bench_ingest;
 mod bench_keys;
 mod demo;
-// Live mode's parts; the `live` subcommand that uses them comes next.
-#[allow(dead_code)]
 mod live;
 mod machine;
 mod sim;
@@ -31,6 +29,9 @@ enum Command {
     /// The fleet simulator: every routing policy over the same workload on
     /// simulated vLLM engines, in virtual time.
     Sim(sim::Args),
+    /// The real system under real traffic: simulated vLLM pods behind the
+    /// real ingester, scorers and Envoy; kvroute against baselines.
+    Live(live::Args),
 }
 
 #[derive(Subcommand)]
@@ -56,6 +57,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args).await,
         // Runs on its own threads (one per job); kvroute's policy makes its
         // own current-thread runtime inside each.
+        Command::Live(args) => live::run(args).await,
         Command::Sim(args) => tokio::task::block_in_place(|| sim::run(args)),
     }
 }

@@ -120,6 +120,11 @@ impl Envoy {
         Ok(envoy)
     }
 
+    /// Its pid (for `/proc/<pid>/stat`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Its log so far.
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default()

@@ -163,6 +163,11 @@ impl RedisServer {
         }
     }
 
+    /// Its pid, while it runs (for `/proc/<pid>/stat`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Guarded::id)
+    }
+
     /// `redis://127.0.0.1:<port>/`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)

@@ -111,21 +111,30 @@ impl Stack {
                     model: c.model.to_string(),
                     encoding: c.encoding,
                     engine: c.engine.clone(),
-                    replay_buffer_steps: 10_000,
+                    replay_buffer_steps: super::pod::DEFAULT_REPLAY_BUFFER_STEPS,
                 })
             })
             .collect::<anyhow::Result<_>>()?;
-        let endpoints: Vec<String> = specs.iter().map(|s| s.http.to_string()).collect();
         let fleet = Fleet::start(specs, c.tokenizer.clone())
             .await
             .context("starting the simulated pods")?;
+        let endpoints: Vec<String> = (0..c.pods)
+            .map(|i| fleet.addrs(i).http.to_string())
+            .collect();
 
         let (mut ingester, mut ingester_http, mut scorers) = (None, None, Vec::new());
         if c.routing == Routing::Kvroute {
             let http = free_port()?;
-            let connect: Vec<String> = (0..c.pods)
-                .map(|i| format!("tcp://{}:5557", pod_ip(i)))
-                .collect();
+            let mut connect = Vec::with_capacity(c.pods);
+            for i in 0..c.pods {
+                let a = fleet.addrs(i);
+                // The ingester finds each replay socket from the pod's host
+                // (`tcp://{host}:5558`), as vLLM's default port pair.
+                if a.replay.port() != 5558 || a.replay.ip() != a.kv_pub.ip() {
+                    bail!("pod {i} ({}) replays at {}, not its host's :5558", a.topic, a.replay);
+                }
+                connect.push(format!("tcp://{}", a.kv_pub));
+            }
             let args: Vec<String> = vec![
                 "--redis-url".into(),
                 redis.url(),
@@ -187,10 +196,6 @@ impl Stack {
         }
 
         let (config, admin, listen_port) = envoy_config(&endpoints, &scorers)?;
-        let config = match c.routing {
-            Routing::Kvroute => config,
-            _ => config,
-        };
         std::fs::write(c.dir.join("envoy.yaml"), &config)?;
         let envoy = envoy::Envoy::start(&Launch {
             binary: c.envoy,
@@ -217,6 +222,10 @@ impl Stack {
             _envoy: envoy,
             listen_port: port,
         })
+    }
+
+    pub fn envoy_pid(&self) -> Option<u32> {
+        self._envoy.pid()
     }
 
     /// Stops the pods (the processes stop when the stack drops).

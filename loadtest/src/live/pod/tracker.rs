@@ -73,6 +73,7 @@ impl Tracker {
     }
 
     /// Requests still in the engine.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.reqs.len()
     }
