@@ -189,9 +189,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             results.push(r);
         }
         if args.with_sim {
-            for &routing in &routings {
-                results.push(sim_twin(&args, w, &sim_reqs, routing, &engine)?);
-            }
+            // kvroute's simulated policy drives its own runtime: off this one.
+            let twins = tokio::task::block_in_place(|| {
+                std::thread::scope(|s| {
+                    s.spawn(|| {
+                        routings
+                            .iter()
+                            .map(|&r| sim_twin(&args, w, &sim_reqs, r, &engine))
+                            .collect::<anyhow::Result<Vec<_>>>()
+                    })
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the simulator's run panicked"))
+                })
+            })??;
+            results.extend(twins);
         }
     }
     print!("{}", report::terminal_table(&results));

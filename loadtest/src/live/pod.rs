@@ -265,6 +265,15 @@ impl Fleet {
         ];
         let app = http::router(pod.clone());
         let server = tokio::spawn(async move {
+            // Every token's SSE chunk is a small write: without TCP_NODELAY
+            // Nagle holds one behind the peer's delayed ACK (~40 ms), which
+            // uvicorn (vLLM's server) avoids by setting it too.
+            use axum::serve::ListenerExt;
+            let listener = listener.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "TCP_NODELAY on a pod connection");
+                }
+            });
             let served = axum::serve(listener, app)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await;
