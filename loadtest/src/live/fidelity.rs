@@ -43,13 +43,17 @@ pub struct Sampler {
 
 impl Sampler {
     pub async fn connect(
-        url: &str,
+        redis: &super::stack::Redis,
         model: &str,
         scheme: KeyScheme,
         endpoints: &[String],
     ) -> anyhow::Result<Sampler> {
         Ok(Sampler {
-            index: RedisIndex::connect(url).await?,
+            index: if redis.is_cluster() {
+                RedisIndex::connect_cluster(&redis.urls()).await?
+            } else {
+                RedisIndex::connect(&redis.urls()[0]).await?
+            },
             model: ModelName::new(model),
             scheme,
             endpoints: endpoints.to_vec(),

@@ -48,6 +48,13 @@ pub struct Args {
     /// share a machine.
     #[arg(long, default_value = "127.0")]
     pub pod_net: String,
+    /// A local 3-master Redis Cluster instead of one Redis server.
+    #[arg(long)]
+    pub redis_cluster: bool,
+    /// The pods publish `sha256_cbor_64bit` block hashes while the ingester
+    /// and scorers key with `sha256_cbor`: the ingester maps every block.
+    #[arg(long)]
+    pub engine_hash_differs: bool,
     /// kvroute-scorer replicas behind Envoy.
     #[arg(long, default_value_t = 2)]
     pub scorers: usize,
@@ -132,6 +139,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(n) = args.num_gpu_blocks {
         engine.num_gpu_blocks = n;
     }
+    if args.engine_hash_differs {
+        engine.scheme = kvroute_core::keys::KeyScheme::new(
+            kvroute_core::keys::HashScheme::Sha256Cbor64,
+            engine.scheme.seed(),
+            engine.block_size,
+        )?;
+    }
     println!(
         "live: {} pods ({} on H100, {} KV blocks each), {} scorer replicas, Envoy {}, KV events in vLLM {} encoding",
         args.pods,
@@ -170,6 +184,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             std::fs::create_dir_all(&dir)?;
             let config = StackConfig {
                 pods: args.pods,
+                redis_cluster: args.redis_cluster,
                 pod_net: &args.pod_net,
                 scorers: args.scorers,
                 engine: engine.clone(),
@@ -262,6 +277,16 @@ fn sim_twin(
     Ok(fleet::run(&config, w, reqs, policy.as_mut(), &mut |_| {}))
 }
 
+/// The scheme the ingester and scorers key with (`sha256_cbor`, the pods'
+/// seed and block size), whatever the pods publish.
+fn router_scheme(c: &StackConfig<'_>) -> anyhow::Result<kvroute_core::keys::KeyScheme> {
+    Ok(kvroute_core::keys::KeyScheme::new(
+        kvroute_core::keys::HashScheme::Sha256Cbor,
+        c.hash_seed,
+        c.engine.block_size,
+    )?)
+}
+
 /// The engines' true state for the live oracle (the same `Truth` the
 /// simulator gives its oracle).
 struct LiveTruth<'a>(&'a pod::Fleet);
@@ -299,13 +324,13 @@ async fn run_one(
     config: &StackConfig<'_>,
 ) -> anyhow::Result<RunResult> {
     let routing = config.routing;
-    let stack = Stack::start(config).await?;
+    let mut stack = Stack::start(config).await?;
     let fidelity = match routing {
         Routing::Kvroute => Some(
             fidelity::Sampler::connect(
-                &stack.redis.url(),
+                &stack.redis,
                 MODEL,
-                config.engine.scheme.clone(),
+                router_scheme(config)?,
                 &stack.endpoints,
             )
             .await?,
@@ -381,7 +406,7 @@ async fn run_one(
     }
     let makespan = start.elapsed().as_secs_f64();
     let result = collect(w, routing, &stack, &outcomes, makespan, fidelity.as_ref()).await;
-    report_processes(&stack, routing);
+    report_processes(&mut stack, routing);
     stack.stop().await;
     if errors.len() * 100 > wl.requests.len() {
         bail!("over 1% of the requests failed: {}", errors[0]);
@@ -456,7 +481,7 @@ async fn collect(
 
 /// CPU seconds and peak RSS of every process of the run (and of this one:
 /// the pods and the client), from /proc.
-fn report_processes(stack: &Stack, routing: Routing) {
+fn report_processes(stack: &mut Stack, routing: Routing) {
     let mut line = format!("  processes ({}):", routing.name());
     let mut add = |name: &str, pid: Option<u32>| {
         if let Some(u) = pid.and_then(proc_usage) {
@@ -464,7 +489,9 @@ fn report_processes(stack: &Stack, routing: Routing) {
         }
     };
     add("pods+client", Some(std::process::id()));
-    add("redis", stack.redis.pid());
+    for pid in stack.redis.pids() {
+        add("redis", Some(pid));
+    }
     if let Some(i) = &stack.ingester {
         add("ingester", i.id());
     }

@@ -15,7 +15,7 @@ use kvroute_sim::engine::EngineConfig;
 use kvroute_testkit::envoy::{self, Launch};
 use kvroute_testkit::net::free_port;
 use kvroute_testkit::process::Guarded;
-use kvroute_testkit::redis_server::RedisServer;
+use kvroute_testkit::redis_server::{RedisCluster, RedisServer};
 use kvroute_testkit::scorer::{self as scorer_proc, ScorerProcess};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -60,9 +60,52 @@ impl Routing {
     }
 }
 
+/// The index's Redis: one server, or a local Redis Cluster.
+pub enum Redis {
+    Single(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Redis {
+    /// Every server's URL (a cluster's seed list).
+    pub fn urls(&self) -> Vec<String> {
+        match self {
+            Redis::Single(r) => vec![r.url()],
+            Redis::Cluster(c) => c.urls(),
+        }
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Redis::Cluster(_))
+    }
+
+    /// `--redis-url` once per URL (with `--redis-cluster` for a cluster).
+    fn args(&self) -> Vec<String> {
+        let mut a: Vec<String> = self
+            .urls()
+            .into_iter()
+            .flat_map(|u| ["--redis-url".to_string(), u])
+            .collect();
+        if self.is_cluster() {
+            a.push("--redis-cluster".into());
+        }
+        a
+    }
+
+    /// Server pids (for the CPU/RSS report).
+    pub fn pids(&mut self) -> Vec<u32> {
+        match self {
+            Redis::Single(r) => r.pid().into_iter().collect(),
+            Redis::Cluster(c) => c.servers().iter().filter_map(RedisServer::pid).collect(),
+        }
+    }
+}
+
 /// What a stack is made of.
 pub struct StackConfig<'a> {
     pub pods: usize,
+    /// A local 3-master Redis Cluster instead of one server.
+    pub redis_cluster: bool,
     /// First two octets of the pods' loopback addresses.
     pub pod_net: &'a str,
     pub scorers: usize,
@@ -82,7 +125,7 @@ pub struct StackConfig<'a> {
 pub struct Stack {
     pub fleet: Fleet,
     pub endpoints: Vec<String>,
-    pub redis: RedisServer,
+    pub redis: Redis,
     pub ingester: Option<Guarded>,
     pub ingester_http: Option<SocketAddr>,
     pub scorers: Vec<ScorerProcess>,
@@ -99,7 +142,11 @@ pub fn pod_ip(net: &str, i: usize) -> String {
 
 impl Stack {
     pub async fn start(c: &StackConfig<'_>) -> anyhow::Result<Stack> {
-        let redis = RedisServer::start().context("starting redis-server")?;
+        let redis = if c.redis_cluster {
+            Redis::Cluster(RedisCluster::start(3).context("starting a 3-master Redis Cluster")?)
+        } else {
+            Redis::Single(RedisServer::start().context("starting redis-server")?)
+        };
         let specs: Vec<PodSpec> = (0..c.pods)
             .map(|i| {
                 let ip = pod_ip(c.pod_net, i);
@@ -142,9 +189,8 @@ impl Stack {
                 }
                 connect.push(format!("tcp://{}", a.kv_pub));
             }
-            let args: Vec<String> = vec![
-                "--redis-url".into(),
-                redis.url(),
+            let mut args = redis.args();
+            args.extend([
                 "--zmq-connect".into(),
                 connect.join(","),
                 "--replay-endpoint".into(),
@@ -157,7 +203,7 @@ impl Stack {
                 c.engine.block_size.to_string(),
                 "--http-addr".into(),
                 format!("127.0.0.1:{http}"),
-            ];
+            ]);
             let log = std::fs::File::create(c.dir.join("ingester.log"))?;
             let out = log.try_clone()?;
             let bin = c.bin_dir.join("kvroute-ingester");
@@ -174,9 +220,8 @@ impl Stack {
 
             let bin = c.bin_dir.join("kvroute-scorer");
             for r in 0..c.scorers.max(1) {
-                let args: Vec<String> = vec![
-                    "--redis-url".into(),
-                    redis.url(),
+                let mut args = redis.args();
+                args.extend([
                     "--endpoints".into(),
                     endpoints.join(","),
                     "--tokenizer".into(),
@@ -189,7 +234,7 @@ impl Stack {
                     c.engine.block_size.to_string(),
                     "--replica-id".into(),
                     format!("live-{r}"),
-                ];
+                ]);
                 let p = ScorerProcess::start(&scorer_proc::Launch {
                     binary: &bin,
                     args: &args,
