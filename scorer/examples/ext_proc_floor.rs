@@ -40,11 +40,12 @@ impl Decide for Fixed {
             endpoint.map(|endpoint| Decision {
                 endpoint,
                 reason: "fixed",
+                charge: None,
             })
         }
     }
 
-    fn finished(&self, _endpoint: &str) {}
+    fn finished(&self, _decision: &Decision) {}
 }
 
 const WARMUP: usize = 200;

@@ -4,7 +4,7 @@
 //! other replicas through Redis, and re-resolving candidate DNS names.
 
 use crate::candidates::Candidates;
-use crate::load::{Load, parse_vllm_metrics};
+use crate::load::{Counts, Load, parse_vllm_metrics};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
@@ -174,6 +174,10 @@ pub async fn scrape_metrics(
 /// Registry of scorer replicas publishing in-flight counts.
 const SCORERS_KEY: &str = "kvroute:scorers";
 
+/// Field-name prefix of an endpoint's pending prefill tokens in a replica's
+/// in-flight hash (endpoint names never start with it).
+const TOKENS_PREFIX: &str = "tokens:";
+
 fn inflight_key(replica: &str) -> String {
     format!("kvroute:inflight:{replica}")
 }
@@ -220,7 +224,7 @@ pub async fn share_in_flight(
         };
         if let Err(e) = result {
             tracing::debug!(error = %e, "in-flight sharing: Redis unavailable, retrying");
-            load.in_flight.set_remote(HashMap::new());
+            load.in_flight.set_remote(Counts::default());
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -245,24 +249,43 @@ async fn sync_loop<C: redis::aio::ConnectionLike + Send + Sync + Clone>(
         let mut pipe = redis::pipe();
         pipe.atomic();
         pipe.del(&mine).ignore();
-        if !local.is_empty() {
-            let fields: Vec<(String, u32)> = local.into_iter().collect();
+        if !local.requests.is_empty() || !local.tokens.is_empty() {
+            // Requests under the endpoint's name (what older replicas read),
+            // pending prefill tokens under `TOKENS_PREFIX` + name.
+            let fields: Vec<(String, u64)> = local
+                .requests
+                .into_iter()
+                .map(|(ep, n)| (ep, u64::from(n)))
+                .chain(
+                    local
+                        .tokens
+                        .into_iter()
+                        .map(|(ep, n)| (format!("{TOKENS_PREFIX}{ep}"), n)),
+                )
+                .collect();
             pipe.hset_multiple(&mine, &fields).ignore();
             pipe.pexpire(&mine, ttl_ms as i64).ignore();
         }
         pipe.query_async::<()>(&mut conn).await?;
         let _: () = conn.sadd(SCORERS_KEY, replica).await?;
         let replicas: Vec<String> = conn.smembers(SCORERS_KEY).await?;
-        let mut remote: HashMap<String, u32> = HashMap::new();
+        let mut remote = Counts::default();
         for r in replicas.iter().filter(|r| r.as_str() != replica) {
-            let counts: HashMap<String, u32> = conn.hgetall(inflight_key(r)).await?;
+            let counts: HashMap<String, u64> = conn.hgetall(inflight_key(r)).await?;
             if counts.is_empty() {
                 // Expired (replica gone or idle): keep the registry small.
                 let _: () = conn.srem(SCORERS_KEY, r).await?;
                 continue;
             }
-            for (ep, n) in counts {
-                *remote.entry(ep).or_insert(0) += n;
+            for (field, n) in counts {
+                match field.strip_prefix(TOKENS_PREFIX) {
+                    Some(ep) => *remote.tokens.entry(ep.to_string()).or_insert(0) += n,
+                    None => {
+                        let n = u32::try_from(n).unwrap_or(u32::MAX);
+                        let e = remote.requests.entry(field).or_insert(0);
+                        *e = e.saturating_add(n);
+                    }
+                }
             }
         }
         load.in_flight.set_remote(remote);

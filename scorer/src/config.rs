@@ -101,6 +101,18 @@ pub struct ServeArgs {
     /// Weight of in-flight headroom (requests routed and not finished).
     #[arg(long, env = "KVROUTE_WEIGHT_IN_FLIGHT", default_value_t = 1.0)]
     pub weight_in_flight: f64,
+    /// Weight of the prefill-backlog term: this scorer's in-flight uncached
+    /// prompt tokens on a pod plus the request's own, in seconds of
+    /// prefill (`--prefill-tokens-per-s`) below `--prefill-horizon-s`.
+    #[arg(long, env = "KVROUTE_WEIGHT_TOKENS", default_value_t = kvroute_core::scoring::pick::DEFAULT_TOKENS_WEIGHT)]
+    pub weight_tokens: f64,
+    /// One pod's prefill throughput in tokens/s (turns pending prompt
+    /// tokens into seconds; the default is Llama-3.1-8B on one H100).
+    #[arg(long, env = "KVROUTE_PREFILL_TOKENS_PER_S", default_value_t = kvroute_core::scoring::pick::DEFAULT_PREFILL_TOKENS_PER_S)]
+    pub prefill_tokens_per_s: f64,
+    /// Seconds of prefill backlog at which the prefill term bottoms out.
+    #[arg(long, env = "KVROUTE_PREFILL_HORIZON_S", default_value_t = kvroute_core::scoring::pick::DEFAULT_PREFILL_HORIZON_S)]
+    pub prefill_horizon_s: f64,
     /// A pod with this many requests in flight is saturated: chosen only when all are.
     #[arg(long, env = "KVROUTE_MAX_IN_FLIGHT", default_value_t = 64)]
     pub max_in_flight: u32,
@@ -180,11 +192,14 @@ impl ServeArgs {
                 queue: self.weight_queue,
                 kv_usage: self.weight_kv_usage,
                 in_flight: self.weight_in_flight,
+                tokens: self.weight_tokens,
             },
             limits: LoadLimits {
                 max_in_flight: Some(self.max_in_flight),
                 max_waiting: Some(self.max_waiting),
                 max_kv_usage: None,
+                prefill_tokens_per_s: self.prefill_tokens_per_s,
+                prefill_horizon_s: self.prefill_horizon_s,
             },
             tiers: self.tier_weights.clone(),
             lookup_timeout: self.lookup_timeout,

@@ -1,8 +1,8 @@
 //! The seam between the protocol front ends (Envoy ext_proc, the HTTP API,
 //! llm-d's indexer API) and the routing logic: a front end turns a request
 //! into a [`RouteRequest`], asks a [`Decide`] implementation for a
-//! [`Decision`], and reports when the routed request finished so in-flight
-//! counts stay true.
+//! [`Decision`], reports the response's first byte (the prompt's prefill is
+//! done) and when the routed request finished, so in-flight counts stay true.
 
 use std::future::Future;
 
@@ -40,6 +40,18 @@ pub struct Decision {
     /// [`crate::reason::Fallback`] such as `index_unavailable`); other
     /// implementations (test doubles, benches) name their own.
     pub reason: &'static str,
+    /// What the decision charged to the endpoint's pending prefill, if
+    /// anything: released by [`Decide::prefill_done`] or
+    /// [`Decide::finished`], whichever runs first.
+    pub charge: Option<Charge>,
+}
+
+/// A pending-prefill charge: `tokens` uncached prompt tokens, identified by
+/// `ticket` so that releasing it twice releases nothing the second time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Charge {
+    pub ticket: u64,
+    pub tokens: u64,
 }
 
 /// Why no endpoint could be chosen at all (the only failure a front end
@@ -62,8 +74,19 @@ pub trait Decide: Send + Sync + 'static {
         subset: Option<Vec<String>>,
     ) -> impl Future<Output = Result<Decision, DecideError>> + Send;
 
-    /// The request routed to `endpoint` finished (response complete, stream
-    /// reset, or client gone): release its in-flight slot. Called exactly once
+    /// The first byte of the response body passed: the engine finished the
+    /// prompt's prefill (a streamed response's first token), so the
+    /// decision's prefill charge no longer delays other requests there.
+    /// Front ends call it at most once per decision, before `finished`; an
+    /// implementation must tolerate `finished` without it. The default does
+    /// nothing (implementations that charge nothing).
+    fn prefill_done(&self, decision: &Decision) {
+        let _ = decision;
+    }
+
+    /// The request `decision` routed finished (response complete, stream
+    /// reset, or client gone): release its in-flight slot, and its prefill
+    /// charge unless [`Self::prefill_done`] released it. Called exactly once
     /// per successful `decide`.
-    fn finished(&self, endpoint: &str);
+    fn finished(&self, decision: &Decision);
 }

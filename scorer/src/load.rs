@@ -4,6 +4,11 @@
 //!   own counts every sync interval and reads the others'), so no Redis call
 //!   sits on a request's path and one replica's burst is seen by all within
 //!   one interval;
+//! - pending prefill tokens: the uncached prompt tokens of each request this
+//!   scorer sent to an endpoint, charged at the decision and released at the
+//!   response's first byte (the prefill is done then) or its end, whichever
+//!   comes first; shared like the request counts. A queued 100k-token
+//!   prefill makes a pod busy for seconds although it counts as one request;
 //! - vLLM's own `/metrics` (`vllm:num_requests_waiting`,
 //!   `vllm:num_requests_running`, `vllm:kv_cache_usage_perc`) scraped per
 //!   endpoint; values older than a staleness bound are ignored;
@@ -21,42 +26,136 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// In-flight requests per endpoint: this replica's live counts plus the other
-/// replicas' last published ones.
+/// In-flight requests and pending prefill tokens per endpoint: this
+/// replica's live counts plus the other replicas' last published ones.
 #[derive(Debug, Default)]
 pub struct InFlight {
-    local: Mutex<HashMap<String, u32>>,
-    remote: RwLock<HashMap<String, u32>>,
+    local: Mutex<Local>,
+    remote: RwLock<Remote>,
+}
+
+/// One replica's counts, as published to the others.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Counts {
+    pub requests: HashMap<String, u32>,
+    /// Uncached prompt tokens whose prefill has not produced a first byte.
+    pub tokens: HashMap<String, u64>,
+}
+
+#[derive(Debug, Default)]
+struct Local {
+    counts: Counts,
+    /// Open token charges by ticket: released once, by whichever of the
+    /// first response byte and the request's end comes first.
+    charges: HashMap<u64, (String, u64)>,
+    next_ticket: u64,
+}
+
+type Remote = Counts;
+
+/// Subtracts `n` from `map[key]`, dropping the entry at 0 (idle endpoints
+/// leave no trace in what is published).
+fn take<N: Copy + PartialOrd + Default + std::ops::SubAssign>(
+    map: &mut HashMap<String, N>,
+    key: &str,
+    n: N,
+) {
+    if let Some(v) = map.get_mut(key) {
+        if *v > n {
+            *v -= n;
+        } else {
+            map.remove(key);
+        }
+    }
 }
 
 impl InFlight {
     pub fn start(&self, endpoint: &str) {
-        *self.local.lock().entry(endpoint.to_string()).or_insert(0) += 1;
+        *self
+            .local
+            .lock()
+            .counts
+            .requests
+            .entry(endpoint.to_string())
+            .or_insert(0) += 1;
     }
 
     pub fn finish(&self, endpoint: &str) {
+        take(&mut self.local.lock().counts.requests, endpoint, 1);
+    }
+
+    /// Charges `tokens` of pending prefill to `endpoint`; the ticket
+    /// releases them ([`Self::release`]). Tickets start at 1.
+    pub fn charge(&self, endpoint: &str, tokens: u64) -> u64 {
         let mut local = self.local.lock();
-        if let Some(n) = local.get_mut(endpoint) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                local.remove(endpoint);
-            }
+        local.next_ticket += 1;
+        let ticket = local.next_ticket;
+        if tokens > 0 {
+            *local.counts.tokens.entry(endpoint.to_string()).or_insert(0) += tokens;
+            local.charges.insert(ticket, (endpoint.to_string(), tokens));
         }
+        ticket
+    }
+
+    /// Releases a charge; a ticket released before (or unknown) releases
+    /// nothing, so the first byte and the request's end may both call it.
+    /// Returns the tokens released.
+    pub fn release(&self, ticket: u64) -> u64 {
+        let mut local = self.local.lock();
+        let Some((endpoint, tokens)) = local.charges.remove(&ticket) else {
+            return 0;
+        };
+        take(&mut local.counts.tokens, &endpoint, tokens);
+        tokens
     }
 
     /// In flight to `endpoint` across all replicas.
     pub fn get(&self, endpoint: &str) -> u32 {
-        let local = self.local.lock().get(endpoint).copied().unwrap_or(0);
-        local + self.remote.read().get(endpoint).copied().unwrap_or(0)
+        let local = self
+            .local
+            .lock()
+            .counts
+            .requests
+            .get(endpoint)
+            .copied()
+            .unwrap_or(0);
+        local
+            + self
+                .remote
+                .read()
+                .requests
+                .get(endpoint)
+                .copied()
+                .unwrap_or(0)
+    }
+
+    /// Pending prefill tokens on `endpoint` across all replicas.
+    pub fn tokens(&self, endpoint: &str) -> u64 {
+        let local = self
+            .local
+            .lock()
+            .counts
+            .tokens
+            .get(endpoint)
+            .copied()
+            .unwrap_or(0);
+        local
+            + self
+                .remote
+                .read()
+                .tokens
+                .get(endpoint)
+                .copied()
+                .unwrap_or(0)
     }
 
     /// This replica's counts (what it publishes).
-    pub fn local_snapshot(&self) -> HashMap<String, u32> {
-        self.local.lock().clone()
+    pub fn local_snapshot(&self) -> Counts {
+        self.local.lock().counts.clone()
     }
 
     /// Replaces the other replicas' summed counts.
-    pub fn set_remote(&self, remote: HashMap<String, u32>) {
+    pub fn set_remote(&self, remote: Counts) {
         *self.remote.write() = remote;
     }
 }
@@ -306,9 +405,32 @@ vllm:num_requests_running{x=\"}\"} NaN
         f.finish("127.0.0.11:8000");
         f.finish("127.0.0.12:8000");
         assert_eq!(f.get("127.0.0.11:8000"), 1);
-        f.set_remote(HashMap::from([("127.0.0.11:8000".to_string(), 4)]));
+        f.set_remote(Counts {
+            requests: HashMap::from([("127.0.0.11:8000".to_string(), 4)]),
+            tokens: HashMap::from([("127.0.0.11:8000".to_string(), 900)]),
+        });
         assert_eq!(f.get("127.0.0.11:8000"), 5);
+        assert_eq!(f.tokens("127.0.0.11:8000"), 900);
         f.finish("127.0.0.11:8000");
-        assert!(f.local_snapshot().is_empty());
+        assert_eq!(f.local_snapshot(), Counts::default());
+    }
+
+    #[test]
+    fn token_charges_release_once() {
+        let f = InFlight::default();
+        let a = "127.0.0.11:8000";
+        let t1 = f.charge(a, 1000);
+        let t2 = f.charge(a, 250);
+        let none = f.charge(a, 0);
+        assert_eq!(f.tokens(a), 1250);
+        assert_eq!(f.release(t1), 1000);
+        assert_eq!(f.tokens(a), 250);
+        // The request's end after its first byte: nothing more.
+        assert_eq!(f.release(t1), 0);
+        assert_eq!(f.release(none), 0);
+        assert_eq!(f.tokens(a), 250);
+        assert_eq!(f.release(t2), 250);
+        assert_eq!(f.tokens(a), 0);
+        assert!(f.local_snapshot().tokens.is_empty());
     }
 }

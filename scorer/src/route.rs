@@ -9,7 +9,7 @@
 //! scorer must always answer with an endpoint.
 
 use crate::candidates::{Candidates, endpoint_for};
-use crate::decide::{Decide, DecideError, Decision, RouteRequest};
+use crate::decide::{Charge, Decide, DecideError, Decision, Prompt, RouteRequest};
 use crate::load::Load;
 use crate::metrics as m;
 use crate::prefix::{PrefixError, PrefixLookup, PromptPrefix, ScoredPod};
@@ -77,6 +77,10 @@ pub struct EndpointScore {
     pub score: f64,
     pub prefix: f64,
     pub in_flight: u32,
+    /// Pending prefill tokens the scorers sent here (router-counted).
+    pub in_flight_tokens: u64,
+    /// This request's prompt tokens not cached here.
+    pub uncached_tokens: u64,
     pub waiting: Option<u32>,
     pub kv_usage: Option<f64>,
     pub saturated: bool,
@@ -109,6 +113,8 @@ pub struct EndpointPicker<I> {
     rng: Mutex<u64>,
     /// The ingesters' view (`kvroute:models`), when a check runs.
     index_info: Option<Arc<crate::keying::IndexInfo>>,
+    /// Tokens per block of the key scheme (cached blocks -> cached tokens).
+    block_size: u64,
 }
 
 impl<I: Index + 'static> EndpointPicker<I> {
@@ -121,6 +127,7 @@ impl<I: Index + 'static> EndpointPicker<I> {
         config: RouteConfig,
         seed: u64,
     ) -> Self {
+        let block_size = keys.block_size() as u64;
         let key_cache = KeyCache::new(keys, kvroute_core::keys::cache::DEFAULT_MAX_BYTES);
         let tokenize = Tokenize::new(tokenizers, key_cache, config.tokenize.clone());
         EndpointPicker {
@@ -130,6 +137,7 @@ impl<I: Index + 'static> EndpointPicker<I> {
             config,
             rng: Mutex::new(seed),
             index_info: None,
+            block_size,
         }
     }
 
@@ -196,15 +204,19 @@ impl<I: Index + 'static> EndpointPicker<I> {
             Err(e) => (Reason::Fallback(fallback(e)), BTreeMap::new()),
             Ok(pods) => (Reason::Prefix, self.best_per_endpoint(pods, &endpoints)),
         };
+        let prompt = prompt_tokens(req, found.keys.len(), self.block_size);
         let cands: Vec<Candidate> = endpoints
             .iter()
             .map(|ep| {
                 let engine = self.load.engines.fresh(ep, self.config.metrics_max_age);
+                let cached = prefix.get(ep).map_or(0, |p| u64::from(p.score.blocks));
                 Candidate {
                     prefix: prefix.get(ep).map_or(0.0, |p| p.score.normalized),
                     in_flight: self.load.in_flight.get(ep),
                     waiting: engine.map(|e| e.waiting.round() as u32),
                     kv_usage: engine.and_then(|e| e.kv_usage),
+                    in_flight_tokens: self.load.in_flight.tokens(ep),
+                    uncached_tokens: prompt.saturating_sub(cached * self.block_size),
                 }
             })
             .collect();
@@ -235,6 +247,8 @@ impl<I: Index + 'static> EndpointPicker<I> {
                         score: b.total,
                         prefix: b.prefix,
                         in_flight: c.in_flight,
+                        in_flight_tokens: c.in_flight_tokens,
+                        uncached_tokens: c.uncached_tokens,
                         waiting: c.waiting,
                         kv_usage: c.kv_usage,
                         saturated: b.saturated,
@@ -278,6 +292,19 @@ impl<I: Index + 'static> EndpointPicker<I> {
             .iter()
             .filter_map(|p| Some((endpoint_for(p.score.pod.endpoint(), endpoints)?, p)));
         fold_best(answering, |p| p.score.normalized)
+    }
+}
+
+/// Prompt tokens of `req` for the prefill term and charge: exact for token
+/// ids; otherwise the tokens of the prompt's full blocks (the trailing
+/// partial block, under one block, is not kept past keying); 0 when
+/// tokenization failed, as nothing is known of the prompt then (the
+/// request-count terms still spread such requests).
+fn prompt_tokens(req: &RouteRequest, full_blocks: usize, block_size: u64) -> u64 {
+    let from_blocks = full_blocks as u64 * block_size;
+    match &req.prompt {
+        Prompt::TokenIds(ids) => (ids.len() as u64).max(from_blocks),
+        Prompt::Text(_) | Prompt::Chat(_) => from_blocks,
     }
 }
 
@@ -326,6 +353,7 @@ fn log_breakdown(endpoints: &[String], breakdowns: &[Breakdown], chosen: usize) 
                 queue = b.queue,
                 kv_usage = b.kv_usage,
                 in_flight = b.in_flight,
+                tokens = b.tokens,
                 saturated = b.saturated,
                 total = b.total,
                 "candidate"
@@ -351,12 +379,29 @@ impl<I: Index + 'static> Decide for EndpointPicker<I> {
             metrics::counter!(m::FALLBACKS, "reason" => reason).increment(1);
         }
         let endpoint = report.picked.ok_or(DecideError::NoCandidates)?;
+        let tokens = report
+            .scores
+            .iter()
+            .find(|s| s.endpoint == endpoint)
+            .map_or(0, |s| s.uncached_tokens);
         self.load.in_flight.start(&endpoint);
-        Ok(Decision { endpoint, reason })
+        let ticket = self.load.in_flight.charge(&endpoint, tokens);
+        Ok(Decision {
+            endpoint,
+            reason,
+            charge: Some(Charge { ticket, tokens }),
+        })
     }
 
-    fn finished(&self, endpoint: &str) {
-        self.load.in_flight.finish(endpoint);
+    fn prefill_done(&self, decision: &Decision) {
+        if let Some(c) = decision.charge {
+            self.load.in_flight.release(c.ticket);
+        }
+    }
+
+    fn finished(&self, decision: &Decision) {
+        self.prefill_done(decision);
+        self.load.in_flight.finish(&decision.endpoint);
     }
 }
 
@@ -454,21 +499,78 @@ mod tests {
             .expect("B scored");
         assert_eq!((b.blocks, b.tier.as_deref()), (8, Some("gpu")));
         // Two in flight saturate B: the third request goes to A.
-        let mut picks = Vec::new();
+        let mut decisions = Vec::new();
         for _ in 0..3 {
             let d = r
                 .decide(ids_request("tiny", ids.clone()), None)
                 .await
                 .expect("decision");
-            picks.push(d.endpoint);
+            decisions.push(d);
         }
-        assert_eq!(picks, vec![B.to_string(), B.to_string(), A.to_string()]);
-        r.finished(B);
+        let picks: Vec<&str> = decisions.iter().map(|d| d.endpoint.as_str()).collect();
+        assert_eq!(picks, vec![B, B, A]);
+        r.finished(&decisions[0]);
         let d = r
             .decide(ids_request("tiny", ids.clone()), None)
             .await
             .expect("decision");
         assert_eq!(d.endpoint, B);
+    }
+
+    /// A decision charges the chosen pod with the prompt's uncached tokens
+    /// (34 ids, block size 4: 8 full blocks; B holds 8, A holds 2); the
+    /// first byte releases them and the end releases nothing more; an end
+    /// without a first byte releases them too.
+    #[tokio::test]
+    async fn decisions_charge_uncached_tokens_until_the_first_byte() {
+        let (r, index) = router(LoadLimits::default());
+        let ids: Vec<u32> = (0..34).collect();
+        let keys = scheme().block_keys(&ids, ExtraKeys::NONE);
+        store(&index, B, "tiny", &keys);
+        store(&index, A, "tiny", &keys[..2]);
+        let report = r.score(&ids_request("tiny", ids.clone()), None).await;
+        let uncached = |ep: &str| {
+            report
+                .scores
+                .iter()
+                .find(|s| s.endpoint == ep)
+                .map(|s| s.uncached_tokens)
+        };
+        // 34 - 8 x 4 on B, 34 - 2 x 4 on A.
+        assert_eq!((uncached(B), uncached(A)), (Some(2), Some(26)));
+        let inflight = &r.load().in_flight;
+        let d = r
+            .decide(ids_request("tiny", ids.clone()), None)
+            .await
+            .expect("decision");
+        assert_eq!(d.endpoint, B);
+        assert_eq!(d.charge.map(|c| c.tokens), Some(2));
+        assert_eq!((inflight.tokens(B), inflight.get(B)), (2, 1));
+        r.prefill_done(&d);
+        assert_eq!((inflight.tokens(B), inflight.get(B)), (0, 1));
+        // A second charge on B, released by the end alone; the first
+        // decision's end releases only its slot.
+        let d2 = r
+            .decide(ids_request("tiny", ids.clone()), None)
+            .await
+            .expect("decision");
+        assert_eq!((d2.endpoint.as_str(), inflight.tokens(B)), (B, 2));
+        r.finished(&d);
+        assert_eq!((inflight.tokens(B), inflight.get(B)), (2, 1));
+        r.finished(&d2);
+        assert_eq!((inflight.tokens(B), inflight.get(B)), (0, 0));
+        // The charge is what the next decision sees: 2 pending on B.
+        let _held = r
+            .decide(ids_request("tiny", ids.clone()), None)
+            .await
+            .expect("decision");
+        let report = r.score(&ids_request("tiny", ids), None).await;
+        let b = report
+            .scores
+            .iter()
+            .find(|s| s.endpoint == B)
+            .expect("B scored");
+        assert_eq!(b.in_flight_tokens, 2);
     }
 
     #[tokio::test]

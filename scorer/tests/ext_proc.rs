@@ -313,6 +313,11 @@ async fn response_trailers_end_the_request_once() {
     .await;
     assert!(matches!(s.next().await, Reply::ResponseBody(_)));
     assert_eq!(decide.finished_count(), 0, "response still streaming");
+    assert_eq!(
+        decide.prefill_done_count(),
+        1,
+        "first body byte: prefill done"
+    );
     s.send(Msg::ResponseTrailers(HttpTrailers::default()), None)
         .await;
     assert!(matches!(s.next().await, Reply::ResponseTrailers(_)));
@@ -323,6 +328,48 @@ async fn response_trailers_end_the_request_once() {
         decide.finished_count(),
         1,
         "the stream's end must not release again"
+    );
+}
+
+/// The first non-empty response body chunk (the first streamed token)
+/// ends the prefill once; headers and empty chunks do not; the response's
+/// end then calls `finished` once, after it.
+#[tokio::test]
+async fn first_response_byte_ends_the_prefill_once() {
+    let (decide, scorer) = scorer(ExtProcConfig::default()).await;
+    let mut s = Stream::open(&scorer).await;
+    s.send(headers("/v1/completions", &[], false), None).await;
+    s.send(body(&completion("model-b", "p"), true), None).await;
+    assert_eq!(routed(&mut s).await, POD_B);
+    assert!(matches!(s.next().await, Reply::RequestBody(_)));
+    s.send(Msg::ResponseHeaders(HttpHeaders::default()), None)
+        .await;
+    assert!(matches!(s.next().await, Reply::ResponseHeaders(_)));
+    let chunk = |b: &[u8], end: bool| {
+        Msg::ResponseBody(HttpBody {
+            body: b.to_vec(),
+            end_of_stream: end,
+            ..Default::default()
+        })
+    };
+    s.send(chunk(b"", false), None).await;
+    assert!(matches!(s.next().await, Reply::ResponseBody(_)));
+    assert_eq!(decide.prefill_done_count(), 0, "headers and empty chunks");
+    s.send(chunk(b"data: {\"t\":1}\n\n", false), None).await;
+    assert!(matches!(s.next().await, Reply::ResponseBody(_)));
+    assert_eq!(decide.prefill_done.lock().as_slice(), [POD_B]);
+    s.send(chunk(b"data: {\"t\":2}\n\n", false), None).await;
+    assert!(matches!(s.next().await, Reply::ResponseBody(_)));
+    assert_eq!(decide.finished_count(), 0);
+    s.send(chunk(b"data: [DONE]\n\n", true), None).await;
+    assert!(matches!(s.next().await, Reply::ResponseBody(_)));
+    assert_eq!(decide.wait_finished(1).await, 1);
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        (decide.prefill_done_count(), decide.finished_count()),
+        (1, 1),
+        "one first byte, one end"
     );
 }
 

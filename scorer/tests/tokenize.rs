@@ -143,7 +143,7 @@ async fn cold_tokenization_does_not_hold_up_other_decisions() {
             .await
             .expect("decision");
         assert_eq!((d.endpoint.as_str(), d.reason), (B, "prefix"));
-        r.finished(B);
+        r.finished(&d);
         meanwhile += 1;
         tokio::task::yield_now().await;
     }

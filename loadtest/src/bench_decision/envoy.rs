@@ -37,11 +37,12 @@ impl Decide for Fixed {
             Ok(Decision {
                 endpoint,
                 reason: "fixed",
+                charge: None,
             })
         }
     }
 
-    fn finished(&self, _endpoint: &str) {}
+    fn finished(&self, _decision: &Decision) {}
 }
 
 /// Serves the do-nothing picker on `listener` until `shutdown`, with the

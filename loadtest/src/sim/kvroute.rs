@@ -5,8 +5,11 @@
 //! reference the Redis backend is property-tested against); each decision
 //! is the scorer's [`EndpointPicker`] (`Decide::decide`: token ids -> block
 //! keys -> index lookup -> tier-weighted scores -> blend with scraped load
-//! and router-counted in-flight requests -> pick), and completions release
-//! the in-flight slot as Envoy's stream end does.
+//! and router-counted in-flight requests and prefill tokens -> pick); the
+//! first token releases the decision's prefill charge as the first response
+//! byte through Envoy's ext_proc stream does (`Decide::prefill_done`), and
+//! completions release the in-flight slot as the stream's end does
+//! (`Decide::finished`).
 
 use ingester::keys::Keyer;
 use kvroute_core::events::KvEvent;
@@ -19,7 +22,7 @@ use kvroute_sim::request::SimRequest;
 use kvroute_tokens::TokenizerOptions;
 use kvroute_tokens::TokenizerRegistry;
 use scorer::candidates::Candidates;
-use scorer::decide::{Decide, Prompt, RouteRequest};
+use scorer::decide::{Decide, Decision, Prompt, RouteRequest};
 use scorer::load::{EngineLoad, Load};
 use scorer::route::{EndpointPicker, RouteConfig};
 use std::collections::HashMap;
@@ -51,6 +54,9 @@ pub struct Kvroute {
     /// often, whatever the simulator's scrape tick.
     scrape_interval_s: f64,
     ops: Vec<IndexOp>,
+    /// Each routed request's decision until it finishes (what the
+    /// ext_proc stream's guard holds).
+    decisions: HashMap<u64, Decision>,
 }
 
 /// Loopback endpoint of simulated pod `i` (`127.0.0.11:8000`, ...): the
@@ -105,6 +111,7 @@ impl Kvroute {
             recorded: vec![f64::NEG_INFINITY; pods],
             scrape_interval_s,
             ops: Vec::new(),
+            decisions: HashMap::new(),
         })
     }
 }
@@ -143,7 +150,11 @@ impl Policy for Kvroute {
             request_id: None,
         };
         match self.rt.block_on(self.picker.decide(request, None)) {
-            Ok(d) => self.by_endpoint.get(&d.endpoint).copied().unwrap_or(0),
+            Ok(d) => {
+                let pod = self.by_endpoint.get(&d.endpoint).copied().unwrap_or(0);
+                self.decisions.insert(req.id, d);
+                pod
+            }
             // Only "no candidates", impossible with a fixed fleet.
             Err(e) => {
                 tracing::warn!(error = %e, "kvroute picked nothing");
@@ -152,8 +163,16 @@ impl Policy for Kvroute {
         }
     }
 
-    fn on_finish(&mut self, _now: f64, _req: &SimRequest, pod: PodIndex) {
-        self.picker.finished(&self.endpoints[pod]);
+    fn on_first_token(&mut self, _now: f64, req: &SimRequest, _pod: PodIndex) {
+        if let Some(d) = self.decisions.get(&req.id) {
+            self.picker.prefill_done(d);
+        }
+    }
+
+    fn on_finish(&mut self, _now: f64, req: &SimRequest, _pod: PodIndex) {
+        if let Some(d) = self.decisions.remove(&req.id) {
+            self.picker.finished(&d);
+        }
     }
 
     fn on_events(&mut self, _now: f64, pod: PodIndex, events: &[KvEvent]) {

@@ -62,8 +62,9 @@ pub struct Args {
     /// `sha256_cbor`, so the ingester must map every block.
     #[arg(long)]
     engine_hash_differs: bool,
-    /// kvroute's blend weights `prefix,queue,kv_usage,in_flight` (the
-    /// scorer's `--weight-*`; default its defaults).
+    /// kvroute's blend weights `prefix,queue,kv_usage,in_flight[,tokens]`
+    /// (the scorer's `--weight-*`; default its defaults; without the fifth,
+    /// the prefill-backlog weight keeps its default).
     #[arg(long, value_delimiter = ',')]
     kvroute_weights: Option<Vec<f64>>,
     /// kvroute's `--max-in-flight` / `--max-waiting` saturation limits.
@@ -71,6 +72,12 @@ pub struct Args {
     kvroute_max_in_flight: Option<u32>,
     #[arg(long)]
     kvroute_max_waiting: Option<u32>,
+    /// kvroute's `--prefill-tokens-per-s` (one pod's prefill rate).
+    #[arg(long)]
+    kvroute_prefill_tokens_per_s: Option<f64>,
+    /// kvroute's `--prefill-horizon-s` (backlog where the term bottoms out).
+    #[arg(long)]
+    kvroute_prefill_horizon_s: Option<f64>,
     /// Runs at a time.
     #[arg(long, default_value_t = 2)]
     jobs: usize,
@@ -283,15 +290,26 @@ fn load_workload(
 fn kvroute_config(args: &Args) -> anyhow::Result<scorer::route::RouteConfig> {
     let mut c = scorer::route::RouteConfig::default();
     if let Some(w) = &args.kvroute_weights {
-        let [prefix, queue, kv_usage, in_flight] = w[..] else {
-            bail!("--kvroute-weights takes 4 numbers: prefix,queue,kv_usage,in_flight");
+        let (prefix, queue, kv_usage, in_flight, tokens) = match w[..] {
+            [p, q, k, i] => (p, q, k, i, c.weights.tokens),
+            [p, q, k, i, t] => (p, q, k, i, t),
+            _ => bail!(
+                "--kvroute-weights takes 4 or 5 numbers: prefix,queue,kv_usage,in_flight[,tokens]"
+            ),
         };
         c.weights = kvroute_core::scoring::pick::PickWeights {
             prefix,
             queue,
             kv_usage,
             in_flight,
+            tokens,
         };
+    }
+    if let Some(r) = args.kvroute_prefill_tokens_per_s {
+        c.limits.prefill_tokens_per_s = r;
+    }
+    if let Some(h) = args.kvroute_prefill_horizon_s {
+        c.limits.prefill_horizon_s = h;
     }
     if let Some(m) = args.kvroute_max_in_flight {
         c.limits.max_in_flight = Some(m);

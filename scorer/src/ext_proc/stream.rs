@@ -5,7 +5,8 @@
 //! Headers --request_headers--> Body --request_body(eos)--> decide -> Routed
 //!                                     (or request_trailers)
 //! Routed: echo response_headers / response_body / response_trailers; the
-//!         response's end releases the endpoint (Decide::finished)
+//!         first response body byte ends the prefill (Decide::prefill_done),
+//!         the response's end releases the endpoint (Decide::finished)
 //! ```
 //!
 //! The request-headers response is held until the body is complete (routing
@@ -17,7 +18,7 @@ use super::body::{BodyBuffer, Budget, PushError};
 use super::metadata::{self, subset_hint};
 use super::metrics::{self, Outcome};
 use super::{ExtProcConfig, response};
-use crate::decide::{Decide, DecideError, RouteRequest};
+use crate::decide::{Decide, DecideError, Decision, RouteRequest};
 use crate::request;
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Msg;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
@@ -52,15 +53,28 @@ enum Phase {
 }
 
 /// Calls `Decide::finished` when dropped: on the response's end, or when the
-/// stream task ends any other way (Envoy reset, client gone, error).
+/// stream task ends any other way (Envoy reset, client gone, error). Calls
+/// `Decide::prefill_done` once, at the first response body byte (in
+/// FULL_DUPLEX_STREAMED mode the body passes through here as the engine
+/// streams it, so its first byte is the first token: the prefill is done).
 struct Finished<D: Decide> {
     decide: Arc<D>,
-    endpoint: String,
+    decision: Decision,
+    prefill_done: bool,
+}
+
+impl<D: Decide> Finished<D> {
+    fn first_byte(&mut self) {
+        if !self.prefill_done {
+            self.prefill_done = true;
+            self.decide.prefill_done(&self.decision);
+        }
+    }
 }
 
 impl<D: Decide> Drop for Finished<D> {
     fn drop(&mut self) {
-        self.decide.finished(&self.endpoint);
+        self.decide.finished(&self.decision);
     }
 }
 
@@ -197,6 +211,11 @@ impl<D: Decide> StreamState<D> {
                 end_of_stream,
                 ..
             }) => {
+                if !body.is_empty()
+                    && let Some(f) = &mut self.finished
+                {
+                    f.first_byte();
+                }
                 for (chunk, end) in response::chunks(body, end_of_stream) {
                     self.send(response::response_body(chunk, end)).await?;
                 }
@@ -325,12 +344,14 @@ impl<D: Decide> StreamState<D> {
         Span::current().record("reason", decision.reason);
         self.decided = true;
         self.phase = Phase::Routed;
+        let endpoint = decision.endpoint.clone();
         self.finished = Some(Finished {
             decide: Arc::clone(&self.decide),
-            endpoint: decision.endpoint.clone(),
+            decision,
+            prefill_done: false,
         });
         metrics::record(Outcome::Routed);
-        self.send(response::route(&decision.endpoint)).await?;
+        self.send(response::route(&endpoint)).await?;
         metrics::decision_time(started.elapsed());
         if let Some((body, end)) = body {
             for (chunk, last) in response::chunks(body, end) {

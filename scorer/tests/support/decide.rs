@@ -1,9 +1,10 @@
 //! A deterministic `Decide` for tests: the model name picks the endpoint, a
 //! subset hint narrows it, and every call is recorded so tests can check
-//! what the front end passed and that `finished` ran exactly once.
+//! what the front end passed, that `prefill_done` ran at most once and
+//! `finished` exactly once.
 
 use parking_lot::Mutex;
-use scorer::decide::{Decide, DecideError, Decision, RouteRequest};
+use scorer::decide::{Charge, Decide, DecideError, Decision, RouteRequest};
 use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
@@ -21,7 +22,12 @@ pub struct TableDecide {
     pub calls: Mutex<Vec<(RouteRequest, Option<Vec<String>>)>>,
     /// Endpoints passed to `finished`, in order.
     pub finished: Mutex<Vec<String>>,
+    /// Endpoints passed to `prefill_done`, in order.
+    pub prefill_done: Mutex<Vec<String>>,
 }
+
+/// The prefill charge every [`TableDecide`] decision carries.
+pub const CHARGE_TOKENS: u64 = 100;
 
 impl TableDecide {
     pub fn new(routes: &[(&str, &str)], fallback: &str) -> Self {
@@ -47,6 +53,10 @@ impl TableDecide {
 
     pub fn finished_count(&self) -> usize {
         self.finished.lock().len()
+    }
+
+    pub fn prefill_done_count(&self) -> usize {
+        self.prefill_done.lock().len()
     }
 
     pub fn last_call(&self) -> Option<(RouteRequest, Option<Vec<String>>)> {
@@ -80,18 +90,30 @@ impl Decide for TableDecide {
         {
             endpoint = subset.first().cloned();
         }
-        self.calls.lock().push((request, subset));
+        let ticket = {
+            let mut calls = self.calls.lock();
+            calls.push((request, subset));
+            calls.len() as u64
+        };
         async move {
             endpoint
                 .map(|endpoint| Decision {
                     endpoint,
                     reason: "table",
+                    charge: Some(Charge {
+                        ticket,
+                        tokens: CHARGE_TOKENS,
+                    }),
                 })
                 .ok_or(DecideError::NoCandidates)
         }
     }
 
-    fn finished(&self, endpoint: &str) {
-        self.finished.lock().push(endpoint.to_owned());
+    fn prefill_done(&self, decision: &Decision) {
+        self.prefill_done.lock().push(decision.endpoint.clone());
+    }
+
+    fn finished(&self, decision: &Decision) {
+        self.finished.lock().push(decision.endpoint.clone());
     }
 }

@@ -2,11 +2,39 @@
 //!
 //! The blend is llm-d's weighted sum of [0, 1] terms (prefix 2 : queue 1 :
 //! KV usage 1 by default, the weights of llm-d's precise-prefix-cache-aware
-//! guide, scheduler v0.8.0-rc.1), plus a term for the
-//! requests in flight that the scorers count themselves: scraped queue
-//! lengths lag by a scrape interval, so under a burst they cannot stop one hot
-//! prefix from piling every request onto one pod, while router-counted
-//! in-flight requests move with every decision.
+//! guide, scheduler v0.8.0-rc.1), plus two terms for what the scorers count
+//! themselves: scraped queue lengths lag by a scrape interval, so under a
+//! burst they cannot stop one hot prefix from piling every request onto one
+//! pod, while router-counted load moves with every decision.
+//!
+//! - *In flight*: requests sent to the pod and not finished,
+//!   `1 - min(n, max_in_flight) / max_in_flight`.
+//! - *Prefill backlog* (`tokens`): a request count says nothing of size; a
+//!   pod with one 100k-token prefill queued is busy for seconds, one with a
+//!   1k-token request for milliseconds. The term is the headroom of the
+//!   pod's estimated time to this request's first token,
+//!   `b = (F + U) / R` seconds, below a horizon `H`:
+//!   `tokens = 1 - min(b, H) / H`, where `F` is the uncached prompt tokens
+//!   of requests the scorers sent there whose first response byte has not
+//!   passed yet (charged at the decision, released at that byte or at the
+//!   end), `U` this request's tokens not cached there (prompt minus cached
+//!   blocks x block size) and `R` one pod's prefill rate
+//!   (`--prefill-tokens-per-s`). `U` makes the term reward a cached prefix
+//!   by the prefill it saves, in the same unit as the backlog it competes
+//!   with: llm-d's token-load scorer ranks pods by the same `F + U`
+//!   (llm-d/llm-d PR #2071, guides/precise-prefix-cache-routing), but only
+//!   among the pods holding most of the prompt; here it is one more term of
+//!   the blend, so a long enough backlog outweighs any prefix.
+//!
+//! Defaults, from the fleet simulator (`kvroute-loadtest sim`, Mooncake
+//! trace of ~15k-token prompts, 8 and 16 pods at 1x, 2x and 4x its rate):
+//! `R` = 35k tokens/s (Llama-3.1-8B on one H100, the simulated engine),
+//! `H` = 2 s and weight 4, so one second of backlog costs 2, as much as a
+//! full prefix match. At 4x, horizon 4 s (1 s = 1) gave TTFT p90 1.06 s /
+//! 806 ms on 8 / 16 pods, 2 s gave 1.05 s / 773 ms, 1 s 1.20 s / 795 ms
+//! (the term saturates on every loaded pod and stops ranking them); weight
+//! 8 at 4 s 1.05 s / 795 ms. Without the term (weight 0, the old blend):
+//! 1.64 s / 929 ms.
 //!
 //! On top of the blend, a hard limit: a pod whose in-flight or waiting count
 //! reached its configured limit is *saturated* and only chosen when every
@@ -21,6 +49,9 @@ pub struct PickWeights {
     pub queue: f64,
     pub kv_usage: f64,
     pub in_flight: f64,
+    /// Prefill backlog: router-counted uncached prompt tokens in flight plus
+    /// this request's uncached tokens (see the module doc).
+    pub tokens: f64,
 }
 
 impl Default for PickWeights {
@@ -30,6 +61,7 @@ impl Default for PickWeights {
             queue: 1.0,
             kv_usage: 1.0,
             in_flight: 1.0,
+            tokens: DEFAULT_TOKENS_WEIGHT,
         }
     }
 }
@@ -43,6 +75,11 @@ pub struct LoadLimits {
     pub max_waiting: Option<u32>,
     /// vLLM's `kv_cache_usage_perc` (0..1).
     pub max_kv_usage: Option<f64>,
+    /// Prefill throughput of one pod in tokens/s: turns a token backlog into
+    /// seconds of prefill.
+    pub prefill_tokens_per_s: f64,
+    /// Seconds of prefill backlog at which the token term bottoms out.
+    pub prefill_horizon_s: f64,
 }
 
 impl Default for LoadLimits {
@@ -51,6 +88,8 @@ impl Default for LoadLimits {
             max_in_flight: Some(64),
             max_waiting: Some(16),
             max_kv_usage: None,
+            prefill_tokens_per_s: DEFAULT_PREFILL_TOKENS_PER_S,
+            prefill_horizon_s: DEFAULT_PREFILL_HORIZON_S,
         }
     }
 }
@@ -66,6 +105,12 @@ pub struct Candidate {
     pub waiting: Option<u32>,
     /// Scraped `vllm:kv_cache_usage_perc` in 0..1 (None: no fresh scrape).
     pub kv_usage: Option<f64>,
+    /// Uncached prompt tokens of the requests the scorers sent here that have
+    /// not produced their first response byte yet (their prefill is pending).
+    pub in_flight_tokens: u64,
+    /// This request's uncached tokens on this pod: prompt tokens minus the
+    /// cached prefix (blocks x block size).
+    pub uncached_tokens: u64,
 }
 
 /// Every term of one candidate's blend, for logs and the HTTP API.
@@ -75,6 +120,7 @@ pub struct Breakdown {
     pub queue: f64,
     pub kv_usage: f64,
     pub in_flight: f64,
+    pub tokens: f64,
     pub saturated: bool,
     pub total: f64,
 }
@@ -96,6 +142,17 @@ impl Candidate {
 /// The load at which a term bottoms out when no limit is configured.
 const DEFAULT_WAITING_SCALE: f64 = 16.0;
 const DEFAULT_IN_FLIGHT_SCALE: f64 = 64.0;
+
+/// Default prefill throughput (`--prefill-tokens-per-s`): Llama-3.1-8B on
+/// one H100 prefills ~35k tokens/s in 8192-token chunked-prefill steps (the
+/// simulator's roofline, docs/engine-model.md). For a bigger model or GPU
+/// set it to the pod's measured rate; only the ratio of the weight to
+/// (rate x horizon) matters below the horizon.
+pub const DEFAULT_PREFILL_TOKENS_PER_S: f64 = 35_000.0;
+/// Default `--prefill-horizon-s`: see the module doc.
+pub const DEFAULT_PREFILL_HORIZON_S: f64 = 2.0;
+/// Default `--weight-tokens`: see the module doc.
+pub const DEFAULT_TOKENS_WEIGHT: f64 = 4.0;
 
 /// `1 - min(x, scale) / scale`: 1 when idle, 0 at the scale.
 fn headroom(x: f64, scale: f64) -> f64 {
@@ -120,6 +177,11 @@ pub fn blend(
     let in_flight_scale = limits
         .max_in_flight
         .map_or(DEFAULT_IN_FLIGHT_SCALE, |m| f64::from(m.max(1)));
+    // Non-positive or NaN settings fall back to the defaults rather than
+    // dividing by zero (a NaN total would never win nor tie).
+    let positive = |x: f64, default: f64| if x > 0.0 && x.is_finite() { x } else { default };
+    let tokens_per_s = positive(limits.prefill_tokens_per_s, DEFAULT_PREFILL_TOKENS_PER_S);
+    let horizon_s = positive(limits.prefill_horizon_s, DEFAULT_PREFILL_HORIZON_S);
     candidates
         .iter()
         .map(|c| {
@@ -131,15 +193,19 @@ pub fn blend(
                 .map_or(0.5, |w| headroom(f64::from(w), waiting_scale));
             let kv_usage = 1.0 - c.kv_usage.unwrap_or(0.5).clamp(0.0, 1.0);
             let in_flight = headroom(f64::from(c.in_flight), in_flight_scale);
+            let backlog = (c.in_flight_tokens as f64 + c.uncached_tokens as f64) / tokens_per_s;
+            let tokens = headroom(backlog, horizon_s);
             let total = weights.prefix * prefix
                 + weights.queue * queue
                 + weights.kv_usage * kv_usage
-                + weights.in_flight * in_flight;
+                + weights.in_flight * in_flight
+                + weights.tokens * tokens;
             Breakdown {
                 prefix,
                 queue,
                 kv_usage,
                 in_flight,
+                tokens,
                 saturated: c.saturated(limits),
                 total,
             }
@@ -193,6 +259,7 @@ mod tests {
             in_flight,
             waiting: Some(0),
             kv_usage: Some(0.1),
+            ..Candidate::default()
         }
     }
 
@@ -240,6 +307,71 @@ mod tests {
         let b = blend(&c, &PickWeights::default(), &LoadLimits::default());
         assert!(b[1].total > b[0].total);
         assert_eq!(choose(&b, rng(3)), Some(1));
+    }
+
+    /// Hand-computed: R = 1000 tokens/s, H = 2 s, weight 4, every other
+    /// weight 0. Pod 0 has 500 pending and 100 uncached: b = 0.6 s,
+    /// term 1 - 0.6/2 = 0.7, total 2.8. Pod 1 has nothing pending but
+    /// 1500 uncached: b = 1.5 s, term 0.25, total 1.0. Pod 2 is past the
+    /// horizon: term 0.
+    #[test]
+    fn prefill_backlog_term_is_headroom_of_pending_plus_uncached() {
+        let weights = PickWeights {
+            prefix: 0.0,
+            queue: 0.0,
+            kv_usage: 0.0,
+            in_flight: 0.0,
+            tokens: 4.0,
+        };
+        let limits = LoadLimits {
+            prefill_tokens_per_s: 1000.0,
+            prefill_horizon_s: 2.0,
+            ..LoadLimits::default()
+        };
+        let with = |pending, uncached| Candidate {
+            in_flight_tokens: pending,
+            uncached_tokens: uncached,
+            ..cand(0.0, 0)
+        };
+        let c = [with(500, 100), with(0, 1500), with(3000, 0)];
+        let b = blend(&c, &weights, &limits);
+        for (got, want) in b.iter().map(|b| b.tokens).zip([0.7, 0.25, 0.0]) {
+            assert!((got - want).abs() < 1e-12, "{got} != {want}");
+        }
+        assert!((b[0].total - 2.8).abs() < 1e-12);
+        assert!((b[1].total - 1.0).abs() < 1e-12);
+        assert_eq!(b[2].total, 0.0);
+        // Nonsense settings fall back to the defaults instead of NaN.
+        let bad = LoadLimits {
+            prefill_tokens_per_s: 0.0,
+            prefill_horizon_s: f64::NAN,
+            ..LoadLimits::default()
+        };
+        let b = blend(&[with(35_000, 0)], &weights, &bad);
+        assert!((b[0].tokens - 0.5).abs() < 1e-12, "{}", b[0].tokens);
+    }
+
+    /// With the default weights, a pod holding the whole 15k-token prompt
+    /// but 3 s of backlog (105k tokens at 35k/s) loses to an idle pod
+    /// holding nothing: cached pod 2 x 1 + 4 x 0 = 2 (backlog past the 2 s
+    /// horizon), idle pod 0 + 4 x (1 - (15k/35k)/2) = 3.14 (the other
+    /// terms equal). At 0.5 s of backlog (17.5k tokens) the cached pod
+    /// wins: 2 + 4 x 0.75 = 5 against 3.14.
+    #[test]
+    fn a_long_backlog_outweighs_a_full_prefix_match() {
+        let w = PickWeights::default();
+        let l = LoadLimits::default();
+        let pod = |prefix, pending, uncached| Candidate {
+            in_flight_tokens: pending,
+            uncached_tokens: uncached,
+            ..cand(prefix, 1)
+        };
+        let b = blend(&[pod(1.0, 105_000, 0), pod(0.0, 0, 15_000)], &w, &l);
+        assert!((b[0].total - b[1].total - (2.0 - 4.0 * (1.0 - 15.0 / 70.0))).abs() < 1e-9);
+        assert_eq!(choose(&b, rng(1)), Some(1));
+        let b = blend(&[pod(1.0, 17_500, 0), pod(0.0, 0, 15_000)], &w, &l);
+        assert!((b[0].total - b[1].total - (5.0 - 4.0 * (1.0 - 15.0 / 70.0))).abs() < 1e-9);
+        assert_eq!(choose(&b, rng(1)), Some(0));
     }
 
     #[test]
