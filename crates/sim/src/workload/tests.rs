@@ -485,7 +485,9 @@ fn trace_replays_trace_rs_tokens_at_scaled_times() {
     for (r, p) in w.requests.iter().zip(&parsed) {
         assert_eq!(r.tokens, p.tokens());
         assert_eq!(r.body, Body::TokenIds { prompt: p.tokens() });
-        assert_eq!(r.session, None);
+        // A conversation's turns share their first block: its id is the
+        // session a client header would carry.
+        assert_eq!(r.session, p.hash_ids.first().copied());
     }
     let arrivals: Vec<f64> = w.requests.iter().map(|r| r.arrival).collect();
     assert_eq!(arrivals, vec![0.0, 0.75, 2.0]);
