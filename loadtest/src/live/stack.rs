@@ -190,17 +190,12 @@ impl Stack {
                 connect.push(format!("tcp://{}", a.kv_pub));
             }
             let mut args = redis.args();
+            args.extend(key_args(c));
             args.extend([
                 "--zmq-connect".into(),
                 connect.join(","),
                 "--replay-endpoint".into(),
                 "tcp://{host}:5558".into(),
-                "--hash-scheme".into(),
-                "sha256_cbor".into(),
-                "--hash-seed".into(),
-                c.hash_seed.into(),
-                "--block-size".into(),
-                c.engine.block_size.to_string(),
                 "--http-addr".into(),
                 format!("127.0.0.1:{http}"),
             ]);
@@ -221,17 +216,12 @@ impl Stack {
             let bin = c.bin_dir.join("kvroute-scorer");
             for r in 0..c.scorers.max(1) {
                 let mut args = redis.args();
+                args.extend(key_args(c));
                 args.extend([
                     "--endpoints".into(),
                     endpoints.join(","),
                     "--tokenizer".into(),
                     format!("{}={}", c.model, c.tokenizer_dir.display()),
-                    "--hash-scheme".into(),
-                    "sha256_cbor".into(),
-                    "--hash-seed".into(),
-                    c.hash_seed.into(),
-                    "--block-size".into(),
-                    c.engine.block_size.to_string(),
                     "--replica-id".into(),
                     format!("live-{r}"),
                 ]);
@@ -285,6 +275,19 @@ impl Stack {
         let Stack { fleet, .. } = self;
         fleet.shutdown().await;
     }
+}
+
+/// How the ingester and the scorers key blocks: `sha256_cbor` with the
+/// pods' seed and block size (what they publish unless told otherwise).
+fn key_args(c: &StackConfig<'_>) -> [String; 6] {
+    [
+        "--hash-scheme".into(),
+        "sha256_cbor".into(),
+        "--hash-seed".into(),
+        c.hash_seed.into(),
+        "--block-size".into(),
+        c.engine.block_size.to_string(),
+    ]
 }
 
 /// Polls `addr` until `path` answers 200.

@@ -2,34 +2,9 @@
 //! random, round-robin, session affinity, least-loaded, and an oracle that
 //! reads every engine's true cache and queue.
 
+use super::rng::{SplitMix64 as SplitMix, mix64 as mix};
 use super::{PodIndex, Policy, Signals};
 use crate::request::SimRequest;
-
-/// SplitMix64: tiny, seedable, good enough for tie-breaks and picks.
-#[derive(Debug, Clone)]
-pub struct SplitMix(u64);
-
-impl SplitMix {
-    pub fn new(seed: u64) -> SplitMix {
-        SplitMix(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        mix(self.0)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: usize) -> usize {
-        (((self.next_u64() >> 11) as u128 * n as u128) >> 53) as usize
-    }
-}
-
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
 
 /// Uniformly random pod: what a plain Kubernetes Service gives.
 pub struct Random {
