@@ -113,9 +113,16 @@ pub struct ServeArgs {
     /// Seconds of prefill backlog at which the prefill term bottoms out.
     #[arg(long, env = "KVROUTE_PREFILL_HORIZON_S", default_value_t = kvroute_core::scoring::pick::DEFAULT_PREFILL_HORIZON_S)]
     pub prefill_horizon_s: f64,
-    /// A pod with this many requests in flight is saturated: chosen only when all are.
-    #[arg(long, env = "KVROUTE_MAX_IN_FLIGHT", default_value_t = 64)]
+    /// A pod with this many requests in flight is saturated: chosen only
+    /// when all are. A running-batch bound (vLLM's `max_num_seqs`), not a
+    /// queue one: in-flight requests are mostly decoding.
+    #[arg(long, env = "KVROUTE_MAX_IN_FLIGHT", default_value_t = kvroute_core::scoring::pick::DEFAULT_MAX_IN_FLIGHT)]
     pub max_in_flight: u32,
+    /// Requests in flight at which the in-flight term bottoms out (a
+    /// tie-break among lightly loaded pods; the prefill backlog term ranks
+    /// busy ones).
+    #[arg(long, env = "KVROUTE_IN_FLIGHT_SCALE", default_value_t = kvroute_core::scoring::pick::DEFAULT_IN_FLIGHT_SCALE)]
+    pub in_flight_scale: f64,
     /// A pod with this many waiting requests is saturated.
     #[arg(long, env = "KVROUTE_MAX_WAITING", default_value_t = 16)]
     pub max_waiting: u32,
@@ -137,6 +144,14 @@ pub struct ServeArgs {
     /// hold Redis for tens of milliseconds.
     #[arg(long, env = "KVROUTE_MAX_LOOKUP_BLOCKS", default_value_t = crate::route::DEFAULT_MAX_LOOKUP_BLOCKS)]
     pub max_lookup_blocks: usize,
+    /// Count a prompt's blocks as held by an endpoint while requests this
+    /// replica routed there are computing them (from the decision to the
+    /// request's end), before the engine's BlockStored reaches the index:
+    /// requests sharing a long prefix that arrive during its first prefill
+    /// then follow it instead of each paying the prefill on another pod.
+    /// `false` scores by the index alone.
+    #[arg(long, env = "KVROUTE_PENDING_PREFIXES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pending_prefixes: bool,
     /// How the index finds each pod's prefix: `bisect` reads O(pods x log
     /// blocks) blocks and is exact when pods hold prefixes of the prompt
     /// (what vLLM's hash chaining gives); `linear` reads every block of the
@@ -196,6 +211,7 @@ impl ServeArgs {
             },
             limits: LoadLimits {
                 max_in_flight: Some(self.max_in_flight),
+                in_flight_scale: self.in_flight_scale,
                 max_waiting: Some(self.max_waiting),
                 max_kv_usage: None,
                 prefill_tokens_per_s: self.prefill_tokens_per_s,
@@ -204,6 +220,7 @@ impl ServeArgs {
             tiers: self.tier_weights.clone(),
             lookup_timeout: self.lookup_timeout,
             max_lookup_blocks: self.max_lookup_blocks,
+            pending_prefixes: self.pending_prefixes,
             metrics_max_age: self.metrics_max_age,
             adapters,
             tokenize: TokenizeConfig {

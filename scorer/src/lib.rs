@@ -17,6 +17,7 @@ pub mod indexer_api;
 pub mod keying;
 pub mod load;
 pub mod metrics;
+pub mod pending;
 pub mod prefix;
 pub mod reason;
 pub mod request;

@@ -19,6 +19,9 @@ pub const TOKENIZE_SECONDS: &str = "kvroute_scorer_tokenize_seconds";
 pub const PROMPT_BLOCKS: &str = "kvroute_scorer_prompt_blocks";
 /// The deepest cached prefix among a decision's candidates, in blocks.
 pub const MATCHED_BLOCKS: &str = "kvroute_scorer_matched_blocks";
+/// Decisions whose endpoint's prefix was longer pending (requests this
+/// replica routed there still computing it) than in the index.
+pub const PENDING_PREFIX_PICKS: &str = "kvroute_scorer_pending_prefix_picks_total";
 
 // Tokenization (`tokenize/`).
 

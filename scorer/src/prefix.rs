@@ -71,6 +71,9 @@ pub struct PromptPrefix {
     pub lora: Option<String>,
     /// Keys of the prompt's full blocks (empty when tokenization failed).
     pub keys: Vec<BlockKey>,
+    /// How many of `keys` (the first ones) were looked up: all of them up
+    /// to `--max-lookup-blocks`. Scores are normalised by this count.
+    pub looked: usize,
     /// Every index pod holding the prompt's first block, in the index's
     /// order (by pod id), or why they are unknown.
     pub pods: Result<Vec<ScoredPod>, PrefixError>,
@@ -163,6 +166,7 @@ impl<I: Index + 'static> PrefixLookup<I> {
         PromptPrefix {
             base: base.to_string(),
             lora: lora.map(str::to_string),
+            looked: keys.len().min(self.max_lookup_blocks),
             keys,
             pods,
             timings,

@@ -12,9 +12,11 @@ use crate::candidates::{Candidates, endpoint_for};
 use crate::decide::{Charge, Decide, DecideError, Decision, Prompt, RouteRequest};
 use crate::load::Load;
 use crate::metrics as m;
+use crate::pending::PendingPrefixes;
 use crate::prefix::{PrefixError, PrefixLookup, PromptPrefix, ScoredPod};
 use crate::reason::{Fallback, Reason};
 use crate::tokenize::{Tokenize, TokenizeConfig};
+use kvroute_core::ids::{BlockKey, Tier};
 use kvroute_core::index::Index;
 use kvroute_core::keys::{KeyCache, KeyScheme};
 use kvroute_core::scoring::pick::{self, Breakdown, Candidate, LoadLimits, PickWeights};
@@ -42,6 +44,9 @@ pub struct RouteConfig {
     pub tokenize: TokenizeConfig,
     /// Blocks of a prompt looked up at most (its first ones).
     pub max_lookup_blocks: usize,
+    /// Merge the prefixes this replica's routed requests are still
+    /// computing into lookups ([`crate::pending`]).
+    pub pending_prefixes: bool,
 }
 
 impl Default for RouteConfig {
@@ -55,6 +60,7 @@ impl Default for RouteConfig {
             adapters: HashMap::new(),
             tokenize: TokenizeConfig::default(),
             max_lookup_blocks: DEFAULT_MAX_LOOKUP_BLOCKS,
+            pending_prefixes: true,
         }
     }
 }
@@ -69,8 +75,12 @@ pub const DEFAULT_MAX_LOOKUP_BLOCKS: usize = 8192;
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct EndpointScore {
     pub endpoint: String,
-    /// Consecutive cached blocks from block 0.
+    /// Consecutive cached blocks from block 0: the longer of what the
+    /// index holds and `pending_blocks`.
     pub blocks: u32,
+    /// Leading blocks of the prompt that requests this replica routed to
+    /// the endpoint are computing (not yet in the index).
+    pub pending_blocks: u32,
     /// The best tier holding the prefix's first block (None: no blocks).
     pub tier: Option<String>,
     /// The blended total the pick compared.
@@ -115,6 +125,16 @@ pub struct EndpointPicker<I> {
     index_info: Option<Arc<crate::keying::IndexInfo>>,
     /// Tokens per block of the key scheme (cached blocks -> cached tokens).
     block_size: u64,
+    /// Prefixes routed requests are computing, keyed by charge ticket.
+    pending: PendingPrefixes,
+}
+
+/// A report and what a decision records of it.
+struct Scored {
+    report: Report,
+    /// The base model and the looked-up keys of the prompt.
+    base: String,
+    keys: Vec<BlockKey>,
 }
 
 impl<I: Index + 'static> EndpointPicker<I> {
@@ -138,6 +158,7 @@ impl<I: Index + 'static> EndpointPicker<I> {
             rng: Mutex::new(seed),
             index_info: None,
             block_size,
+            pending: PendingPrefixes::default(),
         }
     }
 
@@ -168,7 +189,7 @@ impl<I: Index + 'static> EndpointPicker<I> {
     /// Scores every candidate for `req` and picks one, without recording the
     /// pick as in flight (the HTTP API's dry run; [`Decide::decide`] records).
     pub async fn score(&self, req: &RouteRequest, subset: Option<&[String]>) -> Report {
-        self.score_inner(req, subset, false).await
+        self.score_inner(req, subset, false).await.report
     }
 
     /// [`Self::score`] for a list of endpoints an API caller named (`/v1/score`'s
@@ -182,7 +203,12 @@ impl<I: Index + 'static> EndpointPicker<I> {
         req: &RouteRequest,
         endpoints: Option<&[String]>,
     ) -> Report {
-        self.score_inner(req, endpoints, true).await
+        self.score_inner(req, endpoints, true).await.report
+    }
+
+    /// Requests whose pending prefix this replica holds.
+    pub fn pending_requests(&self) -> usize {
+        self.pending.requests()
     }
 
     async fn score_inner(
@@ -190,7 +216,7 @@ impl<I: Index + 'static> EndpointPicker<I> {
         req: &RouteRequest,
         subset: Option<&[String]>,
         caller_named: bool,
-    ) -> Report {
+    ) -> Scored {
         let endpoints = self.reachable(self.candidates.for_request(subset));
         let dial = match subset {
             Some(named) if caller_named && !named.is_empty() => {
@@ -204,14 +230,28 @@ impl<I: Index + 'static> EndpointPicker<I> {
             Err(e) => (Reason::Fallback(fallback(e)), BTreeMap::new()),
             Ok(pods) => (Reason::Prefix, self.best_per_endpoint(pods, &endpoints)),
         };
+        let looked = &found.keys[..found.looked];
+        let pending: HashMap<Arc<str>, u32> = if self.config.pending_prefixes {
+            self.pending
+                .depths(&found.base, looked)
+                .into_iter()
+                .collect()
+        } else {
+            HashMap::new()
+        };
+        let pending_of = |ep: &String| pending.get(ep.as_str()).copied().unwrap_or(0);
+        // A pending block will be computed on the GPU.
+        let pending_weight = self.config.tiers.weight(&Tier::gpu()) / looked.len().max(1) as f64;
         let prompt = prompt_tokens(req, found.keys.len(), self.block_size);
         let cands: Vec<Candidate> = endpoints
             .iter()
             .map(|ep| {
                 let engine = self.load.engines.fresh(ep, self.config.metrics_max_age);
-                let cached = prefix.get(ep).map_or(0, |p| u64::from(p.score.blocks));
+                let indexed = prefix.get(ep).map_or(0, |p| p.score.blocks);
+                let cached = u64::from(indexed.max(pending_of(ep)));
+                let from_index = prefix.get(ep).map_or(0.0, |p| p.score.normalized);
                 Candidate {
-                    prefix: prefix.get(ep).map_or(0.0, |p| p.score.normalized),
+                    prefix: from_index.max(f64::from(pending_of(ep)) * pending_weight),
                     in_flight: self.load.in_flight.get(ep),
                     waiting: engine.map(|e| e.waiting.round() as u32),
                     kv_usage: engine.and_then(|e| e.kv_usage),
@@ -228,9 +268,13 @@ impl<I: Index + 'static> EndpointPicker<I> {
         if let Some(i) = chosen {
             let max = prefix.values().map(|p| p.score.blocks).max().unwrap_or(0);
             metrics::histogram!(m::MATCHED_BLOCKS).record(f64::from(max));
+            let indexed = prefix.get(&endpoints[i]).map_or(0, |p| p.score.blocks);
+            if pending_of(&endpoints[i]) > indexed {
+                metrics::counter!(m::PENDING_PREFIX_PICKS).increment(1);
+            }
             log_breakdown(&endpoints, &breakdowns, i);
         }
-        Report {
+        let report = Report {
             model: req.model.clone(),
             blocks: found.keys.len(),
             scores: endpoints
@@ -240,7 +284,8 @@ impl<I: Index + 'static> EndpointPicker<I> {
                     let p = prefix.get(ep);
                     EndpointScore {
                         endpoint: ep.clone(),
-                        blocks: p.map_or(0, |p| p.score.blocks),
+                        blocks: p.map_or(0, |p| p.score.blocks).max(pending_of(ep)),
+                        pending_blocks: pending_of(ep),
                         tier: p
                             .and_then(|p| best_tier(&p.prefix, &self.config.tiers))
                             .map(|t| t.to_string()),
@@ -257,6 +302,15 @@ impl<I: Index + 'static> EndpointPicker<I> {
                 .collect(),
             picked: chosen.map(|i| endpoints[i].clone()),
             reason,
+        };
+        Scored {
+            report,
+            keys: if self.config.pending_prefixes {
+                looked.to_vec()
+            } else {
+                Vec::new()
+            },
+            base: found.base,
         }
     }
 
@@ -372,7 +426,8 @@ impl<I: Index + 'static> Decide for EndpointPicker<I> {
         if let Some(info) = &self.index_info {
             info.request_for(self.prefixes.resolve_model(&request.model).0);
         }
-        let report = self.score(&request, subset.as_deref()).await;
+        let Scored { report, base, keys } =
+            self.score_inner(&request, subset.as_deref(), false).await;
         let reason = report.reason.as_label();
         metrics::counter!(m::DECISIONS, "reason" => reason).increment(1);
         if report.reason.fallback().is_some() {
@@ -386,6 +441,7 @@ impl<I: Index + 'static> Decide for EndpointPicker<I> {
             .map_or(0, |s| s.uncached_tokens);
         self.load.in_flight.start(&endpoint);
         let ticket = self.load.in_flight.charge(&endpoint, tokens);
+        self.pending.record(ticket, &base, &endpoint, &keys);
         Ok(Decision {
             endpoint,
             reason,
@@ -401,6 +457,9 @@ impl<I: Index + 'static> Decide for EndpointPicker<I> {
 
     fn finished(&self, decision: &Decision) {
         self.prefill_done(decision);
+        if let Some(c) = decision.charge {
+            self.pending.release(c.ticket);
+        }
         self.load.in_flight.finish(&decision.endpoint);
     }
 }
@@ -521,6 +580,63 @@ mod tests {
     /// (34 ids, block size 4: 8 full blocks; B holds 8, A holds 2); the
     /// first byte releases them and the end releases nothing more; an end
     /// without a first byte releases them too.
+    /// A request sharing the prompt of one still running follows it to its
+    /// endpoint although the index knows nothing yet (its BlockStored has
+    /// not arrived); the record goes with the request's end, not its first
+    /// byte (the index may still lag then), and is off with the setting.
+    #[tokio::test]
+    async fn running_requests_prefixes_count_before_the_index_has_them() {
+        let (r, _index) = router(LoadLimits::default());
+        let ids: Vec<u32> = (0..32).collect();
+        let first = r
+            .decide(ids_request("tiny", ids.clone()), None)
+            .await
+            .expect("decision");
+        assert_eq!(r.pending_requests(), 1);
+        let mut longer = ids.clone();
+        longer.extend(100..108);
+        let report = r.score(&ids_request("tiny", longer.clone()), None).await;
+        assert_eq!(report.picked.as_deref(), Some(first.endpoint.as_str()));
+        assert_eq!(report.reason.as_label(), "prefix");
+        let s = report
+            .scores
+            .iter()
+            .find(|s| s.endpoint == first.endpoint)
+            .expect("scored");
+        assert_eq!((s.blocks, s.pending_blocks), (8, 8));
+        assert_eq!(s.uncached_tokens, 8, "only the new block is uncached");
+        let second = r
+            .decide(ids_request("tiny", longer.clone()), None)
+            .await
+            .expect("decision");
+        assert_eq!(second.endpoint, first.endpoint);
+        r.prefill_done(&first);
+        assert_eq!(r.pending_requests(), 2, "the first byte keeps the record");
+        r.finished(&first);
+        r.finished(&second);
+        assert_eq!(r.pending_requests(), 0);
+        let report = r.score(&ids_request("tiny", longer.clone()), None).await;
+        assert!(report.scores.iter().all(|s| s.pending_blocks == 0));
+        assert_eq!(report.reason.as_label(), "load");
+
+        let (off, _index) = router(LoadLimits::default());
+        let off = EndpointPicker {
+            config: RouteConfig {
+                pending_prefixes: false,
+                ..off.config.clone()
+            },
+            ..off
+        };
+        let d = off
+            .decide(ids_request("tiny", ids), None)
+            .await
+            .expect("decision");
+        assert_eq!(off.pending_requests(), 0);
+        let report = off.score(&ids_request("tiny", longer), None).await;
+        assert!(report.scores.iter().all(|s| s.pending_blocks == 0));
+        off.finished(&d);
+    }
+
     #[tokio::test]
     async fn decisions_charge_uncached_tokens_until_the_first_byte() {
         let (r, index) = router(LoadLimits::default());

@@ -70,6 +70,9 @@ pub struct Args {
     /// kvroute's `--max-in-flight` / `--max-waiting` saturation limits.
     #[arg(long)]
     kvroute_max_in_flight: Option<u32>,
+    /// kvroute's `--in-flight-scale` (in-flight term's bottom).
+    #[arg(long)]
+    kvroute_in_flight_scale: Option<f64>,
     #[arg(long)]
     kvroute_max_waiting: Option<u32>,
     /// kvroute's `--prefill-tokens-per-s` (one pod's prefill rate).
@@ -78,6 +81,10 @@ pub struct Args {
     /// kvroute's `--prefill-horizon-s` (backlog where the term bottoms out).
     #[arg(long)]
     kvroute_prefill_horizon_s: Option<f64>,
+    /// kvroute's `--pending-prefixes` (merge the prefixes its routed
+    /// requests are still computing into lookups; default on).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    kvroute_pending_prefixes: bool,
     /// Runs at a time.
     #[arg(long, default_value_t = 2)]
     jobs: usize,
@@ -317,6 +324,10 @@ fn kvroute_config(args: &Args) -> anyhow::Result<scorer::route::RouteConfig> {
     if let Some(m) = args.kvroute_max_waiting {
         c.limits.max_waiting = Some(m);
     }
+    if let Some(s) = args.kvroute_in_flight_scale {
+        c.limits.in_flight_scale = s;
+    }
+    c.pending_prefixes = args.kvroute_pending_prefixes;
     Ok(c)
 }
 

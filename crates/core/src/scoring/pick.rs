@@ -8,7 +8,15 @@
 //! pod, while router-counted load moves with every decision.
 //!
 //! - *In flight*: requests sent to the pod and not finished,
-//!   `1 - min(n, max_in_flight) / max_in_flight`.
+//!   `1 - min(n, S) / S` with `S` the in-flight scale (`--in-flight-scale`,
+//!   default 8): a tie-break among lightly loaded pods. Past a few requests
+//!   per pod the prefill backlog below says more (a pod decoding 50 short
+//!   answers is not busy for the next prompt the way one prefilling a
+//!   long one is), so the term bottoms out early and leaves the ranking to
+//!   it. With scale 64 (it was the saturation limit) the multi-turn
+//!   workload's hit rate fell from 79.2% to 78.7% and its TTFT p90 rose
+//!   from 20.6 to 23.7 ms (sim, 8 pods); the RAG workload's p90 at 16 pods
+//!   from 14.0 to 29.3 ms; Mooncake moved within 1-3% either way.
 //! - *Prefill backlog* (`tokens`): a request count says nothing of size; a
 //!   pod with one 100k-token prefill queued is busy for seconds, one with a
 //!   1k-token request for milliseconds. The term is the headroom of the
@@ -39,7 +47,15 @@
 //! On top of the blend, a hard limit: a pod whose in-flight or waiting count
 //! reached its configured limit is *saturated* and only chosen when every
 //! candidate is. That is what spreads a hot prefix once its pod is loaded,
-//! regardless of how large the prefix term is. Ties are broken uniformly at
+//! regardless of how large the prefix term is. The in-flight limit
+//! (`--max-in-flight`, default 256, vLLM's default `max_num_seqs` below
+//! H100-class GPUs) is a running-batch bound, not a queue one: requests in
+//! flight are mostly decoding, and vLLM batches hundreds of them. At 64,
+//! llm-d's precise-routing workload (1,000-token answers, ~75 running per
+//! pod at its peak rate) saturated every pod holding a group's prefix and
+//! sent the group's next requests to pods without it: hit rate 85.6%
+//! against the oracle's 88.9%, TTFT p90 206 ms against 55 ms (sim, 16
+//! pods). Queueing shows in the scraped waiting count (`--max-waiting`). Ties are broken uniformly at
 //! random (a caller-supplied random source keeps tests and benches seeded).
 
 /// Weights of the blended terms (not normalised: llm-d's convention).
@@ -71,6 +87,8 @@ impl Default for PickWeights {
 pub struct LoadLimits {
     /// Router-counted requests in flight.
     pub max_in_flight: Option<u32>,
+    /// Requests in flight at which the in-flight term bottoms out.
+    pub in_flight_scale: f64,
     /// vLLM's `num_requests_waiting`.
     pub max_waiting: Option<u32>,
     /// vLLM's `kv_cache_usage_perc` (0..1).
@@ -85,7 +103,8 @@ pub struct LoadLimits {
 impl Default for LoadLimits {
     fn default() -> Self {
         LoadLimits {
-            max_in_flight: Some(64),
+            max_in_flight: Some(DEFAULT_MAX_IN_FLIGHT),
+            in_flight_scale: DEFAULT_IN_FLIGHT_SCALE,
             max_waiting: Some(16),
             max_kv_usage: None,
             prefill_tokens_per_s: DEFAULT_PREFILL_TOKENS_PER_S,
@@ -141,7 +160,10 @@ impl Candidate {
 
 /// The load at which a term bottoms out when no limit is configured.
 const DEFAULT_WAITING_SCALE: f64 = 16.0;
-const DEFAULT_IN_FLIGHT_SCALE: f64 = 64.0;
+/// Default `--in-flight-scale`: see the module doc.
+pub const DEFAULT_IN_FLIGHT_SCALE: f64 = 8.0;
+/// Default `--max-in-flight`: see the module doc.
+pub const DEFAULT_MAX_IN_FLIGHT: u32 = 256;
 
 /// Default prefill throughput (`--prefill-tokens-per-s`): Llama-3.1-8B on
 /// one H100 prefills ~35k tokens/s in 8192-token chunked-prefill steps (the
@@ -174,14 +196,12 @@ pub fn blend(
     let waiting_scale = limits
         .max_waiting
         .map_or(DEFAULT_WAITING_SCALE, |m| f64::from(m.max(1)));
-    let in_flight_scale = limits
-        .max_in_flight
-        .map_or(DEFAULT_IN_FLIGHT_SCALE, |m| f64::from(m.max(1)));
     // Non-positive or NaN settings fall back to the defaults rather than
     // dividing by zero (a NaN total would never win nor tie).
     let positive = |x: f64, default: f64| if x > 0.0 && x.is_finite() { x } else { default };
     let tokens_per_s = positive(limits.prefill_tokens_per_s, DEFAULT_PREFILL_TOKENS_PER_S);
     let horizon_s = positive(limits.prefill_horizon_s, DEFAULT_PREFILL_HORIZON_S);
+    let in_flight_scale = positive(limits.in_flight_scale, DEFAULT_IN_FLIGHT_SCALE);
     candidates
         .iter()
         .map(|c| {
@@ -372,6 +392,31 @@ mod tests {
         let b = blend(&[pod(1.0, 17_500, 0), pod(0.0, 0, 15_000)], &w, &l);
         assert!((b[0].total - b[1].total - (5.0 - 4.0 * (1.0 - 15.0 / 70.0))).abs() < 1e-9);
         assert_eq!(choose(&b, rng(1)), Some(0));
+    }
+
+    /// The in-flight term and the saturation limit are separate: a pod
+    /// holding the whole prompt with 100 requests in flight (all decoding,
+    /// no prefill pending) keeps winning over an idle pod holding nothing
+    /// until it reaches `max_in_flight`; the term itself is flat past its
+    /// scale.
+    #[test]
+    fn busy_decoding_pod_keeps_its_prefix_until_saturated() {
+        let w = PickWeights::default();
+        let l = LoadLimits::default();
+        let pod = |prefix, in_flight, uncached| Candidate {
+            uncached_tokens: uncached,
+            ..cand(prefix, in_flight)
+        };
+        let b = blend(&[pod(1.0, 100, 0), pod(0.0, 0, 7_200)], &w, &l);
+        assert!(!b[0].saturated);
+        assert_eq!(b[0].in_flight, 0.0);
+        assert_eq!(choose(&b, rng(1)), Some(0));
+        let b = blend(&[pod(1.0, 256, 0), pod(0.0, 0, 7_200)], &w, &l);
+        assert!(b[0].saturated);
+        assert_eq!(choose(&b, rng(1)), Some(1));
+        // Half the scale in flight: half the term.
+        let b = blend(&[pod(0.0, 4, 0)], &w, &l);
+        assert!((b[0].in_flight - 0.5).abs() < 1e-12);
     }
 
     #[test]
