@@ -278,4 +278,44 @@ mod tests {
             );
         }
     }
+
+    /// Two tenants at 100 requests/s, each answer 400 tokens long: ~100
+    /// requests run on each tenant's pod at the peak, almost all decoding.
+    /// The scorer's defaults keep each tenant on the pod holding its
+    /// system prompt (one cold start per tenant); with the old in-flight
+    /// limit of 64 the tenants' pods saturated and requests spread to pods
+    /// without the prompt, each paying a cold start there.
+    #[test]
+    fn decoding_requests_do_not_push_a_prefix_off_its_pod() {
+        let scheme = KeyScheme::new(HashScheme::Sha256Cbor, "0", 16).expect("scheme");
+        let n = 200u64;
+        let reqs: Vec<SimRequest> = (0..n)
+            .map(|i| {
+                let t = (i % 2) as u32;
+                let mut tokens: Vec<u32> = (0..SYSTEM).map(|j| 1 + t * 10_000 + j).collect();
+                tokens.extend((0..QUESTION).map(|j| 50_000 + i as u32 * QUESTION + j));
+                SimRequest::new(i, i as f64 * 0.01, tokens, 400, Some(u64::from(t)), &scheme)
+            })
+            .collect();
+        let cold_starts = |config: RouteConfig| {
+            let mut kv = Kvroute::new(
+                8,
+                scheme.clone(),
+                &scheme,
+                config,
+                SCORER_SCRAPE_INTERVAL_S,
+                1,
+            )
+            .expect("kvroute policy");
+            let r = fleet::run(&fleet(&scheme, 8), "tenants", &reqs, &mut kv, &mut |_| {});
+            assert_eq!(r.requests, n);
+            n - r.hit_tokens / u64::from(SYSTEM)
+        };
+        assert_eq!(cold_starts(RouteConfig::default()), 2);
+        let mut old = RouteConfig::default();
+        old.limits.max_in_flight = Some(64);
+        old.limits.in_flight_scale = 64.0;
+        let spread = cold_starts(old);
+        assert!(spread > 2, "saturated at 64: {spread} cold starts");
+    }
 }
