@@ -152,6 +152,10 @@ pub struct ServeArgs {
     /// `false` scores by the index alone.
     #[arg(long, env = "KVROUTE_PENDING_PREFIXES", default_value_t = true, action = clap::ArgAction::Set)]
     pub pending_prefixes: bool,
+    /// Block keys the pending-prefix records hold at most in all (past
+    /// it, decisions are not recorded: counted, routed by the index alone).
+    #[arg(long, env = "KVROUTE_PENDING_PREFIX_MAX_BLOCKS", default_value_t = crate::pending::DEFAULT_MAX_BLOCKS)]
+    pub pending_prefix_max_blocks: usize,
     /// How the index finds each pod's prefix: `bisect` reads O(pods x log
     /// blocks) blocks and is exact when pods hold prefixes of the prompt
     /// (what vLLM's hash chaining gives); `linear` reads every block of the
@@ -221,6 +225,7 @@ impl ServeArgs {
             lookup_timeout: self.lookup_timeout,
             max_lookup_blocks: self.max_lookup_blocks,
             pending_prefixes: self.pending_prefixes,
+            pending_max_blocks: self.pending_prefix_max_blocks,
             metrics_max_age: self.metrics_max_age,
             adapters,
             tokenize: TokenizeConfig {

@@ -22,6 +22,9 @@ pub const MATCHED_BLOCKS: &str = "kvroute_scorer_matched_blocks";
 /// Decisions whose endpoint's prefix was longer pending (requests this
 /// replica routed there still computing it) than in the index.
 pub const PENDING_PREFIX_PICKS: &str = "kvroute_scorer_pending_prefix_picks_total";
+/// Decisions whose prompt was not recorded as pending because the records
+/// held `--pending-prefix-max-blocks` keys already.
+pub const PENDING_PREFIX_SKIPPED: &str = "kvroute_scorer_pending_prefix_skipped_total";
 
 // Tokenization (`tokenize/`).
 

@@ -20,6 +20,11 @@
 //! blocks, so the record never claims what the pod does not hold. A record
 //! is this replica's own routing only; other replicas learn the blocks from
 //! the index.
+//!
+//! Memory is bounded: past `max_blocks` recorded block keys (summed over
+//! the running requests' records) a decision records nothing and is
+//! counted (`kvroute_scorer_pending_prefix_skipped_total`); routing is then
+//! by the index alone, as without the feature.
 
 use kvroute_core::ids::BlockKey;
 use parking_lot::Mutex;
@@ -28,9 +33,20 @@ use std::sync::Arc;
 
 /// See the module doc. Keyed by the decision's charge ticket, so a
 /// decision's record is released exactly once.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PendingPrefixes {
     inner: Mutex<Inner>,
+    max_blocks: usize,
+}
+
+/// Default `--pending-prefix-max-blocks`: 1M block keys, ~16M prompt tokens
+/// in flight (e.g. 2,000 running 8k-token prompts), tens of MiB at most.
+pub const DEFAULT_MAX_BLOCKS: usize = 1_000_000;
+
+impl Default for PendingPrefixes {
+    fn default() -> Self {
+        PendingPrefixes::new(DEFAULT_MAX_BLOCKS)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -39,6 +55,8 @@ struct Inner {
     /// replica's requests there are.
     blocks: HashMap<Arc<str>, HashMap<BlockKey, Vec<Holder>>>,
     records: HashMap<u64, Record>,
+    /// Keys held by `records`, summed.
+    recorded_blocks: usize,
 }
 
 #[derive(Debug)]
@@ -55,15 +73,28 @@ struct Record {
 }
 
 impl PendingPrefixes {
+    /// Holds at most `max_blocks` block keys across records.
+    pub fn new(max_blocks: usize) -> Self {
+        PendingPrefixes {
+            inner: Mutex::default(),
+            max_blocks,
+        }
+    }
+
     /// Records that the request of `ticket` computes `keys` (its prompt's
     /// leading blocks, in order) on `endpoint` for `model`. A ticket
-    /// recorded before is replaced.
-    pub fn record(&self, ticket: u64, model: &str, endpoint: &str, keys: &[BlockKey]) {
+    /// recorded before is replaced. Returns false when the record would
+    /// exceed the bound (nothing is recorded then).
+    pub fn record(&self, ticket: u64, model: &str, endpoint: &str, keys: &[BlockKey]) -> bool {
         if keys.is_empty() {
-            return;
+            return true;
         }
         let mut inner = self.inner.lock();
         inner.remove(ticket);
+        if inner.recorded_blocks + keys.len() > self.max_blocks {
+            return false;
+        }
+        inner.recorded_blocks += keys.len();
         let model: Arc<str> = match inner.blocks.get_key_value(model) {
             Some((m, _)) => m.clone(),
             None => Arc::from(model),
@@ -88,6 +119,7 @@ impl PendingPrefixes {
                 keys: keys.to_vec(),
             },
         );
+        true
     }
 
     /// Forgets the record of `ticket`; an unknown or released ticket
@@ -138,6 +170,7 @@ impl Inner {
         let Some(record) = self.records.remove(&ticket) else {
             return false;
         };
+        self.recorded_blocks -= record.keys.len();
         let Some(blocks) = self.blocks.get_mut(&record.model) else {
             return true;
         };
@@ -216,6 +249,18 @@ mod tests {
         assert_eq!(p.requests(), 0);
         // Nothing is left behind once every record is gone.
         assert!(p.inner.lock().blocks.is_empty());
+    }
+
+    #[test]
+    fn records_past_the_bound_are_refused_until_others_end() {
+        let p = PendingPrefixes::new(10);
+        assert!(p.record(1, M, A, &keys(0..8)));
+        assert!(!p.record(2, M, B, &keys(0..3)), "8 + 3 > 10");
+        assert_eq!(sorted(p.depths(M, &keys(0..8))), vec![(A.to_string(), 8)]);
+        assert!(p.record(3, M, B, &keys(0..2)), "8 + 2 fits");
+        assert!(p.release(1));
+        assert!(p.record(2, M, B, &keys(0..3)));
+        assert_eq!(p.inner.lock().recorded_blocks, 5);
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub struct RouteConfig {
     /// Merge the prefixes this replica's routed requests are still
     /// computing into lookups ([`crate::pending`]).
     pub pending_prefixes: bool,
+    /// Block keys the pending records may hold in all.
+    pub pending_max_blocks: usize,
 }
 
 impl Default for RouteConfig {
@@ -61,6 +63,7 @@ impl Default for RouteConfig {
             tokenize: TokenizeConfig::default(),
             max_lookup_blocks: DEFAULT_MAX_LOOKUP_BLOCKS,
             pending_prefixes: true,
+            pending_max_blocks: crate::pending::DEFAULT_MAX_BLOCKS,
         }
     }
 }
@@ -150,6 +153,7 @@ impl<I: Index + 'static> EndpointPicker<I> {
         let block_size = keys.block_size() as u64;
         let key_cache = KeyCache::new(keys, kvroute_core::keys::cache::DEFAULT_MAX_BYTES);
         let tokenize = Tokenize::new(tokenizers, key_cache, config.tokenize.clone());
+        let pending = PendingPrefixes::new(config.pending_max_blocks);
         EndpointPicker {
             prefixes: PrefixLookup::new(index, Arc::new(tokenize), &config),
             candidates,
@@ -158,7 +162,7 @@ impl<I: Index + 'static> EndpointPicker<I> {
             rng: Mutex::new(seed),
             index_info: None,
             block_size,
-            pending: PendingPrefixes::default(),
+            pending,
         }
     }
 
@@ -441,7 +445,9 @@ impl<I: Index + 'static> Decide for EndpointPicker<I> {
             .map_or(0, |s| s.uncached_tokens);
         self.load.in_flight.start(&endpoint);
         let ticket = self.load.in_flight.charge(&endpoint, tokens);
-        self.pending.record(ticket, &base, &endpoint, &keys);
+        if !self.pending.record(ticket, &base, &endpoint, &keys) {
+            metrics::counter!(m::PENDING_PREFIX_SKIPPED).increment(1);
+        }
         Ok(Decision {
             endpoint,
             reason,
