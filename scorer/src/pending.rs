@@ -85,7 +85,7 @@ impl PendingPrefixes {
     /// leading blocks, in order) on `endpoint` for `model`. A ticket
     /// recorded before is replaced. Returns false when the record would
     /// exceed the bound (nothing is recorded then).
-    pub fn record(&self, ticket: u64, model: &str, endpoint: &str, keys: &[BlockKey]) -> bool {
+    pub fn record(&self, ticket: u64, model: &str, endpoint: &str, keys: Vec<BlockKey>) -> bool {
         if keys.is_empty() {
             return true;
         }
@@ -101,7 +101,7 @@ impl PendingPrefixes {
         };
         let endpoint: Arc<str> = Arc::from(endpoint);
         let blocks = inner.blocks.entry(model.clone()).or_default();
-        for key in keys {
+        for key in &keys {
             let holders = blocks.entry(*key).or_default();
             match holders.iter_mut().find(|h| h.endpoint == endpoint) {
                 Some(h) => h.requests += 1,
@@ -116,7 +116,7 @@ impl PendingPrefixes {
             Record {
                 model,
                 endpoint,
-                keys: keys.to_vec(),
+                keys,
             },
         );
         true
@@ -216,10 +216,10 @@ mod tests {
     fn depth_is_the_leading_run_per_endpoint() {
         let p = PendingPrefixes::default();
         // A computes blocks 0..10, B a prompt sharing 0..4 then diverging.
-        p.record(1, M, A, &keys(0..10));
+        p.record(1, M, A, keys(0..10));
         let mut b = keys(0..4);
         b.extend(keys(100..110));
-        p.record(2, M, B, &b);
+        p.record(2, M, B, b);
         assert_eq!(
             sorted(p.depths(M, &keys(0..20))),
             vec![(A.to_string(), 10), (B.to_string(), 4)]
@@ -238,8 +238,8 @@ mod tests {
     #[test]
     fn release_forgets_exactly_one_request() {
         let p = PendingPrefixes::default();
-        p.record(1, M, A, &keys(0..8));
-        p.record(2, M, A, &keys(0..4));
+        p.record(1, M, A, keys(0..8));
+        p.record(2, M, A, keys(0..4));
         assert_eq!(p.requests(), 2);
         assert!(p.release(1));
         assert!(!p.release(1), "a second release is a no-op");
@@ -254,20 +254,20 @@ mod tests {
     #[test]
     fn records_past_the_bound_are_refused_until_others_end() {
         let p = PendingPrefixes::new(10);
-        assert!(p.record(1, M, A, &keys(0..8)));
-        assert!(!p.record(2, M, B, &keys(0..3)), "8 + 3 > 10");
+        assert!(p.record(1, M, A, keys(0..8)));
+        assert!(!p.record(2, M, B, keys(0..3)), "8 + 3 > 10");
         assert_eq!(sorted(p.depths(M, &keys(0..8))), vec![(A.to_string(), 8)]);
-        assert!(p.record(3, M, B, &keys(0..2)), "8 + 2 fits");
+        assert!(p.record(3, M, B, keys(0..2)), "8 + 2 fits");
         assert!(p.release(1));
-        assert!(p.record(2, M, B, &keys(0..3)));
+        assert!(p.record(2, M, B, keys(0..3)));
         assert_eq!(p.inner.lock().recorded_blocks, 5);
     }
 
     #[test]
     fn re_recording_a_ticket_replaces_it() {
         let p = PendingPrefixes::default();
-        p.record(1, M, A, &keys(0..8));
-        p.record(1, M, B, &keys(0..2));
+        p.record(1, M, A, keys(0..8));
+        p.record(1, M, B, keys(0..2));
         assert_eq!(sorted(p.depths(M, &keys(0..8))), vec![(B.to_string(), 2)]);
         assert!(p.release(1));
         assert!(p.inner.lock().blocks.is_empty());

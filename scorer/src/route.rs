@@ -307,13 +307,17 @@ impl<I: Index + 'static> EndpointPicker<I> {
             picked: chosen.map(|i| endpoints[i].clone()),
             reason,
         };
+        // The looked-up keys move to the decision's pending record (none
+        // when the feature is off): no copy on the request's path.
+        let mut keys = found.keys;
+        keys.truncate(if self.config.pending_prefixes {
+            found.looked
+        } else {
+            0
+        });
         Scored {
             report,
-            keys: if self.config.pending_prefixes {
-                looked.to_vec()
-            } else {
-                Vec::new()
-            },
+            keys,
             base: found.base,
         }
     }
@@ -445,7 +449,7 @@ impl<I: Index + 'static> Decide for EndpointPicker<I> {
             .map_or(0, |s| s.uncached_tokens);
         self.load.in_flight.start(&endpoint);
         let ticket = self.load.in_flight.charge(&endpoint, tokens);
-        if !self.pending.record(ticket, &base, &endpoint, &keys) {
+        if !self.pending.record(ticket, &base, &endpoint, keys) {
             metrics::counter!(m::PENDING_PREFIX_SKIPPED).increment(1);
         }
         Ok(Decision {

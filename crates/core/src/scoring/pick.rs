@@ -55,8 +55,9 @@
 //! pod at its peak rate) saturated every pod holding a group's prefix and
 //! sent the group's next requests to pods without it: hit rate 85.6%
 //! against the oracle's 88.9%, TTFT p90 206 ms against 55 ms (sim, 16
-//! pods). Queueing shows in the scraped waiting count (`--max-waiting`). Ties are broken uniformly at
-//! random (a caller-supplied random source keeps tests and benches seeded).
+//! pods). Queueing shows in the scraped waiting count (`--max-waiting`).
+//! Ties are broken uniformly at random (a caller-supplied random source
+//! keeps tests and benches seeded).
 
 /// Weights of the blended terms (not normalised: llm-d's convention).
 #[derive(Debug, Clone, PartialEq)]
@@ -283,6 +284,16 @@ mod tests {
         }
     }
 
+    /// [`cand`] with a prefill backlog: `pending` tokens charged there and
+    /// `uncached` of this request's own.
+    fn loaded(prefix: f64, in_flight: u32, pending: u64, uncached: u64) -> Candidate {
+        Candidate {
+            in_flight_tokens: pending,
+            uncached_tokens: uncached,
+            ..cand(prefix, in_flight)
+        }
+    }
+
     #[test]
     fn longest_prefix_wins_at_equal_load() {
         let c = [cand(0.2, 0), cand(0.9, 0), cand(0.0, 0)];
@@ -348,11 +359,7 @@ mod tests {
             prefill_horizon_s: 2.0,
             ..LoadLimits::default()
         };
-        let with = |pending, uncached| Candidate {
-            in_flight_tokens: pending,
-            uncached_tokens: uncached,
-            ..cand(0.0, 0)
-        };
+        let with = |pending, uncached| loaded(0.0, 0, pending, uncached);
         let c = [with(500, 100), with(0, 1500), with(3000, 0)];
         let b = blend(&c, &weights, &limits);
         for (got, want) in b.iter().map(|b| b.tokens).zip([0.7, 0.25, 0.0]) {
@@ -381,11 +388,7 @@ mod tests {
     fn a_long_backlog_outweighs_a_full_prefix_match() {
         let w = PickWeights::default();
         let l = LoadLimits::default();
-        let pod = |prefix, pending, uncached| Candidate {
-            in_flight_tokens: pending,
-            uncached_tokens: uncached,
-            ..cand(prefix, 1)
-        };
+        let pod = |prefix, pending, uncached| loaded(prefix, 1, pending, uncached);
         let b = blend(&[pod(1.0, 105_000, 0), pod(0.0, 0, 15_000)], &w, &l);
         assert!((b[0].total - b[1].total - (2.0 - 4.0 * (1.0 - 15.0 / 70.0))).abs() < 1e-9);
         assert_eq!(choose(&b, rng(1)), Some(1));
@@ -403,10 +406,7 @@ mod tests {
     fn busy_decoding_pod_keeps_its_prefix_until_saturated() {
         let w = PickWeights::default();
         let l = LoadLimits::default();
-        let pod = |prefix, in_flight, uncached| Candidate {
-            uncached_tokens: uncached,
-            ..cand(prefix, in_flight)
-        };
+        let pod = |prefix, in_flight, uncached| loaded(prefix, in_flight, 0, uncached);
         let b = blend(&[pod(1.0, 100, 0), pod(0.0, 0, 7_200)], &w, &l);
         assert!(!b[0].saturated);
         assert_eq!(b[0].in_flight, 0.0);
